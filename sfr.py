@@ -92,6 +92,15 @@ class Config:
     resume: bool = False  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # seeds the init, the data order and the flow noise
     device: str = "cpu"  # 'cpu', 'cuda', 'cuda:1', ...
+    # --- MTP and the ladder (DESIGN Sec. 3) ---
+    mtp_k: int = 4  # K tokens predicted per position (head 1 = the next-token head); aux='mtp' and one-hot rungs
+    head_by_head: bool = True  # aux='mtp': forward/backward one head at a time, one (N, V) logits alive (Gloeckle et al.)
+    ladder_source: str = "point"  # 'point' (mass at pi; MTP) or 'gaussian' (N(0, I); SFR)
+    ladder_field: str = "constant"  # 'constant' (v = E_q[x1] - E[x0], blind to z_tau, tau; MTP) or 'flow' (v(z_tau, tau, h); SFR)
+    ladder_target: str = "onehot"  # 'onehot' (tokens 2..K on the simplex; MTP) or 'embedding' (sentence encoder; SFR)
+    ladder_path: str = "straight"  # 'straight' (MTP, SFR) or 'kl' (KL geodesic: straight in logit space, one-hot only)
+    ladder_divergence: str = "kl"  # 'kl' (D(pi + u, pi + v) with D = KL; MTP) or 'sq' (mean of (v - u)^2; Brier, SFR)
+    kl_beta: float = 4.0  # ladder_path='kl': logit scale of the target, l1 = kl_beta * e(y)
 
     def validate(self):
         """Raise a ValueError naming the field for values the code would otherwise misuse."""
@@ -108,10 +117,12 @@ class Config:
             raise ValueError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0 to disable")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"Config.ema={self.ema}: must be in [0, 1)")
+        if self.aux in ("mtp", "ladder"):
+            validate_ladder(self)  # section 'multi-token prediction and the ladder'
         return self
 
 
-AUX_KINDS = ("none", "flow", "mse", "cosine")
+AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp", "ladder")
 
 # ----------------------------------------------------------------------------- tokenizers and data
 
@@ -498,7 +509,7 @@ def prepare(pairs, tok, cfg: Config, encoder=None):
 
 
 def needs_encoder(cfg):
-    return cfg.aux in ("flow", "mse", "cosine")
+    return cfg.aux in ("flow", "mse", "cosine") or (cfg.aux == "ladder" and cfg.ladder_target == "embedding")
 
 
 def shuffle_targets(examples, seed):
@@ -613,18 +624,239 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.box["scale"], None
 
 
-def draw_noise(ids, step, T, d_z, seed):
+def draw_noise(ids, step, T, d_z, seed, lengths=None):
     """Per-sequence flow noise from a generator seeded by (seed, step, example id): the
     same sequence gets the same tau and z0 whatever process or batch it lands in, which
     makes multi-process runs and resumed runs match a single uninterrupted one.
-    Returns tau (B,), z0 (B, T, d_z), scores (B, T) for position subsampling."""
-    taus, z0s, scores = [], [], []
-    for i in ids.tolist():
+    lengths (B,): each sequence's unpadded length; exactly that much is drawn (then
+    zero-padded to T), because the stream a generator yields depends on the draw sizes
+    and the padding depends on the batch. Returns tau (B,), z0 (B, T, d_z), scores (B, T)."""
+    B = len(ids)
+    lengths = [T] * B if lengths is None else lengths.tolist()
+    tau, z0, scores = torch.zeros(B), torch.zeros(B, T, d_z), torch.zeros(B, T)
+    for b, (i, n) in enumerate(zip(ids.tolist(), lengths)):
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + i)
-        taus.append(torch.rand(1, generator=g))  # one tau per sequence (authors' code)
-        z0s.append(torch.randn(T, d_z, generator=g))
-        scores.append(torch.rand(T, generator=g))
-    return torch.cat(taus), torch.stack(z0s), torch.stack(scores)
+        tau[b] = torch.rand((), generator=g)  # one tau per sequence (authors' code)
+        scores[b, :n] = torch.rand(n, generator=g)
+        z0[b, :n] = torch.randn(n, d_z, generator=g)
+    return tau, z0, scores
+
+
+# ----------------------------------------------------------------------------- multi-token prediction and the ladder from MTP to SFR
+#
+# Paper, Appendix A (DESIGN Sec. 3): multi-token prediction (MTP, Gloeckle et al. 2024) is SFR
+# under five restrictions; here each one is a Config value that can be lifted on its own:
+#   ladder_source      'point' mass at pi                 -> 'gaussian' N(0, I)
+#   ladder_field       'constant' v = E_q[x1] - E[x0]      -> 'flow' v(z_tau, tau, h), SFR's FlowHead
+#   ladder_target      'onehot' e(y[t+k]), k = 2..K        -> 'embedding' (SFR's sentence-encoder target)
+#   ladder_path        'straight'                          -> 'kl' (KL geodesic, one-hot targets only)
+#   ladder_divergence  'kl' D(pi + u, pi + v), D = KL      -> 'sq' mean over dims of (v - u)^2
+# Every rung is one straight line in its own coordinates (the simplex, the logits for the
+# KL geodesic, or the embedding): z_tau = tau x1 + (1 - tau) x0, u = x1 - x0. With every value
+# at the MTP end aux='ladder' is aux='mtp'; with every value at the SFR end it is aux='flow'.
+
+LADDER = {"ladder_source": ("point", "gaussian"), "ladder_field": ("constant", "flow"),
+          "ladder_target": ("onehot", "embedding"), "ladder_path": ("straight", "kl"),
+          "ladder_divergence": ("kl", "sq")}  # first value: the MTP end
+
+
+def validate_ladder(cfg):
+    """Refuse MTP / ladder settings whose loss is undefined or whose task is trivial."""
+    for name, allowed in LADDER.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"Config.{name}={getattr(cfg, name)!r}: must be one of {allowed}")
+    onehot = cfg.aux == "mtp" or cfg.ladder_target == "onehot"
+    if onehot and cfg.mtp_k < (1 if cfg.aux == "mtp" else 2):
+        raise ValueError(f"Config.mtp_k={cfg.mtp_k}: one-hot rungs predict tokens 2..K beyond L_AR's, so K >= 2")
+    if onehot and cfg.hidden_layer != -1:
+        raise ValueError(f"Config.hidden_layer={cfg.hidden_layer}: MTP heads share the unembedding, which reads "
+                         "the last hidden state; use -1")
+    if cfg.aux == "mtp" and (cfg.head_warmup or cfg.gate):
+        raise ValueError("Config.head_warmup / Config.gate detach h from a flow head, and aux='mtp' has none")
+    if cfg.aux == "mtp":
+        return
+    if cfg.ladder_source == "point" and cfg.ladder_field == "flow":
+        raise ValueError("Config.ladder_field='flow' with ladder_source='point': z_tau = (1 - tau) pi + tau x1 names "
+                         "the target for every tau > 0, so the field could copy it; lift ladder_source='gaussian' first")
+    if cfg.ladder_target == "embedding" and cfg.ladder_path == "kl":
+        raise ValueError("Config.ladder_path='kl' with ladder_target='embedding': the KL geodesic runs on the "
+                         "simplex and an embedding is not a distribution; use ladder_path='straight'")
+    off = [f"{n}={getattr(cfg, n)!r}" for n in ("ladder_source", "ladder_field", "ladder_target", "ladder_path")
+           if getattr(cfg, n) != LADDER[n][0]]
+    if cfg.ladder_divergence == "kl" and off:
+        raise ValueError(f"Config.ladder_divergence='kl' with {', '.join(off)}: KL(pi + u || pi + v) needs both "
+                         "endpoints on the simplex, which only the point source, constant field, one-hot target and "
+                         "straight path give; take the Brier rung first (ladder_divergence='sq')")
+
+
+def unembedding(backbone):
+    """The backbone's output embedding (V x C), shared by every MTP head (Gloeckle et al. Sec. 2)."""
+    return backbone.lm_head if isinstance(backbone, GPT) else backbone.hf.get_output_embeddings()
+
+
+class MTPHeads(nn.Module):
+    """Heads 2..K of Gloeckle et al. (2024, Sec. 2) on the shared trunk: a residual MLP layer each
+    (theirs: a transformer layer), then the shared unembedding; head 1 is the backbone's own
+    next-token head. The layers' output Linear starts at zero: every head starts as head 1."""
+
+    def __init__(self, d_h, K):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(d_h), nn.Linear(d_h, 4 * d_h), nn.GELU(),
+                                                  nn.Linear(4 * d_h, d_h)) for _ in range(K - 1))
+        for f in self.layers:
+            nn.init.zeros_(f[-1].weight)
+            nn.init.zeros_(f[-1].bias)
+
+    def heads(self, unembed):
+        """[head_1, ..., head_K]: callables h (N, C) -> logits (N, V)."""
+        return [unembed] + [lambda h, f=f: unembed(h + f(h)) for f in self.layers]
+
+
+def ladder_modules(cfg, backbone, d_z):
+    """The trainable aux modules of aux='mtp' / 'ladder': (MTPHeads or None, FlowHead or None).
+    A flow field on one-hot targets reads the state of copies 2..K of the simplex, (K - 1) V dims."""
+    onehot = cfg.aux == "mtp" or cfg.ladder_target == "onehot"
+    mtp = MTPHeads(backbone.d_h, cfg.mtp_k) if onehot and (cfg.aux == "mtp" or cfg.ladder_field == "constant") else None
+    d_state = (cfg.mtp_k - 1) * unembedding(backbone).weight.size(0) if onehot else d_z
+    use_head = cfg.aux == "ladder" and (cfg.ladder_field == "flow" or not onehot)
+    return mtp, (FlowHead(d_state, backbone.d_h, cfg.head_width, cfg.head_layers) if use_head else None)
+
+
+def future_tokens(batch, K):
+    """Targets of heads k = 1..K: y_k[t] = y[t + k - 1], the token k steps after input t, valid
+    where it is still a response token. Returns y_k, valid_k: (B, T, K)."""
+    T = batch.y.size(1)
+    y_k = batch.y.new_zeros(*batch.y.shape, K)
+    valid_k = batch.resp.new_zeros(*batch.resp.shape, K)
+    for k in range(min(K, T)):
+        y_k[:, :T - k, k], valid_k[:, :T - k, k] = batch.y[:, k:], batch.resp[:, k:]
+    return y_k, valid_k
+
+
+def mtp_loss(h, heads, y, valid, head_by_head=True):
+    """MTP (Gloeckle et al. 2024, eq. 1): the cross-entropy of head k on the token k steps ahead,
+    summed over valid positions. h: (N, C); y, valid: (N, K). Returns the K per-head sums (K,).
+    head_by_head runs each head under activation checkpointing: the forward keeps none of a
+    head's tensors and the backward recomputes one head at a time (autograd finishes one head's
+    chain before the next), so one (N, V) logits tensor is alive at a time, as in Gloeckle et al.
+    Sec. 2, for a second forward of each head. Same gradients: tests/test_mtp.py."""
+    from torch.utils.checkpoint import checkpoint
+
+    def head_loss(h, k):
+        m = valid[:, k]
+        return F.cross_entropy(heads[k](h[m]), y[m, k], reduction="sum")
+    if head_by_head and len(heads) > 1:
+        return torch.stack([checkpoint(head_loss, h, k, use_reentrant=False) for k in range(len(heads))])
+    return torch.stack([head_loss(h, k) for k in range(len(heads))])
+
+
+def mtp_sums(model, h, batch):
+    """aux='mtp': every head, the next-token one included, from h. L_AR is head 1 and L_aux the
+    sum of heads 2..K, both per next-token position, so L_AR + L_aux at lam = 1 is Gloeckle et
+    al.'s summed loss (a head's positions past the response end count zero)."""
+    y, valid = (t.flatten(0, 1) for t in future_tokens(batch, model.cfg.mtp_k))  # (B T, K)
+    heads = model.mtp.heads(unembedding(model.backbone))
+    sums = mtp_loss(h.flatten(0, 1), heads, y, valid, model.cfg.head_by_head)  # (K,)
+    n = batch.resp.sum().float()
+    return {"ar_sum": sums[0], "ar_n": n, "aux_sum": sums[1:].sum(), "aux_n": n}
+
+
+def induced_divergence(u, v_pred, x0, kind):
+    """D_T(u, v) = D(x0 + u, x0 + v), the divergence on velocities induced by D on the simplex
+    (paper App. A, DESIGN Sec. 3), per copy: (N, c, D) -> (N, c). 'kl': KL(x0 + u || x0 + v) with
+    x0 = pi, i.e. KL(e(y) || q) = -log q(y) (0 log 0 = 0); 'sq': mean over dims of (v - u)^2, SFR's
+    loss (x0 drops out); on a one-hot copy that is the Brier score of q divided by V."""
+    if kind == "sq":
+        return ((v_pred - u) ** 2).mean(-1)
+    p, r = x0 + u, x0 + v_pred  # the target's endpoint e(y) and the model's q
+    return (torch.xlogy(p, p) - p * r.clamp_min(torch.finfo(r.dtype).tiny).log()).sum(-1)
+
+
+def ladder_token_loss(x1, x0, tau, field, divergence):
+    """One rung's flow-matching loss per token and copy. x1, x0: (N, c, D) target and source in
+    the path's coordinates; tau: (N,); field(z_tau, tau) -> v_pred (N, c, D). Returns (N, c)."""
+    t = tau[:, None, None]
+    z_tau = t * x1 + (1 - t) * x0  # the straight line in these coordinates (tau = 0 source, 1 data)
+    u = x1 - x0
+    return induced_divergence(u, field(z_tau, tau), x0, divergence)
+
+
+def onehot_rung_loss(cfg, y, tau, pi, q=None, flow=None, z0=None):
+    """A rung with one-hot targets y (N, c), per token and copy (N, c). pi: (V,) the point source;
+    q: (N, c, V) the heads' distributions (constant field); flow(z_tau, tau) -> v_pred (flow field);
+    z0: (N, c, V) draw of the Gaussian source. On the KL path (Sevriugov & Oseledets Sec. 3) the
+    coordinates are logits, l1 = kl_beta e(y), a finite stand-in for the vertex, and l0 = log pi or z0."""
+    x1 = F.one_hot(y, pi.numel()).to(pi.dtype)  # restriction 2: vertices of the simplex
+    pi = pi.expand_as(x1)
+    if cfg.ladder_path == "kl":
+        x1, pi = cfg.kl_beta * x1, pi.log()
+    x0, mean_x0 = (pi, pi) if cfg.ladder_source == "point" else (z0, torch.zeros_like(pi))  # restriction 3
+    if cfg.ladder_field == "constant":  # restriction 5: v = E_q[x1] - E[x0], blind to (z_tau, tau)
+        v_pred = (q if cfg.ladder_path == "straight" else cfg.kl_beta * q) - mean_x0
+        flow = lambda z_tau, tau: v_pred  # noqa: E731
+    return ladder_token_loss(x1, x0, tau, flow, cfg.ladder_divergence)
+
+
+def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
+    """F_Delta-FM (paper App. A), the flow-matching way and without mtp_loss: K heads
+    q_k = softmax(head_k(h)) as a constant velocity field q_k - pi, a point source at pi, the
+    straight path to e(y[t+k]), and D_T at any tau. h: (N, C); y, valid: (N, K); tau: (N,);
+    pi: (V,). Returns the K per-head sums (K,); with divergence='kl' they equal mtp_loss's."""
+    cfg = Config(aux="ladder", ladder_divergence=divergence)  # every other ladder value at the MTP end
+    q = torch.stack([head(h).softmax(-1) for head in heads], 1)  # (N, K, V)
+    return (onehot_rung_loss(cfg, y, tau, pi, q=q) * valid).sum(0)
+
+
+def onehot_rung_sum(model, h, batch, step, head, shuffle_h=False):
+    """aux='ladder' with one-hot targets: the rung's loss summed over heads k = 2..K and valid
+    positions, and its normaliser, the number of next-token positions (as aux='mtp')."""
+    cfg, T = model.cfg, h.size(1)
+    y, valid = (t[..., 1:] for t in future_tokens(batch, cfg.mtp_k))  # (B, T, c): head 1 is L_AR itself
+    unembed = unembedding(model.backbone)
+    V, c = unembed.weight.size(0), cfg.mtp_k - 1
+    lengths = batch.resp.int().cumsum(1).argmax(1) + 1
+    d = c * V if cfg.ladder_source == "gaussian" else 0
+    tau, z0, _ = (t.to(h) for t in draw_noise(batch.ids, step, T, d, cfg.seed, lengths))
+    sel = valid.any(-1)  # (B, T): positions with at least one target
+    h_sel = _ScaleGrad.apply(h[sel], model.grad_box)  # (N, C)
+    if shuffle_h:
+        h_sel = h_sel[torch.randperm(h_sel.size(0), generator=torch.Generator().manual_seed(step))]
+    q = None
+    if cfg.ladder_field == "constant":
+        q = torch.stack([f(h_sel).softmax(-1) for f in model.mtp.heads(unembed)[1:]], 1)  # (N, c, V)
+    flow = lambda z_tau, tau: head(z_tau.flatten(1), tau, h_sel).view_as(z_tau)  # noqa: E731
+    pi = h.new_full((V,), 1.0 / V)  # uniform; App. A holds for any fixed pi
+    loss = onehot_rung_loss(cfg, y[sel], tau[sel.nonzero()[:, 0]], pi, q, flow, z0[sel].view(-1, c, V) if d else None)
+    return (loss * valid[sel]).sum(), batch.resp.sum().float()
+
+
+def embedding_rung_loss(cfg, head, h, z1, tau, z0):
+    """A rung with the sentence-encoder target, per token (N,). At the SFR end this is
+    fm_token_loss term for term. The point source sits at the Gaussian's mean 0, and the
+    constant field is the head read at z = 0, tau = 0: with a point source, the authors' 'mse'."""
+    x1 = z1[:, None]  # (N, 1, d): one copy
+    x0 = torch.zeros_like(x1) if cfg.ladder_source == "point" else z0[:, None]
+    if cfg.ladder_field == "constant":
+        v_pred = head(torch.zeros_like(z1), torch.zeros_like(tau), h)[:, None]  # E[x0] = 0 for either source
+        field = lambda z_tau, tau: v_pred  # noqa: E731
+    else:
+        field = lambda z_tau, tau: head(z_tau[:, 0], tau, h)[:, None]  # noqa: E731
+    return ladder_token_loss(x1, x0, tau, field, cfg.ladder_divergence)[:, 0]
+
+
+def kl_path_posterior(log_p1, l_tau, tau, beta):
+    """Exact P(x1 | l_tau, tau) on the KL path with a N(0, I) logit source and prior log p(x1)
+    (V,): l_tau | x1 ~ N(tau beta e(x1), (1 - tau)^2 I), so by Bayes the posterior is
+    softmax(log p(x1) + tau beta l_tau[x1] / (1 - tau)^2). l_tau: (N, V); tau: (N,)."""
+    return (log_p1 + (tau * beta / (1 - tau) ** 2)[:, None] * l_tau).softmax(-1)
+
+
+def kl_geodesic_velocity(q, l_tau, tau, beta):
+    """Sevriugov & Oseledets, Prop. 3.2: on l_tau = (1 - tau) l0 + tau beta e(x1),
+    u = (beta e(x1) - l_tau) / (1 - tau), so the marginal velocity E[u | l_tau] is
+    (beta q - l_tau) / (1 - tau) with q = P(x1 | l_tau, tau), the minimiser of the denoiser's
+    cross-entropy: likelihood training gives the exact velocity. q, l_tau: (N, V); tau: (N,)."""
+    return (beta * q - l_tau) / (1 - tau)[:, None]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -639,6 +871,9 @@ class SFRModel(nn.Module):
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
         self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers) \
             if cfg.aux in ("flow", "mse", "cosine") else None
+        self.mtp = None  # MTP heads 2..K (aux 'mtp', one-hot ladder rungs with a constant field)
+        if cfg.aux in ("mtp", "ladder"):
+            self.mtp, self.head = ladder_modules(cfg, backbone, d_z)
         self.register_buffer("z_mean", torch.zeros(d_z))  # target scaling (identity for 'unit')
         self.register_buffer("z_std", torch.ones(d_z))
         self.grad_box = {"scale": 1.0}  # how much of L_FM's gradient reaches the backbone this step
@@ -650,22 +885,28 @@ class SFRModel(nn.Module):
         if self.cfg.target_scale == "std":
             z = torch.cat([ex.z1[ex.valid] for ex in examples])
             self.z_mean.copy_(z.mean(0))
-            self.z_std.copy_(z.std(0).clamp_min(1e-6))
+            self.z_std.copy_(z.std(0, correction=0).clamp_min(1e-6))  # population std: no NaN for one target
 
     def forward(self, batch: Batch, step: int, head=None):
         logits, h = self.backbone(batch.idx)  # (B, T, V), (B, T, C)
+        if self.cfg.aux == "mtp":
+            del logits  # every head, the next-token one too, is recomputed from h: one (N, V) logits at a time
+            return mtp_sums(self, h, batch)
         m = batch.resp
         ar_sum = F.cross_entropy(logits[m], batch.y[m], reduction="sum")
         out = {"ar_sum": ar_sum, "ar_n": m.sum().float()}
-        if self.cfg.aux in ("flow", "mse", "cosine"):
+        if self.cfg.aux in ("flow", "mse", "cosine", "ladder"):
             aux_sum, aux_n = self.segment_loss(h, batch, step, head or self.head)
             out.update(aux_sum=aux_sum, aux_n=aux_n)
         return out
 
     def segment_loss(self, h, batch, step, head, shuffle_h=False):
         """Weighted sum of the per-token aux loss over valid positions, and sum(w)."""
+        if self.cfg.aux == "ladder" and self.cfg.ladder_target == "onehot":
+            return onehot_rung_sum(self, h, batch, step, head, shuffle_h)
         B, T, _ = h.size()
-        tau, z0, scores = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed))
+        lengths = batch.resp.int().cumsum(1).argmax(1) + 1  # last response position + 1: the unpadded length
+        tau, z0, scores = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths))
         sel = batch.valid
         if self.cfg.fm_positions:  # keep a random subset of at most fm_positions per sequence
             scores = scores.masked_fill(~sel, -1.0)
@@ -683,6 +924,8 @@ class SFRModel(nn.Module):
         z1 = (batch.z1[sel] - self.z_mean) / self.z_std  # (N, d_z)
         if self.cfg.aux == "flow":
             loss = fm_token_loss(head, h_sel, z1, tau[b_idx], z0[sel])
+        elif self.cfg.aux == "ladder":
+            loss = embedding_rung_loss(self.cfg, head, h_sel, z1, tau[b_idx], z0[sel])
         else:
             loss = regression_token_loss(head, h_sel, z1, self.cfg.aux)
         w = batch.w[sel]
@@ -733,8 +976,10 @@ def total_loss(out, lam, world=1):
 def make_optimizer(cfg, model):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # fused: one kernel for all parameters; on CPU the default is a Python loop over tensors,
+    # which costs more than the tiny default model's forward pass (toy/cost.py)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
     def lr_lambda(step):
         if step < cfg.lr_warmup:
@@ -747,9 +992,13 @@ def make_optimizer(cfg, model):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temp file, then rename over the old checkpoint."""
+    """Atomic: write a temp file, flush it to disk, then rename it over the old checkpoint.
+    A crash at any point leaves either the old or the new checkpoint, never a torn one."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -815,17 +1064,72 @@ def diagnostics(model, batch, cfg, step, head=None):
     return res
 
 
+def init_distributed(cfg):
+    """(rank, world). Under torchrun (WORLD_SIZE > 1) joins the process group, gloo on CPU
+    and NCCL on CUDA, and moves cfg.device to this process's GPU."""
+    cuda = cfg.device.startswith("cuda")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cuda:
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(cfg.device)
+        if not is_dist():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_dist() else (0, 1)
+
+
+def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None):
+    """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
+    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means. Raises
+    TrainingDiverged on a non-finite loss term or gradient, before the weights change."""
+    loss, terms = total_loss((ddp or model)(batch, step), lam_at(cfg, step), world)
+    bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
+    # how much of L_FM's gradient reaches the backbone: 0 during head warm-up and on gated
+    # steps. Every rank takes the same decision (terms are global), and no requires_grad flips.
+    scale = 0.0 if step < cfg.head_warmup else 1.0
+    if cfg.gate and "aux" in terms:
+        gate_avg = terms["aux"] if gate_avg is None else 0.99 * gate_avg + 0.01 * terms["aux"]
+        if terms["aux"] < gate_avg / cfg.gate:
+            scale = 0.0
+    model.grad_box["scale"] = scale
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    if not math.isfinite(gnorm):
+        raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} (loss terms {terms})")
+    opt.step()
+    sched.step()
+    return terms, gnorm, gate_avg
+
+
+def update_ema(ema, head, step, cfg):
+    """EMA of the head's weights. It starts as a copy of the (warmed-up) head at step
+    head_warmup; the authors' code blends first and re-initialises later, erasing the warm-up."""
+    if step == cfg.head_warmup:
+        ema.load_state_dict(head.state_dict())
+    elif step > cfg.head_warmup:
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), head.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+
+
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every")  # fields a resume may change
+
+
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
-    """Train backbone + aux head. Returns (model, history). Resumable from
-    out_dir/ckpt.pt; runs under torchrun (DDP) when WORLD_SIZE > 1."""
+    """Train backbone + aux head. Returns (model, history).
+
+    Resumable: out_dir/ckpt.pt holds the model (heads included), optimiser, lr scheduler,
+    EMA head, gate average, step, history and every process's RNG state. The data order,
+    the flow noise and the lambda schedule are pure functions of (seed, step), so the step
+    is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP; cfg.batch_size is the
+    global batch, split across processes, and losses are normalised over all of it."""
     cfg.validate()
-    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not is_dist():
-        torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if is_dist():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    rank, world = init_distributed(cfg)
+    if cfg.batch_size < world:
+        raise ValueError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs >= {world} sequences")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
@@ -834,28 +1138,39 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     model.to(cfg.device)
     ema = copy.deepcopy(model.head).requires_grad_(False) if (cfg.ema and model.head is not None) else None
     opt, sched = make_optimizer(cfg, model)
-    history, step, gate_avg = [], 0, None
+    history, step, gate_avg, saved = [], 0, None, None
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
+        changed = [k for k, v in ck["config"].items() if k not in RESUME_FREE and getattr(cfg, k, v) != v]
+        if changed and rank == 0:
+            log(f"warning: resuming with changed config fields {changed}: no longer the same run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
-        if ema is not None and ck.get("ema") is not None:
+        if ema is not None:
             ema.load_state_dict(ck["ema"])
         step, history, gate_avg = ck["step"], ck["history"], ck["gate_avg"]
-        set_rng_state(ck["rng"])
+        saved = step
+        set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
         if rank == 0:
             log(f"resumed from {ckpt_path} at step {step}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if is_dist() else model
+    cuda = cfg.device.startswith("cuda")
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.device(cfg.device).index] if cuda else None) if is_dist() else model
 
     def checkpoint():
+        rngs = [rng_state()]
+        if is_dist():  # each process has its own RNG stream (dropout): rank 0 writes them all
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state())
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(),
                                         "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
                                         "step": step, "history": history, "gate_avg": gate_avg,
-                                        "rng": rng_state(), "config": dataclasses.asdict(cfg)})
+                                        "rng": rngs, "config": dataclasses.asdict(cfg)})
+        return step
 
     bar = None
     if progress and rank == 0:
@@ -865,36 +1180,16 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     while step < cfg.steps:
         ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
         batch = collate([train_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
-        lam = lam_at(cfg, step)
-        out = ddp(batch, step)
-        loss, terms = total_loss(out, lam, world)
-        for name, value in terms.items():
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"step {step}: loss term '{name}' is {value}; stopped, the last good "
-                                       f"checkpoint (if any) is kept at {ckpt_path}")
-        # how much of L_FM's gradient reaches the backbone: 0 during head warm-up and on gated steps
-        scale = 0.0 if step < cfg.head_warmup else 1.0
-        if cfg.gate and "aux" in terms:
-            gate_avg = terms["aux"] if gate_avg is None else 0.99 * gate_avg + 0.01 * terms["aux"]
-            if terms["aux"] < gate_avg / cfg.gate:
-                scale = 0.0
-        model.grad_box["scale"] = scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        opt.step()
-        sched.step()
+        try:
+            terms, gnorm, gate_avg = train_step(model, opt, sched, batch, step, cfg, gate_avg, world, ddp)
+        except TrainingDiverged as e:
+            kept = f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None else \
+                "no checkpoint was written yet"
+            raise TrainingDiverged(f"{e}; training stopped, {kept}") from None
         if ema is not None:
-            if step == cfg.head_warmup:
-                # initialise the EMA from the (warmed-up) head before its first update; the
-                # authors' code blends first and re-initialises later, erasing the warm-up
-                ema.load_state_dict(model.head.state_dict())
-            elif step > cfg.head_warmup:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), model.head.parameters()):
-                        pe.lerp_(p, 1 - cfg.ema)
+            update_ema(ema, model.head, step, cfg)
+        rec = {"step": step + 1, "lam": lam_at(cfg, step), "grad_norm": gnorm, **terms}
         step += 1
-        rec = {"step": step, "lam": lam, "grad_norm": gnorm, **terms}
         last = step == cfg.steps
         if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             if eval_set:
@@ -908,7 +1203,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
             bar.update(1)
             bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
-            checkpoint()
+            saved = checkpoint()
     if bar is not None:
         bar.close()
     model.ema_head = ema
