@@ -106,7 +106,7 @@ def test_sfr_loss_recomputed_by_hand(monkeypatch, case, target_scale):
         targets = ex.response + [1]  # the AR loss covers the response and the final eos
         for j, y in enumerate(targets):
             ce_sum, n_ce = ce_sum - F.log_softmax(logits[b, P - 1 + j], -1)[y], n_ce + 1
-    L_fm, L_ar = float(fm_sum / max(1.0, w_sum)), float(ce_sum / n_ce)
+    L_fm, L_ar = float(fm_sum.detach() / max(1.0, w_sum)), float(ce_sum / n_ce)
     assert math.isfinite(L_fm) and L_fm > 0
     assert terms["aux"] == pytest.approx(L_fm, rel=1e-5)
     assert terms["ar"] == pytest.approx(L_ar, rel=1e-5)
@@ -235,3 +235,213 @@ def test_two_modes_flow_covers_both_mse_returns_mean():
     with torch.no_grad():
         pred = heads["mse"](torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 3))
     assert pred.norm() < 0.3  # the mean of the two modes (0, 0), far from both
+
+
+# ----------------------------------------------------------------------------- lambda = 0, gating, the shuffle gap
+
+
+def demo_batch(demo, n=8, d_z=None):
+    exs = demo.examples[:n]
+    return sfr.collate(exs, list(range(n)), demo.tok.pad_id, demo.tok.eos_id, d_z or exs[0].z1.size(1))
+
+
+def backbone_grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.backbone.named_parameters()}
+
+
+def test_lambda_zero_gives_plain_next_token_loss_and_gradients(demo):
+    d_z = demo.examples[0].z1.size(1)
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32)
+    torch.manual_seed(0)
+    bb = sfr.GPT(sfr.Config(**cfg), demo.tok.vocab_size)
+    plain = sfr.SFRModel(sfr.Config(aux="none", **cfg), copy.deepcopy(bb), d_z)
+    flow = sfr.SFRModel(sfr.Config(aux="flow", lam=0.0, **cfg), copy.deepcopy(bb), d_z)
+    nn.init.normal_(flow.head.out.weight, std=0.1)  # so L_FM does send a gradient into h
+    batch = demo_batch(demo)
+    grads = {}
+    for name, model, lam in [("plain", plain, 0.0), ("flow0", flow, sfr.lam_at(flow.cfg, 0)), ("flow1", flow, 1.0)]:
+        model.zero_grad(set_to_none=True)
+        loss, terms = sfr.total_loss(model(batch, step=0), lam)
+        loss.backward()
+        grads[name] = (loss.detach(), backbone_grads(model))
+    assert torch.equal(grads["plain"][0], grads["flow0"][0])
+    assert all(torch.equal(grads["plain"][1][n], grads["flow0"][1][n]) for n in grads["plain"][1])
+    # control: with lambda = 1 the same model's backbone gradient does change
+    assert not all(torch.equal(grads["plain"][1][n], grads["flow1"][1][n]) for n in grads["plain"][1])
+
+
+def test_lambda_zero_training_run_matches_plain_run(demo, tmp_path):
+    """Through sfr.train: same AR losses and same backbone weights, step for step."""
+    runs = {}
+    for aux in ("none", "flow"):
+        model, hist = sfr.train(tiny(tmp_path / aux, aux=aux, lam=0.0), fresh(demo.examples), demo.tok, progress=False)
+        runs[aux] = ([r["ar"] for r in hist], model.backbone.state_dict())
+    assert runs["none"][0] == runs["flow"][0]
+    assert all(torch.equal(v, runs["flow"][1][k]) for k, v in runs["none"][1].items())
+
+
+def test_gated_or_warmup_step_sends_no_fm_gradient_to_backbone(demo):
+    """grad_box scale 0 (head warm-up, or the gate) detaches h for L_FM: the backbone gets
+    exactly the AR gradient while the head still learns."""
+    d_z = demo.examples[0].z1.size(1)
+    cfg = sfr.Config(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32, grad_clip=0.0, gate=1.5)
+    torch.manual_seed(0)
+    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), d_z)
+    nn.init.normal_(model.head.out.weight, std=0.1)
+    batch = demo_batch(demo)
+    out = model(batch, step=0)
+    out["ar_sum"].div(out["ar_n"]).backward(retain_graph=True)
+    g_ar = backbone_grads(model)
+
+    def step_grads(gate_avg):
+        m = copy.deepcopy(model)
+        opt, sched = sfr.make_optimizer(cfg, m)
+        sfr.train_step(m, opt, sched, batch, 0, cfg, gate_avg=gate_avg)
+        return m, backbone_grads(m)
+    gated, g_gated = step_grads(gate_avg=1e9)  # L_FM far below its running mean / 1.5: gated
+    assert gated.grad_box["scale"] == 0.0
+    assert all(torch.equal(g_gated[n], g_ar[n]) for n in g_ar)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gated.head.parameters() if p.dim() > 1)
+    free, g_free = step_grads(gate_avg=None)  # first step: no running mean yet, not gated
+    assert free.grad_box["scale"] == 1.0
+    assert not all(torch.equal(g_free[n], g_ar[n]) for n in g_ar)
+
+
+def test_head_warmup_leaves_backbone_as_plain_training(demo, tmp_path):
+    """With head_warmup covering the run, the backbone trains exactly as with aux='none'
+    (grad_clip off: the head's gradient would otherwise change the clipping factor)."""
+    kw = dict(grad_clip=0.0, lr_schedule="constant", steps=4)
+    plain, _ = sfr.train(tiny(tmp_path / "p", aux="none", **kw), fresh(demo.examples), demo.tok, progress=False)
+    warm, hist = sfr.train(tiny(tmp_path / "w", aux="flow", head_warmup=4, **kw), fresh(demo.examples), demo.tok,
+                           progress=False)
+    assert all(torch.equal(v, warm.backbone.state_dict()[k]) for k, v in plain.backbone.state_dict().items())
+    assert hist[-1]["aux"] > 0
+
+
+class TableBackbone(nn.Module):
+    """h = a lookup table row per token; the logits are h against the table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.E, self.d_h = nn.Parameter(table.clone()), table.size(1)
+
+    def forward(self, idx):
+        h = self.E[idx]
+        return h @ self.E.T, h
+
+
+class ZOnlyHead(nn.Module):
+    """A trainable head that never looks at h."""
+
+    def __init__(self, d_z):
+        super().__init__()
+        self.out = nn.Linear(d_z, d_z)
+
+    def forward(self, z, tau, h):
+        return self.out(z) * tau[:, None]
+
+
+def test_shuffle_gap_zero_when_head_ignores_h_large_when_it_needs_it():
+    g = torch.Generator().manual_seed(4)
+    V, d, B, T = 8, 3, 4, 6
+    table = 2 * torch.randn(V, d, generator=g)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    ones = torch.ones(B, T, dtype=torch.bool)
+    batch = sfr.Batch(idx, idx.roll(-1, 1), ones, table[idx], ones, torch.ones(B, T), torch.arange(B))
+    cfg = sfr.Config(head_width=16)
+    model = sfr.SFRModel(cfg, TableBackbone(table), d)
+    # needs h: the exact velocity toward z1 = h from z_tau, (h - z_tau) / (1 - tau) = z1 - z0
+    oracle = FnHead(lambda z, tau, h: (h - z) / (1 - tau)[:, None], d)
+    needs = sfr.diagnostics(model, batch, cfg, step=3, head=oracle)
+    s_true, _ = model.segment_loss(model.backbone(idx)[1], batch, 3, oracle)
+    assert s_true.item() < 1e-6  # the oracle is exact with the true h
+    assert needs["shuffle_gap"] > 1.0
+    ignores = sfr.diagnostics(model, batch, cfg, step=3, head=ZOnlyHead(d))
+    assert ignores["shuffle_gap"] == 0.0
+    assert ignores["aux_grad_share"] == 0.0 and needs["aux_grad_share"] > 0.0
+
+
+# ----------------------------------------------------------------------------- a batch with no target
+
+
+def test_batch_without_any_target_still_trains(demo):
+    d_z = demo.examples[0].z1.size(1)
+    cfg = sfr.Config(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32)
+    torch.manual_seed(0)
+    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), d_z)
+    batch = demo_batch(demo, n=4)
+    batch.valid[:] = False
+    out = model(batch, step=0)
+    assert out["aux_sum"].item() == 0.0 and out["aux_n"].item() == 0.0
+    loss, terms = sfr.total_loss(out, 1.0)
+    assert terms["aux"] == 0.0
+    loss.backward()
+    for name, p in model.head.named_parameters():
+        assert p.grad is not None, name  # every head parameter joined the backward pass
+        assert p.grad.abs().max() == 0, name
+    opt, sched = sfr.make_optimizer(cfg, model)
+    terms, gnorm, _ = sfr.train_step(model, opt, sched, batch, 0, cfg)
+    assert terms["aux"] == 0.0 and math.isfinite(gnorm)
+
+
+# ----------------------------------------------------------------------------- lambda schedules, EMA, target scaling, null targets
+
+
+def test_lambda_schedules():
+    c = lambda s, **kw: sfr.Config(lam=2.0, steps=100, lam_ramp=10, lam_schedule=s, **kw)
+    assert [sfr.lam_at(c("constant"), t) for t in (0, 50, 99)] == [2.0, 2.0, 2.0]
+    assert [sfr.lam_at(c("ramp"), t) for t in (0, 5, 10, 60)] == [0.0, 1.0, 2.0, 2.0]
+    assert [sfr.lam_at(c("linear_decay"), t) for t in (0, 25, 100)] == [2.0, 1.5, 0.0]
+    cos = [sfr.lam_at(c("cosine_decay"), t) for t in (0, 50, 100)]
+    assert cos == pytest.approx([2.0, 1.0, 0.0], abs=1e-12)
+
+
+def test_training_uses_the_lambda_schedule(demo, tmp_path):
+    cfg = tiny(tmp_path, lam_schedule="ramp", lam_ramp=4, steps=5)
+    _, hist = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    assert [r["lam"] for r in hist] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_ema_starts_from_the_warmed_up_head(demo, tmp_path):
+    """head_warmup = n, ema = 0.999: after n + 1 steps the EMA *is* the warmed-up head (the
+    authors' order would leave it ~ the random init); one step later it is
+    lerp(head_n+1, head_n+2, 0.001)."""
+    kw = dict(aux="flow", head_warmup=3, ema=0.999, lr_schedule="constant", lr=1e-2)
+    m4, _ = sfr.train(tiny(tmp_path / "a", steps=4, **kw), fresh(demo.examples), demo.tok, progress=False)
+    for pe, p in zip(m4.ema_head.parameters(), m4.head.parameters()):
+        assert torch.equal(pe, p)
+    assert m4.head.out.weight.abs().max() > 1e-3  # the head did move away from its zero init
+    m5, _ = sfr.train(tiny(tmp_path / "b", steps=5, **kw), fresh(demo.examples), demo.tok, progress=False)
+    for pe, p4, p5 in zip(m5.ema_head.parameters(), m4.head.parameters(), m5.head.parameters()):
+        torch.testing.assert_close(pe, p4 + 0.001 * (p5 - p4))
+        assert not torch.equal(p4, p5)
+
+
+def test_target_scale_std_gives_unit_variance_training_targets(demo):
+    cfg = sfr.Config(target_scale="std", head_width=16, n_embd=32, n_head=2, n_layer=1)
+    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), demo.examples[0].z1.size(1))
+    model.fit_target_scale(demo.examples)
+    z = torch.cat([ex.z1[ex.valid] for ex in demo.examples])
+    scaled = (z - model.z_mean) / model.z_std
+    live = z.std(0, correction=0) > 1e-6  # MiniLM has 3 dead dims (|z| ~ 1e-8 or less for every text)
+    assert 370 < live.sum() < z.size(1)
+    torch.testing.assert_close(scaled.mean(0), torch.zeros(z.size(1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled.std(0, correction=0)[live], torch.ones(int(live.sum())), atol=1e-4, rtol=0)
+    assert scaled[:, ~live].abs().max() < 0.1  # the dead dims stay finite and small, not blown up to N(0, 1)
+    assert z.std(0).mean() < 0.2  # the raw unit-norm targets are far from unit variance per dim
+
+
+def test_null_targets_permute_targets_across_the_set(demo):
+    exs = fresh(demo.examples)
+    sfr.shuffle_targets(exs, seed=0)
+    before = torch.cat([ex.z1[ex.valid] for ex in demo.examples])
+    after = torch.cat([ex.z1[ex.valid] for ex in exs])
+    key = lambda z: z[torch.argsort(z[:, 0])]
+    torch.testing.assert_close(key(before), key(after))  # the same multiset of targets
+    moved = (before - after).abs().sum(1) > 0
+    assert moved.float().mean() > 0.8  # nearly every position got another position's target
+    assert all(torch.equal(a.valid, b.valid) for a, b in zip(exs, demo.examples))
+    again = fresh(demo.examples)
+    sfr.shuffle_targets(again, seed=0)
+    assert all(torch.equal(a.z1, b.z1) for a, b in zip(exs, again))  # a function of the seed
