@@ -225,6 +225,9 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with \"prompt\" and \"response\", "
+                                 f"got {type(rec).__name__}")
             for key in ("prompt", "response"):
                 if not isinstance(rec.get(key), str):
                     raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")
@@ -492,6 +495,7 @@ def attach_targets(examples, tok, encoder, cfg: Config, desc="targets"):
 def prepare(pairs, tok, cfg: Config, encoder=None):
     """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size)
     and, when the aux loss needs them, attach future-segment targets."""
+    cfg.validate()  # k, stride, min_suffix < 1 would otherwise give empty or misplaced segments
     examples = []
     for prompt, response in pairs:
         p = tok.encode(prompt)
@@ -1249,7 +1253,7 @@ def load_exported(path: str):
     gpt = GPT(cfg, meta["vocab_size"])
     gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
     tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
-    return gpt, tok
+    return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1362,7 +1366,7 @@ def parse_config(argv=None, base: Config | None = None) -> Config:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         default = getattr(base, f.name)
-        kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)
+        kind = _parse_bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{f.name}", type=kind, default=default, help=comments.get(f.name, ""))
     return Config(**vars(p.parse_args(argv))).validate()
 
