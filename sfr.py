@@ -872,6 +872,8 @@ class SFRModel(nn.Module):
 
     def __init__(self, cfg: Config, backbone: nn.Module, d_z: int):
         super().__init__()
+        if cfg.aux not in AUX_KINDS:  # an unknown kind would otherwise train a plain LM without a word
+            raise ValueError(f"Config.aux={cfg.aux!r}: must be one of {AUX_KINDS}")
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
         self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers) \
             if cfg.aux in ("flow", "mse", "cosine") else None
@@ -1369,6 +1371,15 @@ def parse_config(argv=None, base: Config | None = None) -> Config:
         kind = _parse_bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{f.name}", type=kind, default=default, help=comments.get(f.name, ""))
     return Config(**vars(p.parse_args(argv))).validate()
+
+
+def _parse_bool(s):
+    """Strict: a typo such as --resume=ture is an error, not a silent False."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def _field_comments():

