@@ -367,6 +367,10 @@ class HFBackbone(nn.Module):
             self.hf = AutoModelForCausalLM.from_config(config)
         else:
             self.hf = AutoModelForCausalLM.from_pretrained(path)
+            n_emb = self.hf.get_input_embeddings().num_embeddings
+            if vocab_size is not None and vocab_size > n_emb:  # else an opaque IndexError at the first step
+                raise ValueError(f"{path}: the tokenizer has {vocab_size} ids but the model embeds {n_emb}; put the "
+                                 "model's tokenizer in the folder, or set hf_from_config to train from scratch")
         self.layer = layer
         self.d_h = self.hf.config.get_text_config().hidden_size
 

@@ -83,7 +83,8 @@ def test_sfr_loss_recomputed_by_hand(monkeypatch, case, target_scale):
     B, T = batch.idx.shape
     g = torch.Generator().manual_seed(2)
     tau, z0 = torch.rand(B, generator=g), torch.randn(B, T, d_z, generator=g)
-    monkeypatch.setattr(sfr, "draw_noise", lambda ids, step, T_, *a, **k: (tau, z0[:, :T_], torch.rand(B, T_)))
+    monkeypatch.setattr(sfr, "draw_noise", lambda ids, step, T_, d_z, seed, lengths=None, valid=None,
+                        max_positions=0: (tau, z0[:, :T_], valid))
     out = model(batch, step=0)
     loss, terms = sfr.total_loss(out, lam=0.7)
 
@@ -362,6 +363,21 @@ def test_shuffle_gap_zero_when_head_ignores_h_large_when_it_needs_it():
     assert ignores["aux_grad_share"] == 0.0 and needs["aux_grad_share"] > 0.0
 
 
+def test_fm_positions_keeps_at_most_that_many_targets_per_sequence():
+    g = torch.Generator().manual_seed(4)
+    V, d, B, T = 8, 3, 4, 6
+    table = torch.randn(V, d, generator=g)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[3, 1:] = False  # one sequence has a single target
+    batch = sfr.Batch(idx, idx, torch.ones(B, T, dtype=torch.bool), table[idx], valid, torch.ones(B, T), torch.arange(B))
+    counts = {}
+    for k in (0, 2, 100):
+        model = sfr.SFRModel(sfr.Config(head_width=16, fm_positions=k), TableBackbone(table), d)
+        counts[k] = model.segment_loss(model.backbone(idx)[1], batch, 0, model.head)[1].item()
+    assert counts == {0: 3 * T + 1, 2: 3 * 2 + 1, 100: 3 * T + 1}
+
+
 # ----------------------------------------------------------------------------- a batch with no target
 
 
@@ -531,6 +547,13 @@ def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
     fresh_bb = sfr.build_backbone(sfr.Config(backbone=str(tiny_hf), hf_from_config=True), vocab_size=100)
     assert fresh_bb.hf.config.vocab_size == 100  # grown to fit the tokenizer
     assert not torch.equal(fresh_bb.hf.transformer.h[0].attn.c_attn.weight, last.hf.transformer.h[0].attn.c_attn.weight)
+
+
+def test_hf_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(tiny_hf):
+    with pytest.raises(ValueError, match="the tokenizer has 1000 ids but the model embeds"):
+        sfr.build_backbone(sfr.Config(backbone=str(tiny_hf)), vocab_size=1000)
+    with pytest.raises(FileNotFoundError, match="no such local folder"):
+        sfr.build_backbone(sfr.Config(backbone=str(tiny_hf) + "-missing"), vocab_size=10)
 
 
 # ----------------------------------------------------------------------------- the MiniLM encoder and its cache
