@@ -673,7 +673,10 @@ class _Cgroup:
                 mountpoint, (fstype, _, options) = left.split()[4], right.split()[:3]
                 if fstype == "cgroup2" and "" in own:
                     base = mountpoint + own[""]
-                    pids = "pids" in Path(base, "cgroup.controllers").read_text().split()
+                    try:
+                        pids = "pids" in Path(base, "cgroup.controllers").read_text().split()
+                    except OSError:
+                        pids = False
                     candidates.append((pids, os.path.join(base, "sfr-sandbox")))
                 elif fstype == "cgroup" and "pids" in options.split(","):
                     path = next((p for c, p in own.items() if "pids" in c.split(",")), None)
@@ -872,9 +875,10 @@ def _pump(buffers: dict[int, bytearray], cap: int, deadline: float,
 
 
 def _rmtree(path: str) -> None:
-    def unlock(func, p, _exc):  # a program may chmod its own files to 000
+    def unlock(func, p, _exc):  # a program may chmod its own directories to 000
         os.chmod(os.path.dirname(p), 0o700)
-        os.chmod(p, 0o700) if os.path.isdir(p) else None
+        if os.path.isdir(p):
+            os.chmod(p, 0o700)
         func(p)
     shutil.rmtree(path, onerror=unlock)
 
@@ -1034,8 +1038,11 @@ def run_checks(jobs: list[tuple[str, list[str], str]], timeout: float, *, worker
     results: list[CheckResult | None] = [None] * len(jobs)
     bar = None
     if desc is not None:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc=desc, unit="check")
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(jobs), desc=desc, unit="check")
+        except ImportError:  # the bar is a convenience, not a requirement
+            pass
 
     def one(i):
         program, tests, setup_code = jobs[i]
@@ -1178,8 +1185,8 @@ def evaluate_samples(records: list[dict], samples: dict[int, list[str]], timeout
     problem's tests. Per problem: n, c, pass@k for each k <= n, the fraction of
     samples whose code parses, the number of distinct passing programs (after
     ``ast.dump``, so layout and comments do not count) and every sample's outcome.
-    With ``store``, problems already in it are not run again and each problem is
-    stored as soon as its last sample finishes. Returns ``{"problems": {task_id:
+    With ``store``, problems already in it (with as many samples) are not run again
+    and each problem is stored as soon as its last sample finishes. Returns ``{"problems": {task_id:
     ...}, "summary": ...}`` where summary averages over problems (pass@k over those
     with n >= k).
     """
@@ -1187,7 +1194,10 @@ def evaluate_samples(records: list[dict], samples: dict[int, list[str]], timeout
     missing = sorted(set(samples) - set(by_id))
     if missing:
         raise KeyError(f"samples for task_ids not in the records: {missing[:10]}")
-    problems = {tid: store.get(tid) for tid in samples if store is not None and tid in store}
+    # A stored problem counts as done only for the same number of samples; a store
+    # belongs to one set of samples (one model, one method, one seed).
+    problems = {tid: store.get(tid) for tid in samples
+                if store is not None and tid in store and store.get(tid)["n"] == len(samples[tid])}
     todo = [tid for tid in samples if tid not in problems]
     jobs, owner = [], []
     for tid in todo:
@@ -1241,10 +1251,10 @@ def check_references(records: list[dict], timeout: float, *, workers: int | None
     the wall time and the throughput in checks per second.
     """
     jobs = [(rec["code"], rec["test_list"], rec["test_setup_code"]) for rec in records]
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), _cpu_seconds()
     results = run_checks(jobs, timeout, workers=workers, limits=limits,
                          desc="references" if progress else None)
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu_start
     split_of = {rec["task_id"]: name for name, recs in split_mbpp(records).items() for rec in recs}
     per_split = {name: {"passed": 0, "total": 0} for name in SPLITS}
     failures = {}
@@ -1256,7 +1266,15 @@ def check_references(records: list[dict], timeout: float, *, workers: int | None
             failures[rec["task_id"]] = {"status": result.status, "detail": result.detail}
     return {"per_split": per_split, "passed": sum(r.passed for r in results), "total": len(results),
             "failures": failures, "wall_time": wall, "checks_per_second": len(results) / wall,
-            "workers": workers or os.cpu_count() or 1}
+            "cpu_seconds": cpu, "workers": workers or os.cpu_count() or 1}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children: what the checks cost,
+    independent of whatever else the machine is running."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ---------------------------------------------------------------------------
@@ -1302,8 +1320,12 @@ def _cmd_check_references(args) -> int:
         print(f"  {tid}: {f['status']}: {f['detail'][:160]}")
     print(f"\n{report['total']} checks in {report['wall_time']:.1f} s = "
           f"{report['checks_per_second']:.1f} checks/s with {report['workers']} workers "
-          f"on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}, "
+          f"on {os.cpu_count()} CPUs ({platform.machine()}, "
           f"{'cgroup' if _Cgroup.bases() else '/proc sweep'} containment)")
+    # Wall-clock throughput depends on what else runs; CPU per check does not.
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"CPU per check {1000 * report['cpu_seconds'] / report['total']:.1f} ms "
+          f"(harness + child); load average during the run {load}")
     return 0
 
 
