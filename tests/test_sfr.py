@@ -81,11 +81,12 @@ def test_sfr_loss_recomputed_by_hand(monkeypatch, case, target_scale):
     model.fit_target_scale(exs)
     batch = sfr.collate(exs, list(range(len(exs))), pad_id=0, eos_id=1, d_z=d_z)
     B, T = batch.idx.shape
-    g = torch.Generator().manual_seed(2)
-    tau, z0 = torch.rand(B, generator=g), torch.randn(B, T, d_z, generator=g)
-    monkeypatch.setattr(sfr, "draw_noise", lambda ids, step, T_, d_z, seed, lengths=None, valid=None,
-                        max_positions=0: (tau, z0[:, :T_], valid))
+    drawn = []  # the noise the model draws, kept so the formula below uses the same tau and z0
+    draw = sfr.draw_noise
+    monkeypatch.setattr(sfr, "draw_noise", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
     out = model(batch, step=0)
+    tau, z0 = drawn[0][0], drawn[0][1]  # (B,): one tau per sequence; (B, T, d_z)
+    assert tau.shape == (B,) and z0.shape == (B, T, d_z) and z0.abs().sum() > 0
     loss, terms = sfr.total_loss(out, lam=0.7)
 
     with torch.no_grad():
