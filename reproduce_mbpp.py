@@ -287,8 +287,7 @@ _POLICY = {
     "change_events": {
         "os.remove": [0, 1], "os.rmdir": [0, 1], "os.mkdir": [0, 2], "os.chmod": [0, 2],
         "os.chown": [0, 3], "os.utime": [0, 3], "os.truncate": [0, None],
-        "os.setxattr": [0, None], "os.removexattr": [0, None], "shutil.rmtree": [0, 1],
-        "sqlite3.connect": [0, None]},
+        "os.setxattr": [0, None], "os.removexattr": [0, None], "shutil.rmtree": [0, 1]},
     # Attribute reads that hand out a frame (audited as object.__getattr__).
     "frame_attributes": ["tb_frame", "gi_frame", "cr_frame", "ag_frame"],
     # Readable besides the sandbox directory and the child's sys.path.
@@ -347,7 +346,11 @@ def _make_sandbox_hook(nonce, result_fd, sandbox, policy):
     ``sandbox`` (its cwd) and read only there, in the Python library and a few
     device/zoneinfo paths. Paths are resolved like the kernel does (symlinks
     followed) using C functions only, because anything written in Python that the
-    program could monkeypatch must not run inside the hook.
+    program could monkeypatch must not run inside the hook. For the same reason a
+    path must be a str or bytes: a path-like object's ``__fspath__`` could answer
+    the hook differently from the system call (so ``os.remove(Path(...))`` is
+    refused even inside the sandbox; ``open(Path(...))`` is fine, io.open converts
+    first).
 
     Self-contained (it is sent to the child as source): no module globals.
     """
@@ -469,8 +472,6 @@ def _make_sandbox_hook(nonce, result_fd, sandbox, policy):
                 refuse(ImportError, "import of %r is not allowed" % (name,))
         elif event in change_events:
             at, dir_at = change_events[event]
-            if event == "sqlite3.connect" and args[0] in (":memory:", b":memory:", ""):
-                return
             check_change(args[at], event, None if dir_at is None else args[dir_at])
         elif event == "os.rename":
             check_change(args[0], event, args[2])
@@ -513,7 +514,7 @@ def _sandbox_child():
     The program shares this interpreter and could rebind any global or builtin name
     the harness uses (``import __main__; __main__.len = ...``), so everything used
     after the program has started is bound to a local first. Builtins are restored
-    from a snapshot before the tests, so a program cannot make e.g. ``sorted``
+    from a snapshot before each test, so a program cannot make e.g. ``sorted``
     lie to them. Self-contained (sent as source): no module globals.
     """
     import sys
@@ -598,11 +599,11 @@ def _sandbox_child():
         _exec(program, ns)
         phase = "setup code"
         _exec(setup, ns)
-        _clear(_builtins_dict)
-        _update(_builtins_dict, _snapshot)
-        ns["__builtins__"] = _builtins
         for src, code in tests:
             phase = src
+            _clear(_builtins_dict)  # each test sees the real builtins, whatever ran before it
+            _update(_builtins_dict, _snapshot)
+            ns["__builtins__"] = _builtins
             _exec(code, ns)
     except _BaseException as e:
         what = describe(e)

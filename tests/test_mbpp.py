@@ -414,6 +414,10 @@ def test_builtins_are_restored_before_the_tests():
     tests = ["assert sorted(double(3)) == [1, 2, 3]"]
     lying = "import builtins\nbuiltins.sorted = lambda x: [1, 2, 3]\n" + WRONG
     assert not run(lying, tests).passed
+    # ...or patch them from inside the function the first test calls
+    later = ("import builtins\ndef double(x):\n    builtins.sorted = lambda x: [1, 2, 3]\n"
+             "    return 0\n")
+    assert not run(later, ["assert double(1) == 0"] + tests).passed
     assert run("def double(x):\n    return [3, 1, 2]\n", tests).passed  # the test itself is passable
 
 
