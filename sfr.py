@@ -633,22 +633,28 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.box["scale"], None
 
 
-def draw_noise(ids, step, T, d_z, seed, lengths=None):
-    """Per-sequence flow noise from a generator seeded by (seed, step, example id): the
-    same sequence gets the same tau and z0 whatever process or batch it lands in, which
-    makes multi-process runs and resumed runs match a single uninterrupted one.
-    lengths (B,): each sequence's unpadded length; exactly that much is drawn (then
-    zero-padded to T), because the stream a generator yields depends on the draw sizes
-    and the padding depends on the batch. Returns tau (B,), z0 (B, T, d_z), scores (B, T)."""
+def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=0):
+    """The random draws of one step, per sequence, from a generator seeded by (seed, step,
+    example id): a sequence gets the same draws whatever process or batch it lands in, which
+    makes multi-process and resumed runs match a single uninterrupted one. For a sequence of
+    unpadded length n (lengths (B,); T if None): tau ~ U(0, 1); the positions `sel` that feed
+    the head: those marked in valid (B, T) (all n if None), a random max_positions of them
+    if there are more (0 = all); z0 ~ N(0, I) at those positions only, zeros elsewhere
+    (drawing only what is used is much of what max_positions saves).
+    Returns tau (B,), z0 (B, T, d_z), sel (B, T) bool."""
     B = len(ids)
     lengths = [T] * B if lengths is None else lengths.tolist()
-    tau, z0, scores = torch.zeros(B), torch.zeros(B, T, d_z), torch.zeros(B, T)
+    valid = None if valid is None else valid.cpu()
+    tau, z0, sel = torch.zeros(B), torch.zeros(B, T, d_z), torch.zeros(B, T, dtype=torch.bool)
     for b, (i, n) in enumerate(zip(ids.tolist(), lengths)):
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + i)
         tau[b] = torch.rand((), generator=g)  # one tau per sequence (authors' code)
-        scores[b, :n] = torch.rand(n, generator=g)
-        z0[b, :n] = torch.randn(n, d_z, generator=g)
-    return tau, z0, scores
+        cols = torch.arange(n) if valid is None else valid[b, :n].nonzero()[:, 0]
+        if max_positions and len(cols) > max_positions:
+            cols = cols[torch.randperm(len(cols), generator=g)[:max_positions]].sort().values
+        sel[b, cols] = True
+        z0[b, cols] = torch.randn(len(cols), d_z, generator=g)
+    return tau, z0, sel
 
 
 # ----------------------------------------------------------------------------- multi-token prediction and the ladder from MTP to SFR
@@ -917,12 +923,8 @@ class SFRModel(nn.Module):
             return onehot_rung_sum(self, h, batch, step, head, shuffle_h)
         B, T, _ = h.size()
         lengths = batch.resp.int().cumsum(1).argmax(1) + 1  # last response position + 1: the unpadded length
-        tau, z0, scores = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths))
-        sel = batch.valid
-        if self.cfg.fm_positions:  # keep a random subset of at most fm_positions per sequence
-            scores = scores.masked_fill(~sel, -1.0)
-            kth = scores.topk(min(self.cfg.fm_positions, T), dim=1).values[:, -1:]
-            sel = sel & (scores >= kth)
+        tau, z0, sel = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths,
+                                                           batch.valid, self.cfg.fm_positions))
         if not sel.any():
             # no valid target anywhere in this batch: run the head on a dummy input so every
             # parameter still joins the backward pass (no DDP rank waits on a missing grad)
@@ -1078,6 +1080,10 @@ def diagnostics(model, batch, cfg, step, head=None):
 def init_distributed(cfg):
     """(rank, world). Under torchrun (WORLD_SIZE > 1) joins the process group, gloo on CPU
     and NCCL on CUDA, and moves cfg.device to this process's GPU."""
+    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # set by accelerate launch --use_fsdp etc.
+        if os.environ.get(flag, "").lower() in ("1", "true"):
+            raise NotImplementedError(f"{flag} is set, but sfr.train shards nothing (it runs plain DDP): "
+                                      "launch with torchrun or accelerate launch --multi_gpu instead")
     cuda = cfg.device.startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if cuda:
@@ -1404,10 +1410,15 @@ def main(argv=None):
     eval_set = prepare(pairs[:n_eval], tok, cfg, encoder)
     if cfg.null_targets:
         shuffle_targets(train_set, cfg.seed)
-    if encoder is not None:
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files and prints
+    if encoder is not None and rank0:
         print(f"encoder {cfg.encoder}: {encoder.misses} segments encoded, cache hit rate {encoder.hit_rate:.2f}")
         encoder.save()
     model, history = train(cfg, train_set, tok, eval_set)
+    if is_dist():
+        torch.distributed.destroy_process_group()
+    if not rank0:
+        return model, history
     path = export(model, os.path.join(cfg.out_dir, "export"), tok)
     print(f"exported the deployable model (no head, no encoder) to {path}")
     prompt = torch.tensor([train_set[0].prompt])
