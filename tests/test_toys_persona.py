@@ -69,4 +69,5 @@ def test_script_smoke(tmp_path, encoder):
     assert mech["sft", 0]["shuffle_gap"] is None and mech["sft", 0]["aux_grad_share"] == 0.0
     assert mech["sfr", 0]["shuffle_gap"] is not None and 0 < mech["sfr", 0]["aux_grad_share"] < 1
     assert mech["sfr", 0]["aux_grad_share"] == pytest.approx(mech["sfr", 0]["aux_grad_share_sfr"])
-    assert set(res["paired_vs_sft"]["sfr"]["1.0"]) == set(persona.EXACT + persona.SAMPLED)
+    assert set(res["paired"]["sfr - sft"]["1.0"]) == set(persona.EXACT + persona.SAMPLED)
+    assert "sfr - null" not in res["paired"]  # no null control in this grid

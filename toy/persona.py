@@ -398,19 +398,22 @@ def check_same_init(args, methods, data):
 # ----------------------------------------------------------------------------- aggregation
 
 
+CONTROLS = {"sfr": "null", "sfr_std": "null_std"}  # the same loss on targets that carry no information
+
+
 def summarise(cells, mechs, methods, temps, seeds):
-    """mean / std over seeds per (method, T), and paired differences against sft per seed."""
+    """mean / std over seeds per (method, T); paired differences per seed against sft, and of
+    each SFR variant against its null control (what the targets' information adds)."""
     by = {(c["method"], c["seed"], c["T"]): c for c in cells}
-    summary, paired = {}, {}
+    pairs = [(m, "sft") for m in methods if m != "sft" and "sft" in methods]
+    pairs += [(m, n) for m, n in CONTROLS.items() if m in methods and n in methods]
+    summary = {}
     for m in methods:
-        summary[m], paired[m] = {}, {}
-        for T in temps:
-            summary[m][str(T)] = {k: _ms([by[m, s, T][k] for s in seeds]) for k in EXACT + SAMPLED}
-            if m != "sft" and "sft" in methods:
-                paired[m][str(T)] = {k: _ms([by[m, s, T][k] - by["sft", s, T][k] for s in seeds], ci=True)
-                                     for k in EXACT + SAMPLED}
+        summary[m] = {str(T): {k: _ms([by[m, s, T][k] for s in seeds]) for k in EXACT + SAMPLED} for T in temps}
         ms = [x for x in mechs if x["method"] == m]
         summary[m]["mechanism"] = {k: _ms([x[k] for x in ms if x[k] is not None]) for k in MECH}
+    paired = {f"{a} - {b}": {str(T): {k: _ms([by[a, s, T][k] - by[b, s, T][k] for s in seeds], ci=True)
+                                      for k in EXACT + SAMPLED} for T in temps} for a, b in pairs}
     return summary, paired
 
 
@@ -432,22 +435,21 @@ def markdown(summary, paired, true_ref, data_ref, methods, T):
              "|---" * (1 + len(cols) + len(MECH)) + "|"]
     lines.append("| true | " + " | ".join("–" if true_ref.get(k) is None else f"{true_ref[k]:.3f}" for k in cols)
                  + " | – | – |")
-    for name, sfx in (("per persona", ""), ("per prompt", "_per_prompt")):
-        lines.append(f"| data ({name}) | – | – | – | " + f"{data_ref['entropy_ratio' + sfx]:.3f} | "
-                     + f"{data_ref['coverage' + sfx]:.3f} | – | " + " | ".join("–" for _ in SAMPLED + MECH) + " |")
+    for name, sfx in (("per persona", ""), ("per prompt", "_per_prompt")):  # a perfect fit of the training set
+        row = {k: f"{data_ref[k + sfx]:.3f}" for k in ("entropy_ratio", "coverage")}
+        lines.append(f"| data ({name}) | " + " | ".join(row.get(k, "–") for k in cols + MECH) + " |")
     fmt = lambda d: "–" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"
     for m in methods:
         s = summary[m][str(T)]
         lines.append(f"| {m} | " + " | ".join(fmt(s[k]) for k in cols) + " | "
                      + " | ".join(fmt(summary[m]["mechanism"][k]) for k in MECH) + " |")
-    lines += ["", f"Paired difference against sft at T = {T}: mean [95% CI] (seeds with diff > 0)", "",
-              "| method | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
-    for m in methods:
-        if m in paired and paired[m]:
-            p = paired[m][str(T)]
-            lines.append(f"| {m} - sft | " + " | ".join(
-                f"{p[k]['mean']:+.3f} [{p[k]['ci95'][0]:+.3f}, {p[k]['ci95'][1]:+.3f}] ({p[k]['n_pos']}/{p[k]['n']})"
-                if "ci95" in p[k] else f"{p[k]['mean']:+.3f}" for k in cols) + " |")
+    lines += ["", f"Paired differences at T = {T}, per seed: mean [95% CI] (seeds with diff > 0)", "",
+              "| comparison | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    for name, p in paired.items():
+        p = p[str(T)]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{p[k]['mean']:+.3f} [{p[k]['ci95'][0]:+.3f}, {p[k]['ci95'][1]:+.3f}] ({p[k]['n_pos']}/{p[k]['n']})"
+            if "ci95" in p[k] else f"{p[k]['mean']:+.3f}" for k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -564,16 +566,28 @@ def parse_args(argv=None):
     return args
 
 
-def replot(path, show=True):
-    """Table and figure again from a saved json (e.g. after editing plot())."""
-    res = json.loads(Path(path).read_text())
-    g, summary = res["meta"]["grid"], res["summary"]
-    if show:
-        print(res["table"] + "\n\n" + sweep_table(summary, g["methods"], g["temps"]))
-    t = res["meta"]["task"]
-    plot(summary, g["methods"], g["temps"], res["true"], res["data_baseline"]["mean"], os.path.splitext(path)[0] + ".png",
-         f"persona toy ({res['meta']['label']}): {t['personas']} personas, {t['modes']} modes, "
-         f"{t['n_per_persona']} ex/persona, {g['steps']} steps, {len(g['seeds'])} seeds; bands = ±1 std")
+def derive(res):
+    """Everything derived from the raw cells: summaries, paired differences, the table."""
+    g = res["meta"]["grid"]
+    res.pop("paired_vs_sft", None)  # the name before the null-control comparisons joined it
+    res["true"] = {k: None if v is None or v != v else v for k, v in res["true"].items()}  # NaN is not JSON
+    summary, paired = summarise(res["cells"], res["mechanism"], g["methods"], g["temps"], g["seeds"])
+    T_main = 1.0 if 1.0 in g["temps"] else g["temps"][len(g["temps"]) // 2]
+    table = markdown(summary, paired, res["true"], res["data_baseline"]["mean"], g["methods"], T_main)
+    res.update(summary=summary, paired=paired, table=table + "\n\n" + sweep_table(summary, g["methods"], g["temps"]))
+    return res
+
+
+def replot(path, figure=True):
+    """Recompute the summaries, table and figure of a saved json from its raw cells, rewrite it."""
+    res = derive(json.loads(Path(path).read_text()))
+    Path(path).write_text(json.dumps(res, indent=1))
+    g, t = res["meta"]["grid"], res["meta"]["task"]
+    if figure:
+        plot(res["summary"], g["methods"], g["temps"], res["true"], res["data_baseline"]["mean"],
+             os.path.splitext(path)[0] + ".png",
+             f"persona toy ({res['meta']['label']}): {t['personas']} personas, {t['modes']} modes, "
+             f"{t['n_per_persona']} ex/persona, {g['steps']} steps, {len(g['seeds'])} seeds; bands = ±1 std")
     return res
 
 
@@ -581,7 +595,9 @@ def main(argv=None, encoder=None):
     t_start = time.time()
     args = parse_args(argv)
     if args.replot:
-        return replot(args.replot)
+        res = replot(args.replot)
+        print(res["table"])
+        return res
     torch.set_num_threads(args.threads)
     task = PersonaTask(args.personas, args.modes, args.queries, args.prefix_len)
     methods, missing = available_methods(args.methods)
@@ -611,13 +627,7 @@ def main(argv=None, encoder=None):
     true_ref.update(well_formed=1.0, fidelity=1.0, kl_mode=0.0, entropy_ratio=1.0, coverage=1.0,
                     kl_data=None, kl_data_persona=None)  # no training set behind the true distribution
     data_ref = {k: float(np.mean([d[k] for d in data_refs])) for k in data_refs[0]}
-    summary, paired = summarise(cells, mechs, methods, args.temps, args.seeds)
     wall = time.time() - t_start
-    T_main = 1.0 if 1.0 in args.temps else args.temps[len(args.temps) // 2]
-    table = markdown(summary, paired, true_ref, data_ref, methods, T_main)
-    print("\n" + table + "\n\n" + sweep_table(summary, methods, args.temps))
-    print(f"\nwall time {wall:.0f}s on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, {args.threads} thread(s)")
     meta = {"command": "python toy/persona.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "label": label, "wall_s": wall, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "sfr_py_sha256": hashlib.sha256(Path(sfr.__file__).read_bytes()).hexdigest(),
@@ -628,12 +638,13 @@ def main(argv=None, encoder=None):
                      "mode_probs": task.probs.tolist(), "example": [task.prompt(0, 0), task.response(0, 0, 0)]},
             "args": {k: v for k, v in vars(args).items() if k != "tok"}}
     res = {"meta": meta, "true": true_ref, "data_baseline": {"mean": data_ref, "per_seed": data_refs},
-           "summary": summary, "paired_vs_sft": paired, "cells": cells, "mechanism": mechs, "table": table}
+           "cells": cells, "mechanism": mechs}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    if not args.no_fig:
-        replot(args.out, show=False)
+    Path(args.out).write_text(json.dumps(res))
+    res = replot(args.out, figure=not args.no_fig)
+    print("\n" + res["table"])
+    print(f"\nwall time {wall:.0f}s on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+          f"torch {torch.__version__}, {args.threads} thread(s) x {args.workers} process(es)")
     print(f"wrote {args.out}")
     return res
 
