@@ -73,7 +73,7 @@ class Config:
     lam_ramp: int = 100  # steps of the ramp for lam_schedule='ramp'
     head_width: int = 256  # flow head hidden width (authors' template: 1024)
     head_layers: int = 3  # layers in the head body, input layer included (authors: 3)
-    fm_positions: int = 0  # at most this many positions per sequence feed the head each step; 0 = all
+    fm_positions: int = 4  # at most this many positions per sequence feed the head each step; 0 = all (toy/cost.py)
     head_warmup: int = 0  # steps in which only the head learns from L_FM (h detached); 0 disables
     gate: float = 0.0  # loss gating: detach h on steps where L_FM < running mean / gate (authors: 1.5); 0 disables
     ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors: 0.999); 0 disables
