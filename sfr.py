@@ -91,6 +91,7 @@ class Config:
     out_dir: str = "out"  # checkpoints, logs and exports go here
     resume: bool = False  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # seeds the init, the data order and the flow noise
+    init: str = ""  # backbone weights to start from (a state_dict .pt, e.g. a pretrained cache); "" = random init
     device: str = "cpu"  # 'cpu', 'cuda', 'cuda:1', ...
     # --- MTP and the ladder (DESIGN Sec. 3) ---
     mtp_k: int = 4  # K tokens predicted per position (head 1 = the next-token head); aux='mtp' and one-hot rungs
@@ -1151,6 +1152,8 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     random.seed(cfg.seed)
     d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
     model = SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)
+    if cfg.init:  # e.g. reproduce_mbpp.py fine-tunes every method from the same pretrained weights
+        model.backbone.load_state_dict(torch.load(cfg.init, map_location="cpu"))
     model.fit_target_scale(train_set)
     model.to(cfg.device)
     ema = copy.deepcopy(model.head).requires_grad_(False) if (cfg.ema and model.head is not None) else None
