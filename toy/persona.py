@@ -377,6 +377,15 @@ def grad_share(model, batch, cfg, step):
     return b / max(1e-12, a + b)
 
 
+def target_signal(examples):
+    """How big the data-dependent part of the flow's velocity target u = z1 - z0 is: the per-dim
+    variance of z1 over the training targets (the source z0 has 1 per dim). Unit-norm 384-d
+    targets carry <= 1/d of it; target_scale='std' makes it 1 per (live) dim."""
+    z = torch.cat([ex.z1[ex.valid] for ex in examples])  # (N, d)
+    return {"d": z.size(1), "var_per_dim_unit": float(z.var(0).mean()),
+            "mean_norm2_unit": float(z.mean(0).pow(2).sum()), "n_targets": z.size(0)}
+
+
 def check_same_init(args, methods, data):
     """Does every method start from the same backbone? Train each for one step at lr = 0
     (which leaves the weights at their initial values) and compare the backbones."""
@@ -611,8 +620,12 @@ def main(argv=None, encoder=None):
     print(f"persona task: {task.n_personas} personas x {task.n_modes} modes x {task.n_queries} queries, "
           f"prefix {task.prefix_len}, {args.n_per_persona} examples/persona; {label}")
     print(f"grid: methods {methods} x seeds {args.seeds} x T {args.temps}, {args.steps} steps")
-    same_init = check_same_init(args, methods, datasets(task, args, 0, encoder))
+    data0 = datasets(task, args, 0, encoder)
+    same_init = check_same_init(args, methods, data0)
     print(f"same backbone init across methods: {same_init}")
+    signal = target_signal(data0["plain"][0])
+    print(f"MiniLM targets, seed 0: per-dim variance {signal['var_per_dim_unit']:.5f} unit-norm "
+          f"(1/d = {1 / signal['d']:.5f}) vs 1 for the N(0, I) source and for target_scale='std'")
     jobs = [(task, args, methods, seed) for seed in args.seeds]
     if args.workers > 1:  # one process per seed at a time, each with its own encoder
         import multiprocessing as mp
@@ -631,7 +644,7 @@ def main(argv=None, encoder=None):
     meta = {"command": "python toy/persona.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "label": label, "wall_s": wall, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "sfr_py_sha256": hashlib.sha256(Path(sfr.__file__).read_bytes()).hexdigest(),
-            "threads": args.threads, "workers": args.workers, "skipped_methods": missing, "same_backbone_init": same_init,
+            "threads": args.threads, "workers": args.workers, "skipped_methods": missing, "same_backbone_init": same_init, "target_signal": signal,
             "grid": {"methods": methods, "seeds": args.seeds, "temps": args.temps, "steps": args.steps},
             "task": {"personas": task.n_personas, "modes": task.n_modes, "queries": task.n_queries,
                      "prefix_len": task.prefix_len, "n_per_persona": args.n_per_persona,
