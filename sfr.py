@@ -1070,7 +1070,10 @@ def diagnostics(model, batch, cfg, step, head=None):
     s, n = model.segment_loss(h, batch, step, head)
     aux = lam_at(cfg, step) * s / n.clamp_min(1)
     g_ar = torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True)
+    # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
+    scale, model.grad_box["scale"] = model.grad_box["scale"], 1.0
     g_aux = torch.autograd.grad(aux, params, allow_unused=True)
+    model.grad_box["scale"] = scale
     norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))
     a, b = norm(g_ar), norm(g_aux)
     res["aux_grad_share"] = b / max(1e-12, a + b)
@@ -1148,6 +1151,9 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     rank, world = init_distributed(cfg)
     if cfg.batch_size < world:
         raise ValueError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs >= {world} sequences")
+    if cfg.null_targets:  # the control trains on a copy whose targets are shuffled across the set
+        train_set = [dataclasses.replace(ex, z1=ex.z1.clone()) for ex in train_set]
+        shuffle_targets(train_set, cfg.seed)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
@@ -1411,8 +1417,6 @@ def main(argv=None):
     encoder = SegmentEncoder(cfg.encoder, cache=cfg.cache) if needs_encoder(cfg) else None
     train_set = prepare(pairs[n_eval:], tok, cfg, encoder)
     eval_set = prepare(pairs[:n_eval], tok, cfg, encoder)
-    if cfg.null_targets:
-        shuffle_targets(train_set, cfg.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files and prints
     if encoder is not None and rank0:
         print(f"encoder {cfg.encoder}: {encoder.misses} segments encoded, cache hit rate {encoder.hit_rate:.2f}")

@@ -102,6 +102,19 @@ def step_cost(base, encoder, repeats):
     return {"sft_step_ms": 1e3 * t_sft, "sfr_step_ms": 1e3 * t_sfr, "step_ratio": t_sfr / t_sft}
 
 
+def size_sweep(base, encoder, sizes, repeats):
+    """step_ratio as the backbone grows, head and positions fixed: SFR adds a roughly fixed
+    cost per step (the head's ops, the noise draws, the head's optimiser state), so the
+    ratio says as much about the backbone's size as about SFR."""
+    rows = []
+    for n_layer, n_embd in sizes:
+        cfg = sfr.Config(**{**vars(base), "n_layer": n_layer, "n_embd": n_embd})
+        r = step_cost(cfg, encoder, repeats)
+        params = sum(p.numel() for p in sfr.GPT(cfg, 100).parameters())
+        rows.append({"n_layer": n_layer, "n_embd": n_embd, "backbone_params": params, **r})
+    return rows
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -274,6 +287,8 @@ def main(argv=None):
     p.add_argument("--segments", type=int, default=512, help="distinct segments for the encoder speed")
     p.add_argument("--quality_seeds", type=int, default=3, help="seeds per head variant; 0 skips quality")
     p.add_argument("--quality_steps", type=int, default=300)
+    p.add_argument("--sweep", default="2x64,4x128,6x192,8x256",
+                   help="backbone sizes n_layerxn_embd for the step-ratio sweep ('' skips it)")
     p.add_argument("--out", default=str(ROOT / "results" / "cost.json"))
     p.add_argument("--hf", default="", choices=["", "0.5b", "tiny"], help="only time a Qwen2-shaped HF model")
     p.add_argument("--device", default="cpu")
@@ -293,6 +308,9 @@ def main(argv=None):
     enc, encoder = encoder_cost(base, args.segments)
     res.update(enc)
     res.update(step_cost(base, encoder, args.repeats))
+    if args.sweep:
+        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep.split(",")]
+        res["size_sweep"] = size_sweep(base, encoder, sizes, max(20, args.repeats // 4))
     tok, examples = demo_setup(base, encoder)
     bb, head, positions, tokens = counted_flops(base, tok, examples, encoder.dim)
     T = tokens // base.batch_size
@@ -334,6 +352,11 @@ def print_table(res):
     for name, q in res.get("quality", {}).items():
         aux = f"eval_aux {q['eval_aux']:.4f}, shuffle_gap {q['shuffle_gap']:.4f}" if "eval_aux" in q else ""
         print(f"| quality: {name} | eval_ar {q['eval_ar']:.3f} | {aux} |")
+    if res.get("size_sweep"):
+        print("\n| backbone | params | SFT step ms | SFR step ms | step_ratio |\n|---|---|---|---|---|")
+        for r in res["size_sweep"]:
+            print(f"| {r['n_layer']}x{r['n_embd']} | {r['backbone_params'] / 1e6:.2f}M | {r['sft_step_ms']:.1f} "
+                  f"| {r['sfr_step_ms']:.1f} | {r['step_ratio']:.3f} |")
     print(f"\n{res['threads']} thread(s), torch {res['torch']}, {res['wall_s']:.0f} s")
 
 
