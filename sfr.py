@@ -574,10 +574,11 @@ class FlowHead(nn.Module):
 
 
 @torch.no_grad()
-def sample_head(head, h, steps=32, generator=None):
+def sample_head(head, h, steps=32, generator=None, z0=None):
     """Draw one z1 sample per row of h: Euler-integrate dz/dtau = v(z, tau, h) from
-    tau = 0 (z0 ~ N(0, I)) to tau = 1. Returns (N, d_z)."""
-    z = torch.randn(h.size(0), head.out.out_features, generator=generator).to(h)
+    tau = 0 (z0 ~ N(0, I), or the given z0: zeros for the point-mass source) to tau = 1.
+    Returns (N, d_z)."""
+    z = torch.randn(h.size(0), head.out.out_features, generator=generator).to(h) if z0 is None else z0.to(h)
     for i in range(steps):
         tau = torch.full((h.size(0),), i / steps, device=h.device)
         z = z + head(z, tau, h) / steps
@@ -585,6 +586,14 @@ def sample_head(head, h, steps=32, generator=None):
 
 
 # ----------------------------------------------------------------------------- losses
+
+
+def target_stats(z1, target_scale):
+    """(mean, std) that the targets (N, d_z) are standardised with: identity for 'unit' (the
+    authors' L2-normalised targets), per-dim population statistics for 'std'."""
+    if target_scale == "unit":
+        return torch.zeros(z1.size(1)), torch.ones(z1.size(1))
+    return z1.mean(0), z1.std(0, correction=0).clamp_min(1e-6)  # population std: no NaN for one target
 
 
 def fm_token_loss(head, h, z1, tau, z0):
@@ -901,9 +910,9 @@ class SFRModel(nn.Module):
         dimension has unit variance like the N(0, I) source. The authors' unit-norm target
         is ~1/sqrt(d) the size of the noise, which leaves the context-dependent part of u tiny."""
         if self.cfg.target_scale == "std":
-            z = torch.cat([ex.z1[ex.valid] for ex in examples])
-            self.z_mean.copy_(z.mean(0))
-            self.z_std.copy_(z.std(0, correction=0).clamp_min(1e-6))  # population std: no NaN for one target
+            mean, std = target_stats(torch.cat([ex.z1[ex.valid] for ex in examples]), "std")
+            self.z_mean.copy_(mean)
+            self.z_std.copy_(std)
 
     def forward(self, batch: Batch, step: int, head=None):
         logits, h = self.backbone(batch.idx)  # (B, T, V), (B, T, C)

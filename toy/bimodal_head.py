@@ -33,8 +33,8 @@ it lies within radius * D of it, else to 'none'. 'covered' = every mode gets at 
 cover * its true weight of the samples; mass per mode against the weights; energy
 distance (Szekely) between the samples and as many fresh true samples, divided by D.
 
-Run:  python toy/bimodal_head.py            (~1 min on a laptop CPU: d = 2, 16, 384)
-      python toy/bimodal_head.py --full     (+ what the Gaussian head needs at 384-d)
+Run:  python toy/bimodal_head.py            (~1 min on a 2-core CPU: d = 2, 16, 2 seeds)
+      python toy/bimodal_head.py --full     (d = 2, 16, 384, 3 seeds, + what the Gaussian head needs at 384-d; ~15 min)
       python toy/bimodal_head.py --help
 """
 from __future__ import annotations
@@ -142,15 +142,6 @@ def make_task(d, a, seed):
 # ----------------------------------------------------------------------------- the heads (all from sfr.py)
 
 
-def fit_scale(z1, target_scale):
-    """Target scaling as sfr.SFRModel.fit_target_scale does it: 'unit' leaves the
-    unit-norm targets alone (per dim ~1/sqrt(d), tiny next to N(0, I) noise);
-    'std' standardises each dimension over the training targets."""
-    if target_scale == "unit":
-        return torch.zeros(z1.size(1)), torch.ones(z1.size(1))
-    return z1.mean(0), z1.std(0).clamp_min(1e-6)
-
-
 def head_loss(kind, head, h, z1, g):
     """Per-sample loss of one head kind, straight from sfr.py; mean over the batch."""
     if kind in ("mse", "cosine"):
@@ -166,7 +157,7 @@ def train_head(kind, task, cfg):
     Same seed -> same init, same batches for every kind; flow noise has its own stream."""
     torch.manual_seed(cfg.seed)
     h_all, z1_all = task["h"][task["train_ctx"]], task["train_z1"]
-    mean, std = fit_scale(z1_all, cfg.target_scale)
+    mean, std = sfr.target_stats(z1_all, cfg.target_scale)
     z1_all = (z1_all - mean) / std
     head = sfr.FlowHead(task["d"], h_all.size(1), cfg.head_width, cfg.head_layers)
     opt, sched = sfr.make_optimizer(cfg, head)
@@ -187,25 +178,13 @@ def train_head(kind, task, cfg):
 
 
 @torch.no_grad()
-def sample_point_source(head, h, steps):
-    """The point-source variant of sfr.sample_head: the same Euler loop from tau = 0 to 1,
-    started from z = 0 (the point mass) instead of z0 ~ N(0, I). sfr.sample_head always
-    draws its start from N(0, I), so the loop is repeated here; only the start differs."""
-    z = torch.zeros(h.size(0), head.out.out_features)
-    for i in range(steps):
-        tau = torch.full((h.size(0),), i / steps)
-        z = z + head(z, tau, h) / steps
-    return z
-
-
-@torch.no_grad()
 def sample(kind, head, scale, h, cfg, g):
     """(N, d) samples in the original (unit-norm) space, one per row of h."""
     mean, std, target_norm = scale
     if kind == "gaussian":
         z = sfr.sample_head(head, h, cfg.sample_steps, generator=g)
     elif kind == "point":
-        z = sample_point_source(head, h, cfg.sample_steps)
+        z = sfr.sample_head(head, h, cfg.sample_steps, z0=torch.zeros(h.size(0), head.out.out_features))  # point source
     else:  # the regression heads are read where they were trained: z = 0, tau = 0
         z = head(torch.zeros(h.size(0), head.out.out_features), torch.zeros(h.size(0)), h)
         if kind == "cosine":  # a direction only: put it at the targets' mean norm
@@ -407,9 +386,11 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="add the d=384 sweep of the gaussian head over --sweep_widths x --sweep_steps x "
                         "--sweep_scales x --sweep_sample_steps (~15 min on a shared 2-core CPU)")
-    p.add_argument("--dims", type=ints, default=[2, 16, 384], help="dimensions d of z to sweep (comma list)")
+    p.add_argument("--dims", type=ints, default=None,
+                   help="dimensions d of z (comma list); default 2,16 (about a minute), with --full 2,16,384")
     p.add_argument("--heads", type=words, default=list(HEADS), help=f"head kinds to train, from {HEADS}")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per (d, head) in the main grid")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per (d, head) in the main grid; default 2, "
+                   "with --full 3")
     p.add_argument("--width", type=int, default=256, help="head hidden width, sfr Config.head_width (authors: 1024)")
     p.add_argument("--layers", type=int, default=3, help="head layers, sfr Config.head_layers (authors: 3)")
     p.add_argument("--steps", type=int, default=600, help="optimiser steps per head (AdamW, sfr's schedule)")
@@ -448,6 +429,8 @@ def parse_args(argv=None):
                         "contend (on a shared 2-core machine 2 threads ran 10-40x slower)")
     p.add_argument("--out", default=str(ROOT / "results"), help="folder for bimodal_head.json and .png")
     a = p.parse_args(argv)
+    a.dims = a.dims or ([2, 16, 384] if a.full else [2, 16])
+    a.seeds = a.seeds or (3 if a.full else 2)
     bad = [h for h in a.heads if h not in HEADS]
     if bad or abs(sum(a.weights) - 1) > 1e-6 or len(a.weights) < 2 or a.seeds < 1 or min(a.dims) < 2:
         p.error(f"need heads in {HEADS} (got {bad}), >= 2 weights summing to 1, seeds >= 1, dims >= 2")
