@@ -423,7 +423,27 @@ def summarise(cells, mechs, methods, temps, seeds):
         summary[m]["mechanism"] = {k: _ms([x[k] for x in ms if x[k] is not None]) for k in MECH}
     paired = {f"{a} - {b}": {str(T): {k: _ms([by[a, s, T][k] - by[b, s, T][k] for s in seeds], ci=True)
                                       for k in EXACT + SAMPLED} for T in temps} for a, b in pairs}
+    for a, _ in pairs[:len(methods) - 1]:  # against sft at the same quality instead of the same T
+        paired[f"{a} - sft at matched well-formedness"] = {str(T): {k: _ms(
+            [d for d in (matched_quality(by, a, s, T, temps, k) for s in seeds) if d is not None], ci=True)
+            for k in MATCHED} for T in temps}
     return summary, paired
+
+
+MATCHED = ["entropy_ratio", "kl_mode", "coverage"]
+
+
+def matched_quality(by, m, seed, T, temps, key, flat=0.9995):
+    """m's `key` at temperature T minus what sft (same seed) reaches at the same well-formedness,
+    sft's temperature curve interpolated: does m beat just sampling sft hotter? None outside the
+    range of sft's curve, and where sft's well-formedness is flat (> `flat`, T well below 1)."""
+    pts = sorted((by["sft", seed, t]["well_formed"], by["sft", seed, t][key]) for t in temps)
+    pts = [p for p in pts if p[0] <= flat]
+    x = by[m, seed, T]["well_formed"]
+    if len(pts) < 2 or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    xs, ys = zip(*pts)
+    return by[m, seed, T][key] - float(np.interp(x, xs, ys))
 
 
 def _ms(xs, ci=False):
@@ -456,9 +476,19 @@ def markdown(summary, paired, true_ref, data_ref, methods, T):
               "| comparison | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
     for name, p in paired.items():
         p = p[str(T)]
+        if "matched" in name:
+            continue
         lines.append(f"| {name} | " + " | ".join(
             f"{p[k]['mean']:+.3f} [{p[k]['ci95'][0]:+.3f}, {p[k]['ci95'][1]:+.3f}] ({p[k]['n_pos']}/{p[k]['n']})"
             if "ci95" in p[k] else f"{p[k]['mean']:+.3f}" for k in cols) + " |")
+    lines += ["", f"Against sft sampled at the same well-formedness (sft's T-curve interpolated; T = {T} for the "
+              "method): mean [95% CI] (seeds with diff > 0; n = seeds inside sft's range)", "",
+              "| comparison | " + " | ".join(MATCHED) + " |", "|---" * (1 + len(MATCHED)) + "|"]
+    fmt = lambda d: "–" if d is None else (f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+                                           f"({d['n_pos']}/{d['n']})" if "ci95" in d else f"{d['mean']:+.3f} (n={d['n']})")
+    for name, p in paired.items():
+        if "matched" in name:
+            lines.append(f"| {name.split(' at ')[0]} | " + " | ".join(fmt(p[str(T)][k]) for k in MATCHED) + " |")
     return "\n".join(lines)
 
 
@@ -475,7 +505,7 @@ def sweep_table(summary, methods, temps, keys=("fidelity", "well_formed", "entro
 
 
 def plot(summary, methods, temps, true_ref, data_ref, path, title):
-    """Top: fidelity vs quality over T (the paper's Fig. 2), mode diversity and KL vs T.
+    """Top: fidelity vs quality over T (the paper's Fig. 2), mode diversity vs T and vs quality.
     Bottom: cross-style Self-BLEU-1 vs T, and the mechanism at the end of training."""
     import matplotlib
     matplotlib.use("Agg")
@@ -487,20 +517,25 @@ def plot(summary, methods, temps, true_ref, data_ref, path, title):
     err = lambda m, k: np.array([summary[m][str(T)][k]["std"] for T in temps])  # noqa: E731
     for m in methods:
         c = colors[m]
-        ax[0].plot(get(m, "well_formed"), get(m, "fidelity"), "-o", color=c, label=m, ms=3)
-        for T, x, y in zip(temps, get(m, "well_formed"), get(m, "fidelity")):
+        bad = np.clip(1 - get(m, "well_formed"), 1e-6, None)  # ill-formed mass, on a log axis
+        ax[0].plot(bad, get(m, "fidelity"), "-o", color=c, label=m, ms=3)
+        for T, x, y in zip(temps, bad, get(m, "fidelity")):
             if T in (temps[0], 1.0, temps[-1]):
                 ax[0].annotate(f"T={T:g}", (x, y), fontsize=7, color=c, xytext=(3, -8), textcoords="offset points")
-        for a, k in ((ax[1], "entropy_ratio"), (ax[2], "kl_mode"), (ax[3], "cs_self_bleu1")):
+        ax[2].plot(bad, get(m, "entropy_ratio"), "-o", color=c, label=m, ms=3)
+        for a, k in ((ax[1], "entropy_ratio"), (ax[3], "cs_self_bleu1")):
             a.plot(temps, get(m, k), "-o", color=c, label=m, ms=3)
             a.fill_between(temps, get(m, k) - err(m, k), get(m, k) + err(m, k), color=c, alpha=0.12)
-    ax[0].set(xlabel="well-formedness P(legal)  (quality)", ylabel="style fidelity P(own style | legal)",
-              title="fidelity vs quality, one point per temperature")
+    for a in (ax[0], ax[2]):  # quality grows to the right: 1 - P(legal) on a reversed log axis
+        a.set_xscale("log")
+        a.invert_xaxis()
+        a.set_xlabel("P(illegal) = 1 - well-formedness (log, clipped at 1e-6); quality ->")
+    ax[0].set(ylabel="style fidelity P(own style | legal)", title="fidelity vs quality, one point per T")
     ax[1].axhline(1.0, color="k", ls="--", lw=0.8, label="true")
     ax[1].plot([1.0], [data_ref["entropy_ratio"]], "k^", label="data, per persona (T=1)")
     ax[1].plot([1.0], [data_ref["entropy_ratio_per_prompt"]], "kv", label="data, per prompt (T=1)")
     ax[1].set(xlabel="temperature T", ylabel="H(model modes) / H(true modes)", title="mode diversity (exact)")
-    ax[2].set(xlabel="temperature T", ylabel="KL(true modes || model modes)", title="mode KL (exact)", yscale="log")
+    ax[2].set(ylabel="H(model modes) / H(true modes)", title="diversity vs quality, one point per T (up-right better)")
     ax[3].axhline(true_ref["cs_self_bleu1"], color="k", ls="--", lw=0.8, label="true")
     ax[3].set(xlabel="temperature T", ylabel="Self-BLEU-1 across personas (lower = more diverse)",
               title="cross-style similarity (sampled)")
