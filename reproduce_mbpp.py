@@ -1383,22 +1383,843 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None,
                    help="jsonl store of finished problems; a rerun skips them (default: none)")
     p.set_defaults(func=_cmd_evaluate)
+
+    _add_run_parser(sub, common)  # section 8
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
     return args.func(args)
 
 
 # ---------------------------------------------------------------------------
-# 8. Training and sampling (issue 6, second part) -- TO BE ADDED HERE
+# 8. Training and sampling: the `run` subcommand
 # ---------------------------------------------------------------------------
-# The `run` subcommand: pretrain the built-in tiny GPT on the stdlib sources,
-# fine-tune it per method (next-token SFT, MTP, SFR) with sfr.py on the train
-# split formatted by format_prompt/format_response, sample completions for the
-# test split, and score them with evaluate_samples + ResultStore. Import torch and
-# sfr inside those functions so that the rest of this file stays torch-free.
+# The controlled comparison of DESIGN.md section 6: one model, one data set, one seed,
+# one data order and one number of steps for every method; only the auxiliary loss of
+# sfr.Config changes.
+#
+#   built-in model  a byte-level GPT, first pretrained on this interpreter's standard
+#                   library sources (cached under --cache-dir), then fine-tuned on the
+#                   MBPP train split once per method, each time from those same weights
+#   --model PATH    a local Hugging Face causal LM fine-tuned per method, optionally
+#                   through LoRA adapters (merged into the weights before export)
+#
+# Then per method: the per-token loss of the test problems' reference solutions, n
+# samples per test problem at each temperature, run through the sandbox (section 3),
+# pass@k (section 4), parse rate and diversity. Every stage writes what it finishes to
+# --out as it goes (exports, ResultStores), so a rerun with the same --out continues
+# where the last one stopped. torch and sfr are imported inside the functions, so that
+# sections 1-7 stay torch-free.
+
+METHODS = {  # name -> sfr.Config overrides; every other field is shared by all methods
+    "none": dict(aux="none"),  # next-token SFT
+    "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
+    "sfr": dict(aux="flow"),  # SFR as the authors run it: unit-norm MiniLM targets, lambda = 1
+    "sfr_std": dict(aux="flow", target_scale="std"),  # SFR, targets standardised per dimension
+    "sfr_null": dict(aux="flow", null_targets=True),  # control: SFR with targets shuffled across examples
+    "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
+    "cosine": dict(aux="cosine"),
+    # the ladder from MTP to SFR (DESIGN.md section 3), restrictions lifted one at a time
+    "ladder_mtp": dict(aux="ladder"),
+    "ladder_brier": dict(aux="ladder", ladder_divergence="sq"),
+    "ladder_gauss": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian"),
+    "ladder_flow": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow"),
+    "ladder_kl": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
+                      ladder_path="kl"),
+    "ladder_sfr": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
+                       ladder_target="embedding"),
+}
+
+# The built-in model, sized so that the default run (pretraining, three methods, 100
+# problems x 10 samples, execution) takes about 20 minutes on a shared 2-core CPU.
+# Byte tokens: an SFR target is the MiniLM embedding of the next 64 bytes (about a line of
+# code), anchored every 16 bytes; every response position feeds the head, as the authors'.
+BUILTIN = dict(backbone="gpt", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=512,
+               k=64, stride=16, min_suffix=16, fm_positions=0, steps=150, batch_size=8, lr=1e-3,
+               lr_warmup=10, eval_every=0, ckpt_every=50)
+PRETRAIN = dict(aux="none", steps=150, batch_size=16, lr=3e-3, lr_warmup=20)
+# A Hugging Face model: sub-word tokens, so a shorter window in tokens (the authors use
+# k = 256, s = 32 on responses far longer than MBPP's ~50 tokens).
+HF_MODEL = dict(tokenizer="byte", block_size=1024, k=32, stride=8, min_suffix=8, fm_positions=0, steps=300,
+                batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0, ckpt_every=100)
+SMOKE = dict(n_layer=1, n_head=2, n_embd=32, head_width=32, steps=2, batch_size=2, ckpt_every=0)
+ARCH = ("n_layer", "n_head", "n_embd", "block_size", "dropout")  # pretraining and fine-tuning share these
+PROMPT_RESERVE = 128  # a prompt longer than block_size - this is cut on the left (its end names the function)
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    import torch
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic: a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")  # insertion order: methods as run
+    os.replace(tmp, path)
+
+
+def _config_key(cfg) -> dict:
+    """The fields that decide what a training run computes (not where or how often it writes)."""
+    import dataclasses
+    import sfr
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sfr.RESUME_FREE + ("cache",)}
+
+
+def _same_run(folder: Path, meta: dict) -> None:
+    """Refuse to resume into a folder that holds a different run."""
+    path = folder / "meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if changed:
+            raise SystemExit(f"{folder} holds a run with other settings ({', '.join(changed)}); "
+                             "pass another --out or delete that folder")
+    elif _rank() == 0:
+        _write_json(path, meta)
+
+
+# --- 8a. pretraining the built-in model on the standard library --------------
+
+def stdlib_sources() -> list[Path]:
+    """The pretraining corpus: this interpreter's standard library sources, real Python
+    that every machine has (nothing to download), test suites and installed packages left out."""
+    import sysconfig
+    files = []
+    for folder, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        files += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def corpus_windows(files: list[Path], n: int, length: int, seed: int) -> list[str]:
+    """n windows of `length` characters of the concatenated files, each starting at the
+    beginning of a line picked uniformly at random (seeded)."""
+    import random
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    rng = random.Random(seed)
+    starts = [text.find("\n", rng.randrange(max(1, len(text) - 2 * length))) + 1 for _ in range(n)]
+    return [text[s:s + length] for s in starts]
+
+
+def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]:
+    """Pretrain the built-in GPT (cfg: aux='none') on stdlib_sources() and cache the
+    backbone's state_dict in cache_dir, keyed by a hash of cfg, the corpus file list and
+    the Python version; a later run with the same key loads it instead. Every 20th file
+    is held out for the eval loss. Returns (path of the .pt file, its record)."""
+    import dataclasses
+    import shutil as _shutil
+    import sysconfig
+    import sfr
+    files = stdlib_sources()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
+    key = hashlib.sha256(json.dumps({"config": _config_key(cfg), "corpus": corpus,
+                                     "python": platform.python_version()}, sort_keys=True).encode())
+    key = key.hexdigest()[:16]
+    path, meta_path = cache_dir / f"pretrain-{key}.pt", cache_dir / f"pretrain-{key}.json"
+    if path.exists() and meta_path.exists():
+        return str(path), {**json.loads(meta_path.read_text()), "cached": True}
+    held_out = set(files[::20])
+    n_train = cfg.steps * cfg.batch_size  # every window is seen once
+    # Empty prompts: sfr.prepare gives each window a lone <eos> to be predicted from, and
+    # collate ends each with <eos> too; at 1 target in block_size, a harmless artefact.
+    windows = corpus_windows([f for f in files if f not in held_out], n_train, cfg.block_size - 1, cfg.seed)
+    eval_windows = corpus_windows(sorted(held_out), 64, cfg.block_size - 1, cfg.seed)
+    tok = sfr.Tokenizer("byte")
+    train_set = sfr.prepare([("", w) for w in windows], tok, cfg)
+    eval_set = sfr.prepare([("", w) for w in eval_windows], tok, cfg)
+    work = cache_dir / f"pretrain-{key}"
+    cfg = dataclasses.replace(cfg, out_dir=str(work), resume=True)
+    t0 = time.time()
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress)
+    record = {"key": key, "files": len(files), "held_out_files": len(held_out),
+              "corpus_bytes": sum(size for _, size in corpus), "windows": n_train,
+              "seconds": time.time() - t0, "train_ar_last": history[-1]["ar"],
+              "eval_ar": history[-1].get("eval_ar"), "config": _config_key(cfg), "corpus_root": str(root)}
+    if _rank() == 0:
+        sfr.save_checkpoint(str(path), model.backbone.state_dict())
+        _write_json(meta_path, record)
+        _shutil.rmtree(work, ignore_errors=True)  # the resumable checkpoint is not needed any more
+    _barrier()
+    return str(path), {**record, "cached": False}
+
+
+# --- 8b. fine-tuning, once per method ----------------------------------------
+
+class _LoRA:
+    """sfr.train builds its backbone itself; to train LoRA adapters, wrap the HF model it
+    builds (before the aux heads and the optimiser see it) by swapping sfr.build_backbone
+    for the length of a `with` block."""
+
+    def __init__(self, r: int, alpha: int, dropout: float):
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+
+    def __enter__(self):
+        import sfr
+        from peft import LoraConfig, get_peft_model
+        self.build = build = sfr.build_backbone
+        lora = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+
+        def build_with_lora(cfg, vocab_size):
+            backbone = build(cfg, vocab_size)
+            if not isinstance(backbone, sfr.HFBackbone):
+                raise ValueError("--lora needs --model (a Hugging Face model)")
+            backbone.hf = get_peft_model(backbone.hf, lora)
+            return backbone
+        sfr.build_backbone = build_with_lora
+        return self
+
+    def __exit__(self, *exc):
+        import sfr
+        sfr.build_backbone = self.build
+
+
+def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, lora: _LoRA | None = None,
+             log=print, progress=True) -> Path:
+    """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
+    model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
+    reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume)."""
+    import contextlib
+    import sfr
+    out, export_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "export"
+    if (export_dir / "DONE").exists():
+        return export_dir
+    train_set = sfr.prepare(train_pairs, tok, cfg, encoder)
+    eval_set = sfr.prepare(eval_pairs, tok, cfg, encoder)
+    if cfg.null_targets:
+        sfr.shuffle_targets(train_set, cfg.seed)
+    if encoder is not None and _rank() == 0:
+        encoder.save()
+    t0 = time.time()
+    with lora or contextlib.nullcontext():
+        model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress)
+    if _rank() == 0:
+        if lora is not None:
+            model.backbone.hf = model.backbone.hf.merge_and_unload()  # a plain model again
+        sfr.export(model, str(export_dir), tok)
+        _write_json(out / "train.json", {"seconds": time.time() - t0, "history": history})
+        (export_dir / "DONE").write_text("")
+    _barrier()
+    return export_dir
+
+
+def load_for_sampling(export_dir: Path, device: str):
+    """The exported model, as a deployed user would load it (sfr.load_exported)."""
+    import sfr
+    model, _ = sfr.load_exported(str(export_dir))
+    return model.to(device).eval()
+
+
+# --- 8c. sampling and the loss of the reference solutions --------------------
+
+def _crop_prompt(prompt: list[int], block: int) -> list[int]:
+    """Keep room for the response: a prompt longer than block - PROMPT_RESERVE loses its start."""
+    return prompt[-(block - PROMPT_RESERVE):] if len(prompt) > block - PROMPT_RESERVE else prompt
+
+
+def _gpt_forward_cached(gpt, idx, kv, t0: int):
+    """Logits (B, t, V) of the built-in GPT for tokens idx (B, t) at positions t0..t0+t-1,
+    the keys and values of positions < t0 being in kv (one (2, B, nh, T_max, hs) buffer per
+    block), to which this call adds its own. The same computation as sfr.GPT.forward, one
+    step at a time (tests/test_mbpp_run.py checks the two agree): sfr.generate recomputes
+    the whole sequence for every new token, ~50x slower at MBPP's prompt lengths."""
+    import torch
+    import torch.nn.functional as F
+    B, t = idx.size()
+    x = gpt.wte(idx) + gpt.wpe(torch.arange(t0, t0 + t, device=idx.device))
+    for block, buf in zip(gpt.blocks, kv):
+        attn, C = block.attn, x.size(-1)
+        q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
+        q, k, v = (z.view(B, t, attn.n_head, C // attn.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, t, hs)
+        buf[0, :, :, t0:t0 + t], buf[1, :, :, t0:t0 + t] = k, v
+        # a prompt (t0 = 0) attends causally; one new token (t = 1) attends to everything before it
+        y = F.scaled_dot_product_attention(q, buf[0, :, :, :t0 + t], buf[1, :, :, :t0 + t], is_causal=t0 == 0)
+        x = x + attn.proj(y.transpose(1, 2).reshape(B, t, C))
+        x = x + block.mlp(block.ln2(x))
+    return gpt.lm_head(gpt.ln_f(x))
+
+
+def sample_gpt(gpt, prompt: list[int], n: int, max_new_tokens: int, temperature: float, eos_id: int,
+               generator=None) -> list[list[int]]:
+    """n completions of one prompt from the built-in GPT, with a key-value cache. Same
+    sampling rule and random draws as sfr.generate (temperature 0 = greedy); each
+    completion stops at eos_id, which it does not include."""
+    import torch
+    if len(prompt) + max_new_tokens > gpt.block_size:
+        raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens > block_size={gpt.block_size}")
+    C, nh = gpt.wte.embedding_dim, gpt.blocks[0].attn.n_head
+    dev = gpt.wte.weight.device
+    kv = [torch.zeros(2, n, nh, len(prompt) + max_new_tokens, C // nh, device=dev) for _ in gpt.blocks]
+    with torch.no_grad():
+        logits = _gpt_forward_cached(gpt, torch.tensor([prompt], device=dev).expand(n, -1), kv, 0)[:, -1]
+        out = torch.zeros(n, 0, dtype=torch.long, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            logits = logits.float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial((logits / temperature).softmax(-1).cpu(), 1, generator=generator).to(dev)
+            nxt = nxt.masked_fill(done[:, None], eos_id)
+            done |= nxt[:, 0] == eos_id
+            out = torch.cat([out, nxt], 1)
+            if done.all() or i == max_new_tokens - 1:
+                break
+            logits = _gpt_forward_cached(gpt, nxt, kv, len(prompt) + i)[:, -1]
+    rows = out.tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+              eos_id: int, pad_id: int, seed: int) -> list[list[list[int]]]:
+    """n completions of each prompt from a Hugging Face model, all prompts in one
+    left-padded batch through model.generate (its own key-value cache). Plain sampling:
+    the model's generation_config (top-k, top-p, repetition penalty) is overridden."""
+    import torch
+    from transformers import GenerationConfig
+    rows = [p for p in prompts for _ in range(n)]
+    L = max(len(p) for p in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+                           repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                           pad_token_id=pad_id)
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+    new = [row[L:] for row in out.tolist()]
+    new = [row[:row.index(eos_id)] if eos_id in row else row for row in new]
+    return [new[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def reference_loss(model, tok, rec: dict, block: int) -> dict:
+    """Cross-entropy of the reference solution (format_response) given format_prompt, summed
+    over its tokens (eos not counted), with how many tokens and bytes that covers; a response
+    running past the block is scored up to the block's end."""
+    import torch
+    import torch.nn.functional as F
+    import sfr
+    p = _crop_prompt(tok.encode(format_prompt(rec)), block)
+    r = tok.encode(format_response(rec))
+    scored = r[:block + 1 - len(p)]
+    seq = torch.tensor([p + scored], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = sfr.logits_of(model, seq[:, :-1])[0, len(p) - 1:].float()  # (len(scored), V)
+    nats = F.cross_entropy(logits, seq[0, len(p):], reduction="sum").item()
+    return {"nats": nats, "tokens": len(scored), "bytes": len(tok.decode(scored).encode()),
+            "truncated": len(scored) < len(r)}
+
+
+def sample_stats(codes: list[str], entry_point: str, encoder=None) -> dict:
+    """What one problem's samples look like beyond pass/fail. Partial credit for a small
+    model: the share that is non-empty and parses (an empty program parses too, so the
+    sandbox's parse_rate counts it) and the share that defines the function the tests call.
+    Diversity: distinct-1/2 over whitespace tokens, the number of different programs, and
+    the Vendi score of their MiniLM embeddings (the effective number of distinct samples, 1..n)."""
+    import sfr
+    trees = [_parse(c) for c in codes]
+    out = {"parses_nonempty": sum(t is not None and bool(c.strip()) for t, c in zip(trees, codes)) / len(codes),
+           "defines_entry_point": sum(t is not None and any(
+               isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+               for node in ast.walk(t)) for t in trees) / len(codes),
+           "distinct_1": sfr.distinct_n(codes, 1), "distinct_2": sfr.distinct_n(codes, 2),
+           "distinct_samples": len(set(codes))}
+    if encoder is not None and len(codes) > 1:
+        out["vendi"] = sfr.vendi_score(encoder.encode(codes))
+    return out
+
+
+def _parse(code: str):
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+
+
+def entry_point(rec: dict) -> str:
+    """The function the first test calls: the first called name that is not a builtin (or
+    the first called name, for the one task whose solution shadows `sum`)."""
+    import builtins
+    tree = _parse(rec["test_list"][0])
+    names = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)] \
+        if tree else []
+    return next((n for n in names if not hasattr(builtins, n)), names[0] if names else "")
+
+
+# --- 8d. the run: train every method, then evaluate every method -------------
+
+def _sampling_seed(seed: int, task_id: int, temperature: float) -> int:
+    """The same random draws for every method (common random numbers), fixed per problem."""
+    return (seed * 1_000_003 + task_id) * 1_000_033 + round(temperature * 1000)
+
+
+def _settings(args) -> dict:
+    """The resolved settings of a run: model, per-method sfr.Config fields, sampling."""
+    builtin = not args.model
+    base = dict(BUILTIN if builtin else HF_MODEL)
+    if not builtin:
+        base["backbone"] = str(Path(args.model).resolve())
+        if args.lora:
+            base["lr"] = 2e-4  # adapters take a larger step than full fine-tuning
+    pre = {**base, **PRETRAIN}
+    if args.smoke:
+        base.update(SMOKE)
+        pre.update(SMOKE)
+    if args.steps is not None:
+        base["steps"] = args.steps
+    if args.pretrain_steps is not None:
+        pre["steps"] = args.pretrain_steps
+    base.update(_parse_sets(args.set))
+    pre.update({k: base[k] for k in ARCH if k in base})
+    smoke = args.smoke
+    return {"builtin": builtin, "base": base, "pretrain": pre,
+            "problems": args.problems if args.problems is not None else (2 if smoke else 100),
+            "n": args.n if args.n is not None else (5 if smoke else 10),
+            "max_new_tokens": args.max_new_tokens or (24 if smoke else 256),
+            "train_limit": args.train_limit if args.train_limit is not None else (8 if smoke else 0),
+            "temperatures": args.temperatures, "seed": args.seed}
+
+
+def _parse_sets(items: list[str]) -> dict:
+    """--set FIELD=VALUE for any sfr.Config field, typed like the field's default."""
+    import dataclasses
+    import sfr
+    fields = {f.name: f.default for f in dataclasses.fields(sfr.Config)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of sfr.Config's fields")
+        default = fields[name]
+        out[name] = sfr._parse_bool(value) if isinstance(default, bool) else type(default)(value)
+    return out
+
+
+def _pairs(records: list[dict], tok, block: int, limit: int = 0) -> tuple[list, int]:
+    """(prompt, response) pairs of format_prompt / format_response, leaving out those whose
+    prompt does not fit the block (sfr.prepare would refuse them); and how many were left out."""
+    pairs = [(format_prompt(r), format_response(r)) for r in records]
+    kept = [(p, r) for p, r in pairs if len(tok.encode(p)) + 1 < block]
+    return (kept[:limit] if limit else kept), len(pairs) - len(kept)
+
+
+def _cmd_run(args) -> int:
+    import dataclasses
+    import sysconfig
+    import torch
+    import sfr
+    t_start, load_start = time.time(), _load_average()
+    s = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tag = "builtin" if s["builtin"] else Path(args.model).name
+    out = Path(args.out or f"out/mbpp-{'smoke-' if args.smoke else ''}{tag}")
+    report = args.report or (str(out / "mbpp") if args.smoke else
+                             "results/mbpp" if s["builtin"] else f"results/mbpp-{tag}")
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    methods = args.methods.split(",")
+    records = _load_or_explain(args.mbpp)
+    splits = split_mbpp(records)
+    test = splits["test"][:s["problems"] or None]
+    base = sfr.Config(**s["base"], device=device, seed=args.seed,
+                      cache=str(cache_dir / "minilm-targets.pt")).validate()
+    tok = sfr.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
+    log = print if _rank() == 0 else (lambda *a: None)
+    progress = not args.no_progress
+    seconds: dict[str, float] = {}  # this invocation's, per stage
+    timings_path = out / "timings.json"  # summed over every invocation that worked on this --out
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def spent(stage, t0):
+        seconds[stage] = time.time() - t0
+        timings[stage] = timings.get(stage, 0.0) + seconds[stage]
+        if _rank() == 0:
+            _write_json(timings_path, timings)
+
+    # 1. pretraining (built-in model only), cached across runs
+    init, pre_record = "", None
+    if s["builtin"]:
+        t0 = time.time()
+        pre = sfr.Config(**s["pretrain"], device=device, seed=args.seed)
+        log(f"pretraining the built-in GPT on {sysconfig.get_paths()['stdlib']} ({pre.steps} steps of {pre.batch_size})")
+        init, pre_record = pretrain(pre, cache_dir, log, progress)
+        log(f"pretrained weights: {init} ({'cached' if pre_record['cached'] else 'trained now'})")
+        spent("pretrain", t0)
+
+    # 2. fine-tuning, one export per method, all from the same weights, data and order
+    train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"])
+    eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, s["train_limit"] // 2)
+    lora = _LoRA(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
+    encoder = None
+    configs, exports = {}, {}
+    for name in methods:
+        cfg = sfr.Config(**{**dataclasses.asdict(base), **METHODS[name], "init": init,
+                            "out_dir": str(out / name), "resume": True}).validate()
+        configs[name] = cfg
+        key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
+        _same_run(out / name, {"config": key, "model": args.model, "train_examples": len(train_pairs),
+                               "lora": [lora.r, lora.alpha, lora.dropout] if lora else None})
+        if sfr.needs_encoder(cfg) and encoder is None and not (out / name / "export" / "DONE").exists():
+            encoder = sfr.SegmentEncoder(cfg.encoder, device, cache=cfg.cache)
+        t0 = time.time()
+        log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
+            f"{cfg.steps} steps of {cfg.batch_size} on {len(train_pairs)} train problems")
+        exports[name] = finetune(cfg, tok, train_pairs, eval_pairs, encoder, lora, log, progress)
+        spent(f"finetune/{name}", t0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # training was the parallel part
+    if _rank() != 0:
+        return 0
+
+    # 3. evaluation: reference loss, samples, sandbox, diversity; each problem stored as done
+    div_encoder = sfr.SegmentEncoder(base.encoder, device, cache=base.cache)
+    results = {}
+    for name in methods:
+        t0 = time.time()
+        results[name] = evaluate_method(name, exports[name], configs[name], tok, test, s, out / name, args,
+                                        div_encoder, progress)
+        spent(f"evaluate/{name}", t0)
+    div_encoder.save()
+    wall = time.time() - t_start
+    doc = _report_record(args, s, device, methods, configs, results, pre_record, test, dropped,
+                         len(train_pairs), seconds, wall, load_start)
+    doc["stage_seconds_all_invocations"] = timings
+    _write_report(doc, report)
+    print(markdown_table(doc))
+    print(f"\nwrote {report}.json, {report}.md, {report}.png in {wall:.0f} s")
+    return 0
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, encoder, progress) -> dict:
+    """Everything measured on one method's exported model, each piece stored per problem as it
+    finishes (ResultStores in `folder`), so a rerun only does what is missing."""
+    import torch
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    model = None
+
+    def loaded():
+        nonlocal model
+        if model is None:
+            model = load_for_sampling(export_dir, cfg.device)
+        return model
+
+    def bar(items, desc):
+        return tqdm(items, desc=desc, dynamic_ncols=True, leave=False) if (progress and tqdm) else items
+
+    block = cfg.block_size
+    loss_store = ResultStore(folder / "reference_loss.jsonl")
+    for rec in bar([r for r in test if r["task_id"] not in loss_store], f"{name}: reference loss"):
+        loss_store.add(rec["task_id"], reference_loss(loaded(), tok, rec, block))
+    per_temp = {}
+    for temp in s["temperatures"]:
+        tag = f"T{temp:g}-n{s['n']}-new{s['max_new_tokens']}-seed{s['seed']}"
+        samples = ResultStore(folder / f"samples-{tag}.jsonl")
+        todo = [r for r in test if r["task_id"] not in samples]
+        if cfg.backbone == "gpt":
+            for rec in bar(todo, f"{name}: sampling T={temp:g}"):
+                t0 = time.time()
+                p = _crop_prompt(tok.encode(format_prompt(rec)), block)
+                g = torch.Generator().manual_seed(_sampling_seed(s["seed"], rec["task_id"], temp))
+                rows = sample_gpt(loaded(), p, s["n"], min(s["max_new_tokens"], block - len(p)), temp,
+                                  tok.eos_id, g)
+                samples.add(rec["task_id"], {"completions": [tok.decode(r) for r in rows],
+                                             "seconds": time.time() - t0})
+        else:
+            chunks = [todo[i:i + args.gen_batch] for i in range(0, len(todo), args.gen_batch)]
+            for chunk in bar(chunks, f"{name}: sampling T={temp:g} ({args.gen_batch} problems a batch)"):
+                t0 = time.time()
+                prompts = [_crop_prompt(tok.encode(format_prompt(r)), block) for r in chunk]
+                new = min(s["max_new_tokens"], block - max(len(p) for p in prompts))
+                outs = sample_hf(loaded(), prompts, s["n"], new, temp, tok.eos_id, tok.pad_id,
+                                 _sampling_seed(s["seed"], chunk[0]["task_id"], temp))
+                for rec, rows in zip(chunk, outs):
+                    samples.add(rec["task_id"], {"completions": [tok.decode(r) for r in rows],
+                                                 "seconds": (time.time() - t0) / len(chunk)})
+        completions = {r["task_id"]: samples.get(r["task_id"])["completions"] for r in test}
+        checks = ResultStore(folder / f"checks-{tag}.jsonl")
+        scored = evaluate_samples(test, completions, args.timeout, workers=args.workers,
+                                  limits=_limits_from(args), store=checks,
+                                  desc=f"{name}: running T={temp:g}" if progress else None)
+        div_store = ResultStore(folder / f"sample-stats-{tag}.jsonl")
+        for rec in bar([r for r in test if r["task_id"] not in div_store], f"{name}: diversity T={temp:g}"):
+            codes = [extract_code(c) for c in completions[rec["task_id"]]]
+            div_store.add(rec["task_id"], sample_stats(codes, entry_point(rec), encoder))
+        per_temp[f"{temp:g}"] = {"scored": scored, "diversity": {r["task_id"]: div_store.get(r["task_id"])
+                                                                 for r in test},
+                                 "sample_seconds": sum(samples.get(r["task_id"])["seconds"] for r in test),
+                                 "first_completion": {r["task_id"]: completions[r["task_id"]][0]
+                                                      for r in test[:3]}}
+    train = json.loads((folder / "train.json").read_text())
+    params = sum(p.numel() for p in loaded().parameters())
+    return {"parameters": params, "loss": {r["task_id"]: loss_store.get(r["task_id"]) for r in test}, "temperatures": per_temp,
+            "train": train}
+
+
+# --- 8e. the report: JSON, markdown table, figure ----------------------------
+
+def _loss_summary(loss: dict) -> dict:
+    import math
+    nats = sum(v["nats"] for v in loss.values())
+    return {"nats_per_token": nats / max(1, sum(v["tokens"] for v in loss.values())),
+            "bits_per_byte": nats / max(1, sum(v["bytes"] for v in loss.values())) / math.log(2),
+            "problems": len(loss), "truncated": sum(v["truncated"] for v in loss.values())}
+
+
+def _paired_difference(loss: dict, base: dict) -> dict:
+    """Mean over problems of (this method's - the baseline's) per-token loss, with its
+    standard error: the same problems under both, so most of the problem-to-problem
+    spread cancels."""
+    import statistics
+    d = [loss[t]["nats"] / max(1, loss[t]["tokens"]) - base[t]["nats"] / max(1, base[t]["tokens"]) for t in loss]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {"mean": statistics.fmean(d), "se": se, "problems": len(d)}
+
+
+def _report_record(args, s, device, methods, configs, results, pre_record, test, dropped, n_train,
+                   seconds, wall, load_start) -> dict:
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("transformers", "sentence_transformers", "peft", "numpy"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except ImportError:
+            versions[pkg] = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    hardware = {"cpu": cpu, "cpus": os.cpu_count(), "machine": platform.machine(), "system": platform.system(),
+                "device": device, "torch_threads": torch.get_num_threads(),
+                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                "load_average_start": load_start, "load_average_end": _load_average()}
+    base_name = methods[0]
+    doc = {"command": "python reproduce_mbpp.py " + " ".join(args.argv), "wall_seconds": wall,
+           "stage_seconds_this_invocation": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "hardware": hardware, "versions": versions, "seed": args.seed,
+           "sampling": {"n": s["n"], "temperatures": s["temperatures"], "max_new_tokens": s["max_new_tokens"],
+                        "seeds": "per problem: (seed * 1000003 + task_id) * 1000033 + round(1000 T), "
+                                 "the same for every method"},
+           "data": {"mbpp": str(args.mbpp), "sha256": sha256_file(args.mbpp), "license": "CC BY 4.0, Austin et al. 2021",
+                    "train_problems": n_train, "train_left_out_prompt_too_long": dropped,
+                    "test_task_ids": [r["task_id"] for r in test]},
+           "model": args.model or "built-in GPT", "lora": {"r": args.lora_r, "alpha": args.lora_alpha,
+                                                           "dropout": args.lora_dropout} if args.lora else None,
+           "pretrain": pre_record, "baseline": base_name, "methods": {}}
+    for name in methods:
+        res = results[name]
+        hist = res["train"]["history"]
+        entry = {"overrides": METHODS[name], "config": _config_key(configs[name]), "parameters": res["parameters"],
+                 "train": {"seconds": res["train"]["seconds"], "last_step": hist[-1]},
+                 "reference_loss": {**_loss_summary(res["loss"]),
+                                    "vs_baseline": _paired_difference(res["loss"], results[base_name]["loss"])},
+                 "temperatures": {}, "problems": {}}
+        for temp, t in res["temperatures"].items():
+            div = list(t["diversity"].values())
+            entry["temperatures"][temp] = {
+                **t["scored"]["summary"], "sample_seconds": t["sample_seconds"],
+                **{k: sum(d.get(k, 0.0) for d in div) / len(div) for k in ("parses_nonempty", "defines_entry_point",
+                                                                           "distinct_1", "distinct_2",
+                                                                           "distinct_samples", "vendi")},
+                "example_completions": t["first_completion"]}
+        for rec in test:
+            tid = rec["task_id"]
+            prob = {"reference_loss": res["loss"][tid]}
+            for temp, t in res["temperatures"].items():
+                p = dict(t["scored"]["problems"][tid])
+                p["outcomes"] = [f"{o['status']}: {o['detail'][:100]}" if o["detail"] else o["status"]
+                                 for o in p["outcomes"]]
+                prob[f"T={temp}"] = {**p, **t["diversity"][tid]}
+            entry["problems"][str(tid)] = prob
+        doc["methods"][name] = entry
+    return doc
+
+
+def _fmt(v, pct=False, digits=3) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
+
+
+def markdown_table(doc: dict) -> str:
+    """One row per method and temperature. 'defines f': the share of samples whose code
+    parses and defines the function the tests call."""
+    head = ("| method | T | loss (nats/token) | vs " + doc["baseline"] + " (paired, ±s.e.) | bits/byte "
+            "| parses, non-empty | defines f | pass@1 | pass@5 | pass@10 | distinct-2 | Vendi | distinct samples "
+            "| distinct passing | train s |\n|" + "---|" * 15)
+    rows = [head]
+    for name, m in doc["methods"].items():
+        loss, vs = m["reference_loss"], m["reference_loss"]["vs_baseline"]
+        diff = "-" if name == doc["baseline"] else f"{vs['mean']:+.4f} ± {vs['se']:.4f}"
+        for temp, t in m["temperatures"].items():
+            rows.append(f"| {name} | {temp} | {loss['nats_per_token']:.4f} | {diff} | {loss['bits_per_byte']:.3f} "
+                        f"| {_fmt(t['parses_nonempty'], True)} | {_fmt(t['defines_entry_point'], True)} | {_fmt(t['pass@1'], True)} | {_fmt(t['pass@5'], True)} "
+                        f"| {_fmt(t['pass@10'], True)} | {t['distinct_2']:.3f} | {t['vendi']:.2f} "
+                        f"| {t['distinct_samples']:.2f} | {t['distinct_passing']:.2f} "
+                        f"| {m['train']['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def _markdown(doc: dict) -> str:
+    hw, s = doc["hardware"], doc["sampling"]
+    first = next(iter(doc["methods"].values()))
+    cfg = first["config"]
+    ids = doc["data"]["test_task_ids"]
+    if doc["model"] == "built-in GPT":
+        pre = doc["pretrain"]
+        model = (f"the built-in byte-level GPT ({cfg['n_layer']} layers, width {cfg['n_embd']}, "
+                 f"{first['parameters'] / 1e6:.2f}M parameters, block {cfg['block_size']} bytes), pretrained "
+                 f"{pre['config']['steps']} steps of {pre['config']['batch_size']} windows on {pre['files']} "
+                 f"standard-library files ({pre['corpus_bytes'] / 1e6:.1f} MB; held-out loss "
+                 f"{pre['eval_ar']:.3f} nats/byte)")
+    else:
+        model = f"{doc['model']} ({first['parameters'] / 1e6:.0f}M parameters{', LoRA' if doc['lora'] else ''})"
+    load = hw["load_average_start"]
+    lines = [
+        "# MBPP: next-token SFT vs MTP vs SFR, same model, data, seed and steps",
+        "",
+        f"Model: {model}; then fine-tuned {cfg['steps']} steps of {cfg['batch_size']} per method on "
+        f"{doc['data']['train_problems']} MBPP train problems, from the same weights, in the same order. "
+        f"Evaluated on {len(ids)} test problems (task_ids {ids[0]}-{ids[-1]}), n = {s['n']} samples each, "
+        f"at most {s['max_new_tokens']} new tokens. Loss: of the reference solutions of those problems, "
+        f"given the prompt; 'vs {doc['baseline']}' is the paired per-problem difference.",
+        "",
+        markdown_table(doc),
+        "",
+        f"Command: `{doc['command']}`  ",
+        f"Hardware: {hw['cpu']}, {hw['cpus']} CPUs ({hw['device']}, {hw['torch_threads']} torch threads"
+        f"{', GPU ' + hw['gpu'] if hw['gpu'] else ''}), load average {load[0]:.1f} at the start "
+        "(the machine was shared)  " if load else "",
+        f"Wall time: {doc['wall_seconds'] / 60:.1f} min for this invocation; per stage, summed over the "
+        f"invocations that worked on this output folder: "
+        f"{', '.join(f'{k} {v:.0f} s' for k, v in doc['stage_seconds_all_invocations'].items())}  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in doc['versions'].items() if v)}",
+        "",
+        "MBPP: Austin et al. 2021, \"Program Synthesis with Large Language Models\", CC BY 4.0.",
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def plot(doc: dict, path: str) -> None:
+    """Three panels: reference loss, correctness (parse rate, pass@k), diversity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(doc["methods"])
+    temp = next(iter(doc["methods"][names[0]]["temperatures"]))
+    ms = [doc["methods"][n] for n in names]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    bpb = [m["reference_loss"]["bits_per_byte"] for m in ms]
+    # the paired standard error, from nats/token to bits/byte (both are the same total over a count)
+    se = [0.0 if n == doc["baseline"] else m["reference_loss"]["vs_baseline"]["se"] * b / m["reference_loss"]["nats_per_token"]
+          for n, m, b in zip(names, ms, bpb)]
+    ax[0].bar(names, bpb, yerr=se, capsize=4, color="tab:blue")
+    ax[0].set(title="loss of the reference solutions (lower is better)", ylabel="bits per byte",
+              ylim=(min(bpb) * 0.95, max(bpb) * 1.02))
+    keys = ["parses_nonempty", "defines_entry_point", "pass@1", "pass@10"]
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        vals = [m["temperatures"][temp].get(k) or 0.0 for m in ms]
+        ax[1].bar([j + i * width for j in range(len(names))], vals, width, label=k)
+    ax[1].set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax[1].set(title=f"correctness at T={temp}", ylabel="fraction", ylim=(0, 1))
+    ax[1].legend(fontsize=8)
+    ax[2].bar(names, [m["temperatures"][temp]["vendi"] for m in ms], color="tab:green")
+    ax[2].set(title=f"diversity at T={temp}: Vendi of MiniLM embeddings", ylabel=f"effective samples (of {doc['sampling']['n']})")
+    fig.suptitle(f"MBPP, {doc['model']}: only the auxiliary loss differs")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_report(doc: dict, prefix: str) -> None:
+    _write_json(prefix + ".json", doc)
+    md = Path(prefix + ".md")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(_markdown(doc))
+    os.replace(tmp, md)
+    plot(doc, prefix + ".png")
+
+
+# --- 8f. command line --------------------------------------------------------
+
+RUN_HELP = """Train the same model once per method and compare them on MBPP (DESIGN.md, section 6).
+
+Methods (--methods, comma-separated) are sfr.Config overrides; everything else is shared:
+""" + "\n".join(f"  {name:13s} {', '.join(f'{k}={v!r}' for k, v in kw.items())}" for name, kw in METHODS.items()) + """
+
+Built-in model (default): a byte-level GPT (4 layers, width 128, ~0.9M parameters),
+pretrained on this interpreter's standard library sources (cached in --cache-dir), then
+fine-tuned per method. --model PATH: a local Hugging Face causal LM (GPU if there is one;
+--lora for adapters; multi-GPU training: torchrun --nproc_per_node=N reproduce_mbpp.py run ...).
+--smoke: the whole pipeline on a 1-layer model, 2 problems, in well under a minute.
+Rerun with the same --out to resume: finished trainings, samples and checks are reused."""
+
+
+def _add_run_parser(sub, common) -> None:
+    p = sub.add_parser("run", help="train per method (none / mtp / sfr / ...), sample, run, report",
+                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p)
+    p.add_argument("--methods", default="none,mtp,sfr", help="comma-separated names above (default: %(default)s)")
+    p.add_argument("--model", default="", help="local Hugging Face causal-LM folder (default: the built-in GPT)")
+    p.add_argument("--lora", action="store_true", help="--model: train LoRA adapters, merged before export")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if there is one)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = torch's default. On a machine shared with other jobs, 1 is "
+                        "often several times faster than 2 (threads spin waiting for each other)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default: 150 built-in, "
+                                                           "300 --model)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="built-in model (default: 150 of 16 windows)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any sfr.Config field for every method's fine-tuning, e.g. --set lr=5e-4 --set k=32 "
+                        "(architecture fields apply to pretraining too); repeatable")
+    p.add_argument("--problems", type=int, default=None,
+                   help="evaluate the first N test problems (task_ids 11..); 0 = all 500 (default: 100)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default: 10)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.8], help="(default: 0.8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per sample (default: 256)")
+    p.add_argument("--gen-batch", type=int, default=16, help="--model: problems per generate call (default: 16)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N train problems (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="one seed for init, data order, flow noise and sampling")
+    p.add_argument("--out", default=None, help="work folder: checkpoints, exports, per-problem stores "
+                                               "(default: out/mbpp-builtin, out/mbpp-<model>, out/mbpp-smoke-...)")
+    p.add_argument("--report", default=None, help="writes REPORT.json, .md, .png (default: results/mbpp for the "
+                                                  "built-in model, results/mbpp-<model>, or OUT/mbpp with --smoke)")
+    p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"),
+                   help="pretrained weights and MiniLM targets, shared across runs (default: .cache/ here)")
+    p.add_argument("--smoke", action="store_true", help="tiny everything: the whole pipeline in seconds")
+    p.set_defaults(func=_cmd_run)
 
 
 if __name__ == "__main__":

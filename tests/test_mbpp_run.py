@@ -1,0 +1,257 @@
+"""reproduce_mbpp.py run: the per-method training, sampling and report (section 8).
+
+The end-to-end tests run `run --smoke` in-process on the real MBPP file, the real MiniLM
+encoder and this interpreter's standard library; the HF tests on a tiny random GPT-2
+saved to a temporary folder (no download)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import reproduce_mbpp as R
+import sfr
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models here are fastest on one thread (and `run --threads 1` sets it for the
+    process); put back what the other test modules had."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(mbpp_path, tmp, *extra):
+    """`run --smoke` into tmp/out, caches in tmp/cache; returns the report as a dict."""
+    argv = ["run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no-progress", "--workers", "2",
+            "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache"), "--report", str(tmp / "report"), *extra]
+    assert R.main(argv) == 0
+    return json.loads((tmp / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(mbpp_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    return tmp, run(mbpp_path, tmp)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def tiny_gpt(seed=0, block_size=64):
+    torch.manual_seed(seed)
+    cfg = sfr.Config(n_layer=2, n_head=2, n_embd=16, block_size=block_size, tokenizer="byte")
+    return sfr.GPT(cfg, 258).eval()
+
+
+def test_kv_cache_forward_matches_gpt_forward():
+    gpt = tiny_gpt()
+    x = torch.randint(0, 258, (3, 40))
+    kv = [torch.zeros(2, 3, 2, 40, 8) for _ in gpt.blocks]
+    prefix = R._gpt_forward_cached(gpt, x[:, :25], kv, 0)
+    steps = [R._gpt_forward_cached(gpt, x[:, t:t + 1], kv, t)[:, 0] for t in range(25, 40)]
+    with torch.no_grad():
+        full, _ = gpt(x)
+    torch.testing.assert_close(prefix, full[:, :25], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 25:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8, 1.5])
+def test_sample_gpt_draws_what_sfr_generate_draws(temperature):
+    """Same random generator, same tokens as sfr.generate (which recomputes everything)."""
+    gpt, eos = tiny_gpt(1), 5
+    prompt = torch.randint(2, 258, (12,)).tolist()
+    ours = R.sample_gpt(gpt, prompt, 6, 30, temperature, eos, torch.Generator().manual_seed(3))
+    ref = sfr.generate(gpt, torch.tensor([prompt] * 6), 30, temperature, eos_id=eos,
+                       generator=torch.Generator().manual_seed(3))[:, len(prompt):].tolist()
+    ref = [row[:row.index(eos)] if eos in row else row for row in ref]
+    assert ours == ref
+    assert temperature == 0 or len({tuple(r) for r in ours}) > 1  # really sampled
+
+
+def test_sample_gpt_refuses_to_run_past_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        R.sample_gpt(tiny_gpt(block_size=32), [3] * 20, 2, 13, 1.0, 1)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_every_method_is_a_valid_config():
+    for name, overrides in R.METHODS.items():
+        sfr.Config(**{**R.BUILTIN, **overrides}).validate()
+    assert {"none", "mtp", "sfr"} <= set(R.METHODS)
+
+
+def test_stdlib_corpus_leaves_out_tests_and_packages():
+    files = R.stdlib_sources()
+    assert len(files) > 200 and all(f.suffix == ".py" for f in files)
+    assert not [f for f in files if set(f.parts) & R._SKIP_DIRS]
+    assert any(f.name == "argparse.py" for f in files)
+
+
+def test_pretrain_is_cached_by_config(tmp_path):
+    cfg = sfr.Config(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1})
+    path, rec = R.pretrain(cfg, tmp_path, log=lambda *a: None, progress=False)
+    again, rec2 = R.pretrain(cfg, tmp_path, log=lambda *a: None, progress=False)
+    other, rec3 = R.pretrain(sfr.Config(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1, "seed": 1}),
+                             tmp_path, log=lambda *a: None, progress=False)
+    assert (rec["cached"], rec2["cached"], rec3["cached"]) == (False, True, False)
+    assert again == path != other
+    state = torch.load(path)
+    assert set(state) == set(sfr.GPT(cfg, 258).state_dict())
+
+
+def test_entry_point_and_sample_stats(mbpp_path):
+    records = R.load_mbpp(mbpp_path)
+    assert R.entry_point(records[911]) == "lobb_num"  # int(lobb_num(5, 3)): not the builtin
+    refs = [R.sample_stats([r["code"]], R.entry_point(r))["defines_entry_point"] for r in records]
+    assert sum(refs) == len(records)
+    stats = R.sample_stats(["", "def f(:", "def g(x): return x", "def f(x): return x"], "f")
+    assert stats["parses_nonempty"] == 0.5 and stats["defines_entry_point"] == 0.25
+    assert stats["distinct_samples"] == 4
+
+
+def test_reference_loss_counts_the_response_only():
+    gpt, tok = tiny_gpt(block_size=512), sfr.Tokenizer("byte")
+    rec = {"text": "Add.", "test_list": ["assert add(1, 2) == 3"], "code": "def add(a, b):\n    return a + b"}
+    got = R.reference_loss(gpt, tok, rec, 512)
+    p, r = tok.encode(R.format_prompt(rec)), tok.encode(R.format_response(rec))
+    with torch.no_grad():
+        logits, _ = gpt(torch.tensor([p + r[:-1]]))
+    want = torch.nn.functional.cross_entropy(logits[0, len(p) - 1:], torch.tensor(r), reduction="sum")
+    assert got["tokens"] == got["bytes"] == len(r) and not got["truncated"]
+    assert got["nats"] == pytest.approx(want.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_smoke_end_to_end(smoke):
+    tmp, doc = smoke
+    assert list(doc["methods"]) == ["none", "mtp", "sfr"]
+    ids = doc["data"]["test_task_ids"]
+    assert ids == [11, 12]
+    for name, m in doc["methods"].items():
+        t = m["temperatures"]["0.8"]
+        assert t["problems"] == 2 and 0 <= t["pass@1"] <= 1 and 1 <= t["vendi"] <= 5
+        assert m["reference_loss"]["nats_per_token"] > 0
+        for tid in ids:
+            prob = m["problems"][str(tid)]["T=0.8"]
+            assert prob["n"] == len(prob["outcomes"]) == 5
+        assert (tmp / "out" / name / "export" / "DONE").exists()
+    assert doc["methods"]["mtp"]["config"]["aux"] == "mtp" and doc["methods"]["sfr"]["config"]["aux"] == "flow"
+    for key in ("command", "hardware", "versions", "wall_seconds", "seed", "pretrain"):
+        assert doc[key] is not None
+    assert (tmp / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| sfr | 0.8 |" in (tmp / "report.md").read_text()
+
+
+def test_smoke_methods_share_init_and_data_but_not_training(smoke):
+    """Same pretrained start, same first batch: the first step's L_AR is the same for every
+    method (the aux heads start at zero); after training, the weights differ by method."""
+    tmp, doc = smoke
+    first = {n: json.loads((tmp / "out" / n / "train.json").read_text())["history"][0] for n in doc["methods"]}
+    init = doc["methods"]["none"]["config"]["init"]
+    assert init and all(m["config"]["init"] == init for m in doc["methods"].values())
+    assert first["none"]["ar"] == pytest.approx(first["sfr"]["ar"], abs=1e-6)
+    assert first["none"]["ar"] == pytest.approx(first["mtp"]["ar"], abs=1e-4)
+    w = {n: torch.load(tmp / "out" / n / "export" / "model.pt")["blocks.0.attn.qkv.weight"] for n in doc["methods"]}
+    assert not torch.equal(w["none"], w["mtp"])
+
+
+def test_rerun_does_no_work_twice(smoke, mbpp_path, tmp_path, monkeypatch):
+    """A rerun on a finished --out trains, samples and runs nothing, and reports the same;
+    after a crash mid-sampling (stores cut short), it does only what is missing."""
+    src, doc = smoke
+    for sub in ("out", "cache"):
+        shutil.copytree(src / sub, tmp_path / sub)
+
+    def forbidden(*a, **k):
+        raise AssertionError("work was done again")
+    calls = {"sample": 0, "checks": 0}
+    monkeypatch.setattr(sfr, "train", forbidden)
+    monkeypatch.setattr(R, "sample_gpt", forbidden)
+    real_run_checks = R.run_checks
+
+    def run_checks(jobs, *a, **k):
+        calls["checks"] += len(jobs)
+        return real_run_checks(jobs, *a, **k)
+    monkeypatch.setattr(R, "run_checks", run_checks)
+    again = run(mbpp_path, tmp_path)
+    assert calls["checks"] == 0
+    for name in doc["methods"]:
+        for key in ("reference_loss", "temperatures", "problems"):
+            assert again["methods"][name][key] == doc["methods"][name][key]
+
+    folder = tmp_path / "out" / "mtp"  # a crash after problem 11 was sampled and run
+    for store in folder.glob("*-T0.8-*.jsonl"):
+        store.write_text(store.read_text().splitlines(keepends=True)[0])
+    monkeypatch.undo()
+    monkeypatch.setattr(sfr, "train", forbidden)
+    monkeypatch.setattr(R, "run_checks", run_checks)
+    real_sample = R.sample_gpt
+
+    def sample(*a, **k):
+        calls["sample"] += 1
+        return real_sample(*a, **k)
+    monkeypatch.setattr(R, "sample_gpt", sample)
+    resumed = run(mbpp_path, tmp_path)
+    assert calls == {"sample": 1, "checks": 5}  # problem 12 only, n = 5 samples
+    # per-problem seeds: the same samples and outcomes as the uninterrupted run
+    assert resumed["methods"]["mtp"]["problems"] == doc["methods"]["mtp"]["problems"]
+    t, t0 = resumed["methods"]["mtp"]["temperatures"]["0.8"], doc["methods"]["mtp"]["temperatures"]["0.8"]
+    assert {k: v for k, v in t.items() if k != "sample_seconds"} == \
+        {k: v for k, v in t0.items() if k != "sample_seconds"}
+
+
+def test_rerun_with_other_settings_is_refused(smoke, mbpp_path, tmp_path):
+    src, _ = smoke
+    for sub in ("out", "cache"):
+        shutil.copytree(src / sub, tmp_path / sub)
+    with pytest.raises(SystemExit, match="other settings"):
+        run(mbpp_path, tmp_path, "--set", "lr=0.01")
+
+
+def test_unknown_method_is_refused(mbpp_path, tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        run(mbpp_path, tmp_path, "--methods", "none,sft")
+
+
+# ----------------------------------------------------------------------------- Hugging Face path
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    """A random 1-layer GPT-2 in a folder without tokenizer files: sfr's byte tokenizer is used."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=1024, n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny", model
+
+
+def test_hf_smoke_lora_merges_a_low_rank_update(tiny_hf, mbpp_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+    folder, original = tiny_hf
+    doc = run(mbpp_path, tmp_path, "--model", str(folder), "--lora", "--lora-r", "2", "--methods", "none,sfr")
+    assert list(doc["methods"]) == ["none", "sfr"] and doc["lora"]["r"] == 2
+    assert doc["methods"]["sfr"]["temperatures"]["0.8"]["problems"] == 2
+    export = tmp_path / "out" / "sfr" / "export"
+    assert not (export / "adapter_config.json").exists()  # merged: a plain model
+    tuned = AutoModelForCausalLM.from_pretrained(export)
+    before, after = original.state_dict(), tuned.state_dict()
+    delta = after["transformer.h.0.attn.c_attn.weight"] - before["transformer.h.0.attn.c_attn.weight"]
+    s = torch.linalg.svdvals(delta.double())
+    assert s[0] > 1e-7 and s[2] / s[0] < 1e-3  # trained, and only through a rank-2 update
+    torch.testing.assert_close(after["transformer.ln_f.weight"], before["transformer.ln_f.weight"], rtol=0, atol=0)
+
+
+def test_hf_smoke_full_finetune(tiny_hf, mbpp_path, tmp_path):
+    folder, original = tiny_hf
+    doc = run(mbpp_path, tmp_path, "--model", str(folder), "--methods", "mtp")
+    assert doc["methods"]["mtp"]["config"]["backbone"] == str(folder.resolve())
+    t = doc["methods"]["mtp"]["temperatures"]["0.8"]
+    assert t["problems"] == 2 and len(doc["methods"]["mtp"]["problems"]["11"]["T=0.8"]["outcomes"]) == 5
