@@ -1438,13 +1438,14 @@ METHODS = {  # name -> sfr.Config overrides; every other field is shared by all 
 # Byte tokens: an SFR target is the MiniLM embedding of the next 64 bytes (about a line of
 # code), anchored every 16 bytes; every response position feeds the head, as the authors'.
 BUILTIN = dict(backbone="gpt", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=512,
-               k=64, stride=16, min_suffix=16, fm_positions=0, steps=150, batch_size=8, lr=1e-3,
-               lr_warmup=10, eval_every=0, ckpt_every=50)
+               k=64, stride=16, min_suffix=16, fm_positions=0, lam=1.0, head_width=256, head_layers=3,
+               steps=150, batch_size=8, lr=1e-3, lr_warmup=10, eval_every=0, ckpt_every=50)
 PRETRAIN = dict(aux="none", steps=150, batch_size=16, lr=3e-3, lr_warmup=20)
 # A Hugging Face model: sub-word tokens, so a shorter window in tokens (the authors use
 # k = 256, s = 32 on responses far longer than MBPP's ~50 tokens).
-HF_MODEL = dict(tokenizer="byte", block_size=1024, k=32, stride=8, min_suffix=8, fm_positions=0, steps=300,
-                batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0, ckpt_every=100)
+HF_MODEL = dict(tokenizer="byte", block_size=1024, k=32, stride=8, min_suffix=8, fm_positions=0, lam=1.0,
+                head_width=1024, head_layers=3, steps=300, batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0,
+                ckpt_every=100)
 SMOKE = dict(n_layer=1, n_head=2, n_embd=32, head_width=32, steps=2, batch_size=2, ckpt_every=0)
 ARCH = ("n_layer", "n_head", "n_embd", "block_size", "dropout")  # pretraining and fine-tuning share these
 PROMPT_RESERVE = 128  # a prompt longer than block_size - this is cut on the left (its end names the function)
@@ -1848,12 +1849,12 @@ def _cmd_run(args) -> int:
     log = print if _rank() == 0 else (lambda *a: None)
     progress = not args.no_progress
     seconds: dict[str, float] = {}  # this invocation's, per stage
-    timings_path = out / "timings.json"  # summed over every invocation that worked on this --out
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings_path = out / "timings.json"  # stage times summed over every invocation on this --out
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"stages": {}, "invocations": []}
 
     def spent(stage, t0):
         seconds[stage] = time.time() - t0
-        timings[stage] = timings.get(stage, 0.0) + seconds[stage]
+        timings["stages"][stage] = timings["stages"].get(stage, 0.0) + seconds[stage]
         if _rank() == 0:
             _write_json(timings_path, timings)
 
@@ -1904,7 +1905,9 @@ def _cmd_run(args) -> int:
     wall = time.time() - t_start
     doc = _report_record(args, s, device, methods, configs, results, pre_record, test, dropped,
                          len(train_pairs), seconds, wall, load_start)
-    doc["stage_seconds_all_invocations"] = timings
+    timings["invocations"].append({"command": doc["command"], "wall_seconds": wall, "finished": doc["finished"]})
+    _write_json(timings_path, timings)
+    doc["stage_seconds_all_invocations"], doc["invocations"] = timings["stages"], timings["invocations"]
     _write_report(doc, report)
     print(markdown_table(doc))
     print(f"\nwrote {report}.json, {report}.md, {report}.png in {wall:.0f} s")
@@ -2116,14 +2119,50 @@ def _markdown(doc: dict) -> str:
         f"Hardware: {hw['cpu']}, {hw['cpus']} CPUs ({hw['device']}, {hw['torch_threads']} torch threads"
         f"{', GPU ' + hw['gpu'] if hw['gpu'] else ''}), load average {load[0]:.1f} at the start "
         "(the machine was shared)  " if load else "",
-        f"Wall time: {doc['wall_seconds'] / 60:.1f} min for this invocation; per stage, summed over the "
-        f"invocations that worked on this output folder: "
-        f"{', '.join(f'{k} {v:.0f} s' for k, v in doc['stage_seconds_all_invocations'].items())}  ",
+        f"Wall time: {doc['wall_seconds'] / 60:.1f} min"
+        + (f" for this invocation; {len(doc['invocations'])} invocations worked on this output folder, "
+           f"{sum(i['wall_seconds'] for i in doc['invocations']) / 60:.1f} min in all" if len(doc["invocations"]) > 1
+           else "")
+        + f" (per stage: {', '.join(f'{k} {v:.0f} s' for k, v in doc['stage_seconds_all_invocations'].items())})  ",
         f"Versions: {', '.join(f'{k} {v}' for k, v in doc['versions'].items() if v)}",
         "",
         "MBPP: Austin et al. 2021, \"Program Synthesis with Large Language Models\", CC BY 4.0.",
+        "",
+        "## Reading these numbers",
+        "",
+        *_reading(doc),
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _reading(doc: dict) -> list[str]:
+    """What the table does and does not show, from the numbers themselves."""
+    base, ms = doc["baseline"], doc["methods"]
+    temps = list(ms[base]["temperatures"])
+    solved = any((t.get("pass@1") or 0) > 0 for m in ms.values() for t in m["temperatures"].values())
+    out = []
+    if doc["model"] == "built-in GPT":
+        out.append("- The built-in model is tiny (under 1M parameters, minutes of pretraining on one CPU). What it can "
+                   "learn is the surface of Python and of the response format (the fence, `def`, indentation, the "
+                   "function name from the test; 'parses' and 'defines f' measure how far it got); it cannot be "
+                   "expected to solve MBPP problems, and pass@k near 0 says nothing about the methods. The loss of "
+                   "the reference solutions, those two rates and the diversity measures are what can differ.")
+    if not solved:
+        out.append("- No method solves a single problem here: pass@k cannot separate them.")
+    for name, m in ms.items():
+        if name == base:
+            continue
+        vs = m["reference_loss"]["vs_baseline"]
+        sig = abs(vs["mean"]) > 2 * vs["se"]
+        out.append(f"- {name} vs {base}: reference loss {vs['mean']:+.4f} nats/token "
+                   f"(paired s.e. {vs['se']:.4f} over {vs['problems']} problems): "
+                   + ("more than 2 s.e. from zero" if sig else "within 2 s.e. of zero, no measurable difference")
+                   + "; " + ", ".join(f"T={t}: Vendi {m['temperatures'][t]['vendi']:.2f} vs "
+                                      f"{ms[base]['temperatures'][t]['vendi']:.2f}, parses {100 * m['temperatures'][t]['parses_nonempty']:.0f}% vs "
+                                      f"{100 * ms[base]['temperatures'][t]['parses_nonempty']:.0f}%" for t in temps) + ".")
+    out.append("- One seed, one training run per method: differences between methods include the run-to-run "
+               "spread of training, which this table does not measure (rerun with --seed to see it).")
+    return out
 
 
 def plot(doc: dict, path: str) -> None:
