@@ -719,7 +719,7 @@ def test_evaluate_resumes_from_the_store(tmp_path, monkeypatch):
 def test_every_option_is_explained_in_help():
     parser = rm.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"download", "check-references", "evaluate"}
+    assert set(subparsers) == {"download", "check-references", "evaluate", "run"}
     for name, sub in subparsers.items():
         text = sub.format_help()
         for action in sub._actions:
