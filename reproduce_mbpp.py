@@ -2174,13 +2174,13 @@ def plot(doc: dict, path: str) -> None:
     temp = next(iter(doc["methods"][names[0]]["temperatures"]))
     ms = [doc["methods"][n] for n in names]
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    bpb = [m["reference_loss"]["bits_per_byte"] for m in ms]
-    # the paired standard error, from nats/token to bits/byte (both are the same total over a count)
-    se = [0.0 if n == doc["baseline"] else m["reference_loss"]["vs_baseline"]["se"] * b / m["reference_loss"]["nats_per_token"]
-          for n, m, b in zip(names, ms, bpb)]
-    ax[0].bar(names, bpb, yerr=se, capsize=4, color="tab:blue")
-    ax[0].set(title="loss of the reference solutions (lower is better)", ylabel="bits per byte",
-              ylim=(min(bpb) * 0.95, max(bpb) * 1.02))
+    # the paired difference, not the raw losses: the problem-to-problem spread cancels in it
+    vs = [m["reference_loss"]["vs_baseline"] for m in ms]
+    ax[0].bar(names, [v["mean"] for v in vs], yerr=[2 * v["se"] for v in vs], capsize=4, color="tab:blue")
+    ax[0].axhline(0, color="black", lw=0.8)
+    ax[0].set_xticks(range(len(names)), [f"{n}\n{m['reference_loss']['bits_per_byte']:.3f} bits/byte"
+                                         for n, m in zip(names, ms)])
+    ax[0].set(title=f"reference-solution loss minus {doc['baseline']}'s (±2 s.e.)", ylabel="nats per token")
     keys = ["parses_nonempty", "defines_entry_point", "pass@1", "pass@10"]
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
