@@ -53,9 +53,9 @@ class Config:
     backbone: str = "gpt"  # 'gpt' (built-in tiny GPT) or a local Hugging Face causal-LM folder
     hf_from_config: bool = False  # HF: build a randomly initialised model from the folder's config.json
     hidden_layer: int = -1  # which hidden state feeds the aux head; -1 = the last, the one the LM head reads
-    n_layer: int = 2  # built-in GPT: transformer blocks
-    n_head: int = 4  # built-in GPT: attention heads
-    n_embd: int = 64  # built-in GPT: width
+    n_layer: int = 6  # built-in GPT: transformer blocks (6 x 192 = 2.7M parameters, see toy/cost.py)
+    n_head: int = 6  # built-in GPT: attention heads
+    n_embd: int = 192  # built-in GPT: width
     block_size: int = 64  # max tokens per sequence (prompt + response + eos); longer responses are cut
     dropout: float = 0.0  # built-in GPT: dropout
     # --- future-segment targets (paper Sec. 3; authors' code) ---
