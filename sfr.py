@@ -1061,29 +1061,30 @@ def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
 def diagnostics(model, batch, cfg, step, head=None):
     """What the aux loss does to the backbone, on one batch:
     shuffle_gap: the head's loss with h permuted across the batch minus with the true h
-        (same noise and tau); ~0 means the head ignores the backbone's state;
+        (same noise and tau); ~0 means the head ignores the backbone's state (flow heads);
     aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
-        gradient of lambda * L_aux."""
+        gradient of lambda * L_aux (any aux kind, MTP included)."""
     head = head or model.head
-    if head is None:
+    if model.cfg.aux == "none":
         return {}
     model.eval()
-    logits, h = model.backbone(batch.idx)
-    with torch.no_grad():
-        s_true, n = model.segment_loss(h, batch, step, head)
-        s_shuf, _ = model.segment_loss(h, batch, step, head, shuffle_h=True)
-    res = {"shuffle_gap": (s_shuf - s_true).item() / max(1.0, n.item())}
+    res = {}
+    if head is not None:
+        with torch.no_grad():
+            _, h = model.backbone(batch.idx)
+            s_true, n = model.segment_loss(h, batch, step, head)
+            s_shuf, _ = model.segment_loss(h, batch, step, head, shuffle_h=True)
+        res["shuffle_gap"] = (s_shuf - s_true).item() / max(1.0, n.item())
     params = [p for p in model.backbone.parameters() if p.requires_grad]
-    m = batch.resp
-    ar = F.cross_entropy(logits[m], batch.y[m])
-    s, n = model.segment_loss(h, batch, step, head)
-    aux = lam_at(cfg, step) * s / n.clamp_min(1)
-    g_ar = torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True)
     # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
     scale, model.grad_box["scale"] = model.grad_box["scale"], 1.0
+    out = model(batch, step, head=head)
+    ar = out["ar_sum"] / out["ar_n"].clamp_min(1)
+    aux = lam_at(cfg, step) * out["aux_sum"] / out["aux_n"].clamp_min(1)
+    g_ar = torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True)
     g_aux = torch.autograd.grad(aux, params, allow_unused=True)
     model.grad_box["scale"] = scale
-    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))
+    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))  # noqa: E731
     a, b = norm(g_ar), norm(g_aux)
     res["aux_grad_share"] = b / max(1e-12, a + b)
     model.train()

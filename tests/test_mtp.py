@@ -175,3 +175,22 @@ def test_kl_geodesic_prop32():
     prior = sfr.kl_geodesic_velocity(log_p1.exp().expand_as(l_tau), l_tau, tau, beta)
     assert rel < 0.1 < 1.0 < ((prior - v).norm(dim=-1) / v.norm(dim=-1)).mean().item()
     assert math.isfinite(rel)
+
+
+def test_diagnostics_report_the_aux_gradient_share_for_mtp():
+    """sfr.diagnostics covers aux='mtp' (no flow head): the share is in (0, 1) at lam = 1 and
+    exactly 0 at lam = 0, where the aux loss cannot move the backbone."""
+    pairs = sfr.demo_pairs()
+    tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p], "word")
+    shares = {}
+    for lam in (1.0, 0.0):
+        cfg = sfr.Config(aux="mtp", mtp_k=3, lam=lam, n_layer=1, n_embd=32, n_head=2, block_size=32)
+        examples = sfr.prepare(pairs, tok, cfg)
+        torch.manual_seed(0)
+        model = sfr.SFRModel(cfg, sfr.build_backbone(cfg, tok.vocab_size), 1)
+        batch = sfr.collate(examples[:8], list(range(8)), tok.pad_id, tok.eos_id, 1)
+        res = sfr.diagnostics(model, batch, cfg, step=0)
+        assert "shuffle_gap" not in res  # no flow head to shuffle h under
+        shares[lam] = res["aux_grad_share"]
+    assert 0.0 < shares[1.0] < 1.0
+    assert shares[0.0] == 0.0
