@@ -114,6 +114,8 @@ class Config:
         for name in ("k", "stride", "min_suffix", "steps", "batch_size", "head_layers", "head_width", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name}={getattr(self, name)}: must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"Config.n_embd={self.n_embd} must be a multiple of Config.n_head={self.n_head}")
         if self.gate and self.gate <= 1.0:
             raise ValueError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0 to disable")
         if not 0.0 <= self.ema < 1.0:

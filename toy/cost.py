@@ -108,7 +108,7 @@ def size_sweep(base, encoder, sizes, repeats):
     ratio says as much about the backbone's size as about SFR."""
     rows = []
     for n_layer, n_embd in sizes:
-        cfg = sfr.Config(**{**vars(base), "n_layer": n_layer, "n_embd": n_embd})
+        cfg = sfr.Config(**{**vars(base), "n_layer": n_layer, "n_embd": n_embd, "n_head": max(1, n_embd // 32)})
         r = step_cost(cfg, encoder, repeats)
         params = sum(p.numel() for p in sfr.GPT(cfg, 100).parameters())
         rows.append({"n_layer": n_layer, "n_embd": n_embd, "backbone_params": params, **r})
@@ -288,7 +288,7 @@ def main(argv=None):
     p.add_argument("--quality_seeds", type=int, default=3, help="seeds per head variant; 0 skips quality")
     p.add_argument("--quality_steps", type=int, default=300)
     p.add_argument("--sweep", default="2x64,4x128,6x192,8x256",
-                   help="backbone sizes n_layerxn_embd for the step-ratio sweep ('' skips it)")
+                   help="backbone sizes n_layerxn_embd for the step-ratio sweep, 32-dim attention heads ('' skips it)")
     p.add_argument("--out", default=str(ROOT / "results" / "cost.json"))
     p.add_argument("--hf", default="", choices=["", "0.5b", "tiny"], help="only time a Qwen2-shaped HF model")
     p.add_argument("--device", default="cpu")
