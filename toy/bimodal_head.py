@@ -427,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 because these matrices are small and extra threads only "
                         "contend (on a shared 2-core machine 2 threads ran 10-40x slower)")
-    p.add_argument("--out", default=str(ROOT / "results"), help="folder for bimodal_head.json and .png")
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder for bimodal_head.json and bimodal_head.png (--full: bimodal_head_full.png)")
     a = p.parse_args(argv)
     a.dims = a.dims or ([2, 16, 384] if a.full else [2, 16])
     a.seeds = a.seeds or (3 if a.full else 2)
@@ -488,7 +488,7 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs (shared), torch {torch.__version__}",
         "args": vars(a), "summary": summary, "sweep": sweep, "runs": rows + sweep_rows}
     json_path.write_text(json.dumps(saved, indent=1))
-    figure(Path(a.out) / "bimodal_head.png", panels, summary, sweep, a,
+    figure(Path(a.out) / ("bimodal_head_full.png" if a.full else "bimodal_head.png"), panels, summary, sweep, a,
            f"{command}\nscatter: context 0, seed 0, samples projected on the plane of its two modes "
            f"('x'); colour = nearest mode within {a.radius} D, grey = near no mode")
     return summary, sweep
