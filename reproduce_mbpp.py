@@ -2158,8 +2158,8 @@ def _reading(doc: dict) -> list[str]:
                    f"(paired s.e. {vs['se']:.4f} over {vs['problems']} problems): "
                    + ("more than 2 s.e. from zero" if sig else "within 2 s.e. of zero, no measurable difference")
                    + "; " + ", ".join(f"T={t}: Vendi {m['temperatures'][t]['vendi']:.2f} vs "
-                                      f"{ms[base]['temperatures'][t]['vendi']:.2f}, parses {100 * m['temperatures'][t]['parses_nonempty']:.0f}% vs "
-                                      f"{100 * ms[base]['temperatures'][t]['parses_nonempty']:.0f}%" for t in temps) + ".")
+                                      f"{ms[base]['temperatures'][t]['vendi']:.2f}, parses {100 * m['temperatures'][t]['parses_nonempty']:.1f}% vs "
+                                      f"{100 * ms[base]['temperatures'][t]['parses_nonempty']:.1f}%" for t in temps) + ".")
     out.append("- One seed, one training run per method: differences between methods include the run-to-run "
                "spread of training, which this table does not measure (rerun with --seed to see it).")
     return out
