@@ -2149,6 +2149,11 @@ def _reading(doc: dict) -> list[str]:
                    "the reference solutions, those two rates and the diversity measures are what can differ.")
     if not solved:
         out.append("- No method solves a single problem here: pass@k cannot separate them.")
+    if max(t["parses_nonempty"] for m in ms.values() for t in m["temperatures"].values()) < 0.05:
+        out.append("- Fewer than 5% of the samples are non-empty code that parses, for every method and "
+                   "temperature: the samples are not programs yet (see `example_completions` in the JSON), so "
+                   "the sampling columns (parses, defines f, pass@k, distinct-n, Vendi) describe the model's "
+                   "noise, not its programs. Only the reference loss compares the methods here.")
     for name, m in ms.items():
         if name == base:
             continue
@@ -2157,6 +2162,7 @@ def _reading(doc: dict) -> list[str]:
         out.append(f"- {name} vs {base}: reference loss {vs['mean']:+.4f} nats/token "
                    f"(paired s.e. {vs['se']:.4f} over {vs['problems']} problems): "
                    + ("more than 2 s.e. from zero" if sig else "within 2 s.e. of zero, no measurable difference")
+                   + " (the s.e. covers which problems were drawn, not training noise)"
                    + "; " + ", ".join(f"T={t}: Vendi {m['temperatures'][t]['vendi']:.2f} vs "
                                       f"{ms[base]['temperatures'][t]['vendi']:.2f}, parses {100 * m['temperatures'][t]['parses_nonempty']:.1f}% vs "
                                       f"{100 * ms[base]['temperatures'][t]['parses_nonempty']:.1f}%" for t in temps) + ".")
