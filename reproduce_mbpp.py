@@ -17,15 +17,19 @@ does not train a model:
 6. ``check-references``: runs every reference solution through the sandbox, a
    test of the sandbox against 974 known-good programs.
 7. Command line.
-8. (marked, empty) Training and sampling: the ``run`` subcommand lands here.
+8. Training and sampling: the ``run`` subcommand trains one model per method
+   (none / mtp / sfr / ablations / ladder rungs), samples, scores and reports.
 
-Nothing here imports torch; the training section will import it inside functions.
+Sections 1-7 import nothing heavy; section 8 imports torch and sfr inside its functions.
 
 Commands (the data file is never part of the repository; pass its path)::
 
     python reproduce_mbpp.py download --dest data/mbpp.jsonl
     python reproduce_mbpp.py check-references --mbpp data/mbpp.jsonl
     python reproduce_mbpp.py evaluate --mbpp data/mbpp.jsonl --samples samples.jsonl
+    python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --threads 1          # CPU default, ~20 min
+    python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --smoke              # seconds
+    python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --model PATH [--lora] # HF model, GPU if any
 
 MBPP: Austin et al. 2021, "Program Synthesis with Large Language Models",
 https://github.com/google-research/google-research/tree/master/mbpp, released
