@@ -24,7 +24,7 @@ def test_smoke_writes_json_and_figure(tmp_path, capsys):
     saved = json.loads((tmp_path / "bimodal_head.json").read_text())["full"]
     heads = {(s["d"], s["head"]) for s in saved["summary"]}
     assert heads == {(d, h) for d in (2, 8) for h in ("truth",) + bh.HEADS}
-    assert len(saved["sweep"]) == 2 and (tmp_path / "bimodal_head.png").stat().st_size > 10_000
+    assert len(saved["sweep"]) == 2 and (tmp_path / "bimodal_head_full.png").stat().st_size > 10_000
 
 
 def test_modes_are_unit_and_at_the_requested_cosine():
