@@ -1313,7 +1313,7 @@ def _cmd_check_references(args) -> int:
     records = [r for name, recs in split_mbpp(records).items() if name in wanted for r in recs]
     report = check_references(records, args.timeout, workers=args.workers,
                               limits=_limits_from(args), progress=not args.no_progress)
-    print(f"\n| split | passed | total |\n|---|---|---|")
+    print("\n| split | passed | total |\n|---|---|---|")
     for name, counts in report["per_split"].items():
         if counts["total"]:
             print(f"| {name} | {counts['passed']} | {counts['total']} |")

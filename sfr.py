@@ -31,9 +31,8 @@ import math
 import os
 import random
 import re
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

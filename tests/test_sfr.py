@@ -7,7 +7,6 @@ CPU only, offline. The real MiniLM encoder is loaded once per session (conftest.
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 import types
