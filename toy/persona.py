@@ -294,7 +294,8 @@ def make_config(args, method, seed, out_dir):
     if method == "mtp":
         over = {k: v for k, v in over.items() if k != "mtp_k" or hasattr(sfr.Config, "mtp_k")}
     return sfr.Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, steps=args.steps,
-                      lam=args.lam, k=args.k, head_width=args.head_width, batch_size=args.batch_size,
+                      lam=args.lam, k=args.k, head_width=args.head_width, fm_positions=args.fm_positions,
+                      batch_size=args.batch_size,
                       lr=args.lr, eval_every=max(1, args.steps // 4), ckpt_every=0, seed=seed,
                       out_dir=out_dir, **over)
 
@@ -591,6 +592,9 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=1.0, help="lambda of every auxiliary loss")
     p.add_argument("--k", type=int, default=8, help="future segment length (words) of the MiniLM targets")
     p.add_argument("--head_width", type=int, default=256)
+    p.add_argument("--fm_positions", type=int, default=0,
+                   help="positions per sequence the flow head sees each step (sfr Config.fm_positions); "
+                        "0 = every valid position, as the authors run it")
     p.add_argument("--n_samples", type=int, default=16, help="samples per prompt and temperature")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
     p.add_argument("--workers", type=int, default=1, help="processes, one seed each at a time")
