@@ -844,9 +844,7 @@ def onehot_rung_sum(model, h, batch, step, head, shuffle_h=False):
     d = c * V if cfg.ladder_source == "gaussian" else 0
     tau, z0, _ = (t.to(h) for t in draw_noise(batch.ids, step, T, d, cfg.seed, lengths))
     sel = valid.any(-1)  # (B, T): positions with at least one target
-    h_sel = _ScaleGrad.apply(h[sel], model.grad_box)  # (N, C)
-    if shuffle_h:
-        h_sel = h_sel[torch.randperm(h_sel.size(0), generator=torch.Generator().manual_seed(step))]
+    h_sel = model.head_input(h, sel, step, shuffle_h)  # (N, C)
     q = None
     if cfg.ladder_field == "constant":
         q = torch.stack([f(h_sel).softmax(-1) for f in model.mtp.heads(unembed)[1:]], 1)  # (N, c, V)
@@ -928,23 +926,32 @@ class SFRModel(nn.Module):
             out.update(aux_sum=aux_sum, aux_n=aux_n)
         return out
 
+    def head_input(self, h, sel, step, shuffle_h=False):
+        """The hidden states the aux head reads, (N, C) at the positions sel (B, T), through the
+        gradient scale of warm-up and gating; shuffle_h permutes them across the batch (the
+        shuffle-gap diagnostic)."""
+        h_sel = _ScaleGrad.apply(h[sel], self.grad_box)
+        if shuffle_h:
+            h_sel = h_sel[torch.randperm(h_sel.size(0), generator=torch.Generator().manual_seed(step))]
+        return h_sel
+
     def segment_loss(self, h, batch, step, head, shuffle_h=False):
         """Weighted sum of the per-token aux loss over valid positions, and sum(w)."""
         if self.cfg.aux == "ladder" and self.cfg.ladder_target == "onehot":
             return onehot_rung_sum(self, h, batch, step, head, shuffle_h)
         B, T, _ = h.size()
         lengths = batch.resp.int().cumsum(1).argmax(1) + 1  # last response position + 1: the unpadded length
+        # the position subset saves compute in training; eval scores every valid position
+        n_pos = self.cfg.fm_positions if self.training else 0
         tau, z0, sel = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths,
-                                                           batch.valid, self.cfg.fm_positions))
+                                                           batch.valid, n_pos))
         if not sel.any():
             # no valid target anywhere in this batch: run the head on a dummy input so every
             # parameter still joins the backward pass (no DDP rank waits on a missing grad)
             dummy = head(z0[0, :1], tau[:1], h[0, :1])
             return 0.0 * dummy.sum() + 0.0 * h[0, :1].sum(), torch.zeros((), device=h.device)
         b_idx = sel.nonzero()[:, 0]
-        h_sel = _ScaleGrad.apply(h[sel], self.grad_box)  # (N, C)
-        if shuffle_h:
-            h_sel = h_sel[torch.randperm(h_sel.size(0), generator=torch.Generator().manual_seed(step))]
+        h_sel = self.head_input(h, sel, step, shuffle_h)  # (N, C)
         z1 = (batch.z1[sel] - self.z_mean) / self.z_std  # (N, d_z)
         if self.cfg.aux == "flow":
             loss = fm_token_loss(head, h_sel, z1, tau[b_idx], z0[sel])

@@ -375,6 +375,8 @@ def test_fm_positions_keeps_at_most_that_many_targets_per_sequence():
     for k in (0, 2, 100):
         model = sfr.SFRModel(sfr.Config(head_width=16, fm_positions=k), TableBackbone(table), d)
         counts[k] = model.segment_loss(model.backbone(idx)[1], batch, 0, model.head)[1].item()
+        model.eval()  # eval scores every valid position, whatever the training subset
+        assert model.segment_loss(model.backbone(idx)[1], batch, 0, model.head)[1].item() == 3 * T + 1
     assert counts == {0: 3 * T + 1, 2: 3 * 2 + 1, 100: 3 * T + 1}
 
 

@@ -227,7 +227,6 @@ def quality(base, encoder, variants, seeds, steps):
             train_set = sfr.prepare(shuffled[4:], tok, cfg, encoder)
             eval_set = sfr.prepare(shuffled[:4], tok, cfg, encoder)
             model, _ = sfr.train(cfg, train_set, tok, eval_set, log=lambda s: None, progress=False)
-            cfg.fm_positions = 0  # model.cfg is cfg: evaluate on every valid position
             rec = sfr.evaluate(model, eval_set, cfg, tok, steps, head=model.ema_head)
             ev = sfr.collate(eval_set, list(range(4)), tok.pad_id, tok.eos_id, model.d_z)
             rec.update(sfr.diagnostics(model, ev, cfg, steps, head=model.ema_head))
