@@ -92,6 +92,7 @@ class Config:
     seed: int = 0  # seeds the init, the data order and the flow noise
     init: str = ""  # backbone weights to start from (a state_dict .pt, e.g. a pretrained cache); "" = random init
     device: str = "cpu"  # 'cpu', 'cuda', 'cuda:1', ...
+    shard: bool = False  # under torchrun: FSDP, a process holds 1/N of weights, grads and optimiser state (ZeRO-3)
     # --- MTP and the ladder (DESIGN Sec. 3) ---
     mtp_k: int = 4  # K tokens predicted per position (head 1 = the next-token head); aux='mtp' and one-hot rungs
     head_by_head: bool = True  # aux='mtp': forward/backward one head at a time, one (N, V) logits alive (Gloeckle et al.)
@@ -913,7 +914,7 @@ class SFRModel(nn.Module):
             self.z_mean.copy_(mean)
             self.z_std.copy_(std)
 
-    def forward(self, batch: Batch, step: int, head=None):
+    def forward(self, batch: Batch, step: int, head=None, shuffle_h=False):
         logits, h = self.backbone(batch.idx)  # (B, T, V), (B, T, C)
         if self.cfg.aux == "mtp":
             del logits  # every head, the next-token one too, is recomputed from h: one (N, V) logits at a time
@@ -922,7 +923,7 @@ class SFRModel(nn.Module):
         ar_sum = F.cross_entropy(logits[m], batch.y[m], reduction="sum")
         out = {"ar_sum": ar_sum, "ar_n": m.sum().float()}
         if self.cfg.aux in ("flow", "mse", "cosine", "ladder"):
-            aux_sum, aux_n = self.segment_loss(h, batch, step, head or self.head)
+            aux_sum, aux_n = self.segment_loss(h, batch, step, head or self.head, shuffle_h)
             out.update(aux_sum=aux_sum, aux_n=aux_n)
         return out
 
@@ -1060,6 +1061,7 @@ def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
         if "aux_sum" in out:
             aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
     model.train()
+    reshard(model)
     res = {"eval_ar": ar / max(1, ar_n)}
     if model.cfg.aux not in ("none",) and aux_n:
         res["eval_aux"] = aux / max(1, aux_n)
@@ -1078,22 +1080,22 @@ def diagnostics(model, batch, cfg, step, head=None):
     model.eval()
     res = {}
     if head is not None:
-        with torch.no_grad():
-            _, h = model.backbone(batch.idx)
-            s_true, n = model.segment_loss(h, batch, step, head)
-            s_shuf, _ = model.segment_loss(h, batch, step, head, shuffle_h=True)
-        res["shuffle_gap"] = (s_shuf - s_true).item() / max(1.0, n.item())
+        with torch.no_grad():  # through model(), not model.backbone(): FSDP gathers weights in model's hooks
+            true, shuf = model(batch, step, head=head), model(batch, step, head=head, shuffle_h=True)
+        res["shuffle_gap"] = (shuf["aux_sum"] - true["aux_sum"]).item() / max(1.0, true["aux_n"].item())
+        reshard(model)
     params = [p for p in model.backbone.parameters() if p.requires_grad]
+
+    def backbone_grad_norm(term):  # a forward and backward per term: FSDP's shards gather no other way
+        model.zero_grad(set_to_none=True)
+        term(model(batch, step, head=head)).backward()
+        return full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])).item()
     # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
     scale, model.grad_box["scale"] = model.grad_box["scale"], 1.0
-    out = model(batch, step, head=head)
-    ar = out["ar_sum"] / out["ar_n"].clamp_min(1)
-    aux = lam_at(cfg, step) * out["aux_sum"] / out["aux_n"].clamp_min(1)
-    g_ar = torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True)
-    g_aux = torch.autograd.grad(aux, params, allow_unused=True)
+    a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
+    b = backbone_grad_norm(lambda out: lam_at(cfg, step) * out["aux_sum"] / out["aux_n"].clamp_min(1))
+    model.zero_grad(set_to_none=True)
     model.grad_box["scale"] = scale
-    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))  # noqa: E731
-    a, b = norm(g_ar), norm(g_aux)
     res["aux_grad_share"] = b / max(1e-12, a + b)
     model.train()
     return res
@@ -1101,11 +1103,17 @@ def diagnostics(model, batch, cfg, step, head=None):
 
 def init_distributed(cfg):
     """(rank, world). Under torchrun (WORLD_SIZE > 1) joins the process group, gloo on CPU
-    and NCCL on CUDA, and moves cfg.device to this process's GPU."""
-    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # set by accelerate launch --use_fsdp etc.
-        if os.environ.get(flag, "").lower() in ("1", "true"):
-            raise NotImplementedError(f"{flag} is set, but sfr.train shards nothing (it runs plain DDP): "
-                                      "launch with torchrun or accelerate launch --multi_gpu instead")
+    and NCCL on CUDA, and moves cfg.device to this process's GPU. `accelerate launch` sets the
+    same variables, and --use_fsdp turns cfg.shard on."""
+    on = lambda flag: os.environ.get(flag, "").lower() in ("1", "true")  # noqa: E731
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        raise NotImplementedError("ACCELERATE_USE_DEEPSPEED is set, but sfr.train does not run DeepSpeed: shard "
+                                  "with FSDP instead (accelerate launch --use_fsdp, or torchrun ... --shard=true)")
+    if on("ACCELERATE_USE_FSDP"):
+        strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+        if strategy not in ("FULL_SHARD", "1"):
+            raise NotImplementedError(f"FSDP_SHARDING_STRATEGY={strategy}: sfr.train shards fully (FULL_SHARD) only")
+        cfg.shard = True
     cuda = cfg.device.startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if cuda:
@@ -1114,6 +1122,59 @@ def init_distributed(cfg):
         if not is_dist():
             torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_dist() else (0, 1)
+
+
+def shard(model, ema=None):
+    """FSDP (ZeRO-3) in place, with torch's fully_shard: every transformer block is one unit,
+    the flow head and its EMA copy one each, the rest (embeddings, final norm, MTP heads) the
+    root. A process holds 1/N of each parameter, its gradient and optimiser state, and gathers a
+    unit's whole weights only while that unit runs. A gradient is reduce-scattered (averaged)
+    as DDP all-reduces it, so the loss normalisation of total_loss carries over."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(next(model.parameters()).device.type, (torch.distributed.get_world_size(),))
+    bb = model.backbone
+    units = set(getattr(bb.hf, "_no_split_modules", None) or ()) if isinstance(bb, HFBackbone) else {"Block"}
+    blocks = [m for m in bb.modules() if type(m).__name__ in units]
+    for m in blocks + [model.head, ema]:
+        if m is not None:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def reshard(model):
+    """FSDP keeps the root unit's weights gathered after a forward, for the backward that
+    usually follows; after a no-grad forward none does. Free them and put the shards back in
+    the module (else model.parameters() lists the gathered copies, whose .grad FSDP never sets)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
+def full(x):
+    """A DTensor (a sharded parameter, gradient or norm) as one whole tensor; others unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def full_state(module, opt=None):
+    """The whole state_dict of a module (of module and optimiser, with opt), sharded or not, on
+    the CPU: keyed by parameter name, so a checkpoint resumes under any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+        get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered to rank 0 only
+    return get_model_state_dict(module, options=opts) if opt is None else \
+        get_optimizer_state_dict(module, opt, options=opts)
+
+
+def load_full_state(module, state, opt=None):
+    """Inverse of full_state: every process passes the whole state and keeps its shard of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True)
+    if opt is None:
+        set_model_state_dict(module, state, options=opts)
+    else:
+        set_optimizer_state_dict(module, opt, state, options=opts)
 
 
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None):
@@ -1134,7 +1195,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))).item()
     if not math.isfinite(gnorm):
         raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} (loss terms {terms})")
     opt.step()
@@ -1153,7 +1214,7 @@ def update_ema(ema, head, step, cfg):
                 pe.lerp_(p, 1 - cfg.ema)
 
 
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every")  # fields a resume may change
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard")  # fields a resume may change
 
 
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
@@ -1163,8 +1224,11 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     EMA head, gate average, step, history and every process's RNG state. The data order,
     the flow noise and the lambda schedule are pure functions of (seed, step), so the step
     is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
-    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP; cfg.batch_size is the
-    global batch, split across processes, and losses are normalised over all of it."""
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or sharded with FSDP if
+    cfg.shard; cfg.batch_size is the global batch, split across processes, and losses are
+    normalised over all of it. Every process evaluates (a sharded model runs only with all of
+    them); rank 0 logs and writes. Sharded, rank 0 gets the whole model back, the others their
+    shards; the checkpoint holds whole tensors, so it resumes under any number of processes."""
     cfg.validate()
     rank, world = init_distributed(cfg)
     if cfg.batch_size < world:
@@ -1175,12 +1239,18 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
-    model = SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)
+    new_model = lambda: SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)  # noqa: E731
+    model = new_model()
     if cfg.init:  # e.g. reproduce_mbpp.py fine-tunes every method from the same pretrained weights
         model.backbone.load_state_dict(torch.load(cfg.init, map_location="cpu"))
     model.fit_target_scale(train_set)
     model.to(cfg.device)
     ema = copy.deepcopy(model.head).requires_grad_(False) if (cfg.ema and model.head is not None) else None
+    sharded = cfg.shard and is_dist()
+    if sharded:
+        n_blocks = shard(model, ema)
+        if rank == 0:
+            log(f"FSDP: sharded over {world} processes, {n_blocks} transformer blocks gathered one at a time")
     opt, sched = make_optimizer(cfg, model)
     history, step, gate_avg, saved = [], 0, None, None
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1190,11 +1260,11 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
         changed = [k for k, v in ck["config"].items() if k not in RESUME_FREE and getattr(cfg, k, v) != v]
         if changed and rank == 0:
             log(f"warning: resuming with changed config fields {changed}: no longer the same run")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        load_full_state(model, ck["model"])
+        load_full_state(model, ck["opt"], opt)
         sched.load_state_dict(ck["sched"])
         if ema is not None:
-            ema.load_state_dict(ck["ema"])
+            load_full_state(ema, ck["ema"])
         step, history, gate_avg = ck["step"], ck["history"], ck["gate_avg"]
         saved = step
         set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
@@ -1202,18 +1272,19 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
             log(f"resumed from {ckpt_path} at step {step}")
     cuda = cfg.device.startswith("cuda")
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.device(cfg.device).index] if cuda else None) if is_dist() else model
+        model, device_ids=[torch.device(cfg.device).index] if cuda else None) if is_dist() and not sharded else model
 
     def checkpoint():
         rngs = [rng_state()]
         if is_dist():  # each process has its own RNG stream (dropout): rank 0 writes them all
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, rng_state())
+        if rank == 0 or sharded:  # gathering shards takes every process
+            state = {"model": full_state(model), "opt": full_state(model, opt),
+                     "ema": full_state(ema) if ema is not None else None}
         if rank == 0:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "ema": ema.state_dict() if ema else None,
-                                        "step": step, "history": history, "gate_avg": gate_avg,
-                                        "rng": rngs, "config": dataclasses.asdict(cfg)})
+            save_checkpoint(ckpt_path, {**state, "sched": sched.state_dict(), "step": step, "history": history,
+                                        "gate_avg": gate_avg, "rng": rngs, "config": dataclasses.asdict(cfg)})
         return step
 
     bar = None
@@ -1235,13 +1306,14 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
         rec = {"step": step + 1, "lam": lam_at(cfg, step), "grad_norm": gnorm, **terms}
         step += 1
         last = step == cfg.steps
-        if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             if eval_set:
                 rec.update(evaluate(model, eval_set, cfg, tok, step, head=ema))
                 ev_ids = list(range(min(cfg.batch_size, len(eval_set))))
                 ev = collate([eval_set[i] for i in ev_ids], ev_ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
                 rec.update(diagnostics(model, ev, cfg, step, head=ema))
-            log(format_log(rec, time.time() - t0))
+            if rank == 0:
+                log(format_log(rec, time.time() - t0))
         history.append(rec)
         if bar is not None:
             bar.update(1)
@@ -1250,6 +1322,15 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
             saved = checkpoint()
     if bar is not None:
         bar.close()
+    if sharded:  # gather the whole model (and EMA head) onto rank 0
+        weights, ema_weights = full_state(model), full_state(ema) if ema is not None else None
+        if rank == 0:
+            model = new_model()
+            model.load_state_dict(weights)
+            model.to(cfg.device)
+            if ema is not None:
+                ema = copy.deepcopy(model.head).requires_grad_(False)
+                ema.load_state_dict(ema_weights)
     model.ema_head = ema
     return model, history
 

@@ -6,7 +6,8 @@ its own process so a test can SIGKILL it, resume it, or launch it under torchrun
 Targets come from a stand-in encoder (a fixed random unit vector per segment text), so no
 process loads MiniLM: these tests are about the training loop, not the targets.
 --slow=S      sleep S seconds after each checkpoint, so a test can kill the run part-way
---spy         save the gradients of the first step (after DDP's all-reduce) to out_dir/grads.pt
+--spy         save the gradients of the first step (after DDP's all-reduce, or FSDP's
+              reduce-scatter, gathered whole) to out_dir/grads.pt
 --no-target-rank=R  empty the targets of the examples rank R gets at step 0 of a 2-process run
 """
 import json
@@ -54,7 +55,7 @@ def main():
         def spy(params, *a, **k):
             params = list(params)
             if not seen:
-                seen.append([None if p.grad is None else p.grad.clone() for p in params])
+                seen.append([None if p.grad is None else sfr.full(p.grad).clone() for p in params])
             return clip(params, *a, **k)
         torch.nn.utils.clip_grad_norm_ = spy
     sfr.train(cfg, examples, tok, examples[:4], log=print, progress=False)

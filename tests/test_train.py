@@ -3,6 +3,7 @@
 Training runs as separate processes (tests/_train_worker.py) where a test must kill one or
 launch several; targets come from a stand-in encoder there, so no process loads MiniLM.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -21,13 +22,24 @@ WORKER = str(ROOT / "tests" / "_train_worker.py")
 TINY = dict(n_layer=1, n_embd=32, n_head=2, head_width=32, batch_size=8, lr=1e-2, lr_warmup=2, seed=3)
 
 
-def launch(cfg, *opts, torchrun=False):
+def launch(cfg, *opts, torchrun=False, accelerate_fsdp=False):
     cmd = [sys.executable, WORKER, json.dumps(cfg), *opts]
     if torchrun:  # --standalone: a local rendezvous on a free port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
+    if accelerate_fsdp:  # as a user would launch a model too big for one device
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes=2",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
+               *cmd[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group, so a hang can be killed whole
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish(proc, timeout):
@@ -141,3 +153,75 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert os.path.getsize(path + ".tmp") > 0  # the write did start
     ck = load(path)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+
+
+def test_fsdp_under_accelerate_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
+    # accelerate launch --use_fsdp: weights, gradients and optimiser state sharded over 2
+    # processes. At step 0 rank 1 has no valid target: its flow head still runs (a dummy
+    # forward), or FSDP's reduce-scatter of the head's gradient waits forever on rank 0.
+    cfg = dict(TINY, n_layer=2, steps=2, eval_every=1, ema=0.9, fm_positions=4, lr_schedule="constant")
+    fsdp = launch(dict(cfg, out_dir=str(tmp_path / "fsdp")), "--spy", "--no-target-rank=1", accelerate_fsdp=True)
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    one_cfg = sfr.Config(**dict(cfg, steps=4), out_dir=str(tmp_path / "one"))
+    examples, tok = demo_data(one_cfg, no_target_rank=1)
+    torch.manual_seed(cfg["seed"])  # the init train() makes
+    model = sfr.SFRModel(one_cfg, sfr.build_backbone(one_cfg, tok.vocab_size), 384)
+    ids = sfr.batch_ids(0, len(examples), cfg["batch_size"], cfg["seed"])
+    batch = sfr.collate([examples[i] for i in ids], ids, tok.pad_id, tok.eos_id, 384)
+    sfr.total_loss(model(batch, 0), sfr.lam_at(one_cfg, 0))[0].backward()
+    _, history = sfr.train(one_cfg, examples, tok, examples[:4], log=lambda s: None, progress=False)
+
+    out = finish(fsdp, 180)
+    assert "FSDP: sharded over 2 processes, 2 transformer blocks" in out
+    two = load(tmp_path / "fsdp" / "ckpt.pt")
+    assert len(two["history"]) == 2
+    for h1, h2 in zip(history, two["history"]):  # eval and diagnostics too: they run on the sharded model
+        assert h1.keys() == h2.keys()
+        for k in h1:
+            assert h2[k] == pytest.approx(h1[k], rel=1e-4, abs=1e-6), (h1["step"], k)
+    grads = load(tmp_path / "fsdp" / "grads.pt")
+    params = list(model.parameters())
+    assert len(grads) == len(params)
+    for g2, p in zip(grads, params):
+        torch.testing.assert_close(g2, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-12)
+
+    # the checkpoint holds whole tensors keyed by name: one process takes the run over
+    logs = []
+    _, resumed = sfr.train(dataclasses.replace(one_cfg, out_dir=str(tmp_path / "fsdp"), resume=True), examples,
+                           tok, examples[:4], log=logs.append, progress=False)
+    assert any("resumed from" in line and "at step 2" in line for line in logs)
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    for h1, h2 in zip(history[2:], resumed[2:]):
+        for k in ("ar", "aux", "grad_norm", "eval_ar", "eval_aux"):
+            assert h2[k] == pytest.approx(h1[k], rel=1e-4), (h1["step"], k)
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"ACCELERATE_USE_FSDP": "true"}, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "FULL_SHARD"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "--use_fsdp"),
+])
+def test_accelerate_launch_flags_turn_sharding_on_or_are_refused(monkeypatch, env, error):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = sfr.Config()
+    if error is None:
+        assert sfr.init_distributed(cfg) == (0, 1) and cfg.shard
+    else:
+        with pytest.raises(NotImplementedError, match=error):
+            sfr.init_distributed(cfg)
+
+
+def test_fsdp_holds_1_over_n_of_the_state_per_process(tmp_path):
+    # toy/shard_memory.py at a tiny size: the same run under DDP and FSDP, 2 processes each
+    out = tmp_path / "shard_memory.json"
+    run = subprocess.run([sys.executable, str(ROOT / "toy" / "shard_memory.py"), "--n_layer=2", "--n_embd=64",
+                          "--n_head=2", "--vocab=512", "--head_width=64", "--batch=4", "--T=16", "--steps=2",
+                          f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    res = json.loads(out.read_text())
+    assert res["state_ratio"] == pytest.approx(0.5, abs=0.02)  # FSDP pads each tensor's rows to a multiple of N
+    for k in ("ar", "aux"):
+        assert res["loss_fsdp"][k] == pytest.approx(res["loss_ddp"][k], rel=1e-5)
