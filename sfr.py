@@ -24,6 +24,7 @@ Run:  python sfr.py --steps=300          (built-in tiny GPT on a built-in demo s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -1313,7 +1314,8 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
                 ev = collate([eval_set[i] for i in ev_ids], ev_ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
                 rec.update(diagnostics(model, ev, cfg, step, head=ema))
             if rank == 0:
-                log(format_log(rec, time.time() - t0))
+                with bar.external_write_mode() if bar is not None else contextlib.nullcontext():  # above the bar
+                    log(format_log(rec, time.time() - t0))
         history.append(rec)
         if bar is not None:
             bar.update(1)
