@@ -257,18 +257,21 @@ def test_hf_smoke_full_finetune(tiny_hf, mbpp_path, tmp_path):
     assert t["problems"] == 2 and len(doc["methods"]["mtp"]["problems"]["11"]["T=0.8"]["outcomes"]) == 5
 
 
-def test_torchrun_two_processes_train_what_one_does(smoke, mbpp_path, tmp_path):
-    """Under torchrun every rank trains (DDP, the global batch split in two) and rank 0
-    evaluates: the same reference losses as the one-process run."""
+@pytest.mark.parametrize("sets", [[], ["--set", "shard=true"]], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_train_what_one_does(smoke, mbpp_path, tmp_path, sets):
+    """Under torchrun every rank trains (DDP or FSDP, the global batch split in two) and
+    rank 0 evaluates: the same reference losses as the one-process run."""
     import subprocess
     import sys
     _, doc = smoke
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reproduce_mbpp.py",
          "run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no-progress", "--workers", "2",
-         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "report")],
+         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "report"),
+         *sets],
         cwd=R.Path(R.__file__).parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ("FSDP: sharded over 2 processes" in done.stdout + done.stderr) == bool(sets)
     two = json.loads((tmp_path / "report.json").read_text())
     for name, m in doc["methods"].items():
         for tid, prob in m["problems"].items():
