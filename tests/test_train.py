@@ -87,15 +87,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert a["gate_avg"] == b["gate_avg"]
 
 
-def test_two_processes_match_one_process_and_a_rank_without_targets_does_not_hang(tmp_path):
-    # At step 0, rank 1's half of the global batch has no valid target: it must still run the
-    # flow head (a dummy forward) or DDP waits forever for the head's gradients on rank 0.
-    cfg = dict(TINY, steps=2, grad_clip=0.0, eval_every=0, fm_positions=4)
-    ddp = launch(dict(cfg, out_dir=str(tmp_path / "ddp")), "--spy", "--no-target-rank=1", torchrun=True)
-
+def one_process(cfg, out_dir, eval_set=False):
+    """The reference for a 2-process run launched with --no-target-rank=1: the model as
+    train() initialises it, holding the gradients of step 0's global batch, that step's loss
+    terms, and the history of sfr.train in one process. Also (examples, tok, Config)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    one_cfg = sfr.Config(**cfg, out_dir=str(tmp_path / "one"))
+    one_cfg = sfr.Config(**cfg, out_dir=str(out_dir))
     examples, tok = demo_data(one_cfg, no_target_rank=1)
     rank1 = sfr.batch_ids(0, len(examples), cfg["batch_size"], cfg["seed"], 1, 2).tolist()
     assert not any(examples[i].valid.any() for i in rank1)
@@ -105,7 +103,25 @@ def test_two_processes_match_one_process_and_a_rank_without_targets_does_not_han
     batch = sfr.collate([examples[i] for i in ids], ids, tok.pad_id, tok.eos_id, 384)
     loss, terms = sfr.total_loss(model(batch, 0), sfr.lam_at(one_cfg, 0))
     loss.backward()
-    _, history = sfr.train(one_cfg, examples, tok, log=lambda s: None, progress=False)
+    _, history = sfr.train(one_cfg, examples, tok, examples[:4] if eval_set else None, log=lambda s: None,
+                           progress=False)
+    return model, terms, history, (examples, tok, one_cfg)
+
+
+def assert_same_grads(grads_path, model):
+    """The gradients a 2-process run's --spy saved equal the one-process ones in model."""
+    grads, params = load(grads_path), list(model.parameters())
+    assert len(grads) == len(params)
+    for g2, p in zip(grads, params):
+        torch.testing.assert_close(g2, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-12)
+
+
+def test_two_processes_match_one_process_and_a_rank_without_targets_does_not_hang(tmp_path):
+    # At step 0, rank 1's half of the global batch has no valid target: it must still run the
+    # flow head (a dummy forward) or DDP waits forever for the head's gradients on rank 0.
+    cfg = dict(TINY, steps=2, grad_clip=0.0, eval_every=0, fm_positions=4)
+    ddp = launch(dict(cfg, out_dir=str(tmp_path / "ddp")), "--spy", "--no-target-rank=1", torchrun=True)
+    model, terms, history, _ = one_process(cfg, tmp_path / "one")
 
     finish(ddp, 120)
     two = load(tmp_path / "ddp" / "ckpt.pt")
@@ -115,11 +131,7 @@ def test_two_processes_match_one_process_and_a_rank_without_targets_does_not_han
         for k in ("ar", "aux", "grad_norm"):
             assert h2[k] == pytest.approx(h1[k], rel=1e-5), (h1["step"], k)
     assert history[0]["ar"] == pytest.approx(terms["ar"], rel=1e-6)
-    grads = load(tmp_path / "ddp" / "grads.pt")
-    params = list(model.parameters())
-    assert len(grads) == len(params)
-    for g2, p in zip(grads, params):
-        torch.testing.assert_close(g2, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-12)
+    assert_same_grads(tmp_path / "ddp" / "grads.pt", model)
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -161,17 +173,7 @@ def test_fsdp_under_accelerate_matches_one_process_and_its_checkpoint_resumes_in
     # forward), or FSDP's reduce-scatter of the head's gradient waits forever on rank 0.
     cfg = dict(TINY, n_layer=2, steps=2, eval_every=1, ema=0.9, fm_positions=4, lr_schedule="constant")
     fsdp = launch(dict(cfg, out_dir=str(tmp_path / "fsdp")), "--spy", "--no-target-rank=1", accelerate_fsdp=True)
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _train_worker import demo_data
-    one_cfg = sfr.Config(**dict(cfg, steps=4), out_dir=str(tmp_path / "one"))
-    examples, tok = demo_data(one_cfg, no_target_rank=1)
-    torch.manual_seed(cfg["seed"])  # the init train() makes
-    model = sfr.SFRModel(one_cfg, sfr.build_backbone(one_cfg, tok.vocab_size), 384)
-    ids = sfr.batch_ids(0, len(examples), cfg["batch_size"], cfg["seed"])
-    batch = sfr.collate([examples[i] for i in ids], ids, tok.pad_id, tok.eos_id, 384)
-    sfr.total_loss(model(batch, 0), sfr.lam_at(one_cfg, 0))[0].backward()
-    _, history = sfr.train(one_cfg, examples, tok, examples[:4], log=lambda s: None, progress=False)
+    model, _, history, (examples, tok, one_cfg) = one_process(dict(cfg, steps=4), tmp_path / "one", eval_set=True)
 
     out = finish(fsdp, 180)
     assert "FSDP: sharded over 2 processes, 2 transformer blocks" in out
@@ -181,11 +183,7 @@ def test_fsdp_under_accelerate_matches_one_process_and_its_checkpoint_resumes_in
         assert h1.keys() == h2.keys()
         for k in h1:
             assert h2[k] == pytest.approx(h1[k], rel=1e-4, abs=1e-6), (h1["step"], k)
-    grads = load(tmp_path / "fsdp" / "grads.pt")
-    params = list(model.parameters())
-    assert len(grads) == len(params)
-    for g2, p in zip(grads, params):
-        torch.testing.assert_close(g2, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item() + 1e-12)
+    assert_same_grads(tmp_path / "fsdp" / "grads.pt", model)
 
     # the checkpoint holds whole tensors keyed by name: one process takes the run over
     logs = []
