@@ -1466,10 +1466,11 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
         last = step == cfg.steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             if eval_set:
-                rec.update(evaluate(model, eval_set, cfg, tok, step, head=ema))
+                eval_head = None if cfg.ema_teacher else ema  # the teacher's student is the head their loss reads
+                rec.update(evaluate(model, eval_set, cfg, tok, step, head=eval_head))
                 ev_ids = list(range(min(cfg.batch_size, len(eval_set))))
                 ev = collate([eval_set[i] for i in ev_ids], ev_ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
-                rec.update(diagnostics(model, ev, cfg, step, head=ema))
+                rec.update(diagnostics(model, ev, cfg, step, head=eval_head))
             if rank == 0:
                 with bar.external_write_mode() if bar is not None else contextlib.nullcontext():  # above the bar
                     log(format_log(rec, time.time() - t0))
