@@ -80,7 +80,7 @@ class Config:
     lam_ramp: int = 100  # steps of the ramp for lam_schedule='ramp'
     head_width: int = 256  # flow head hidden width (authors' template: 1024)
     head_layers: int = 3  # layers in the head body, input layer included (authors: 3)
-    head_arch: str = "ours"  # 'ours' (64-wide time embedding, layers - 1 blocks) or 'authors' (FlowHead)
+    head_arch: str = "ours"  # 'ours' (64-wide time embedding, layers - 1 blocks) or 'authors' (see FlowHead)
     lam_phases: str = "ours"  # 'ours' (lam_schedule over all steps) or 'authors' (warm-up, ramp, then schedule)
     fm_positions: int = 4  # at most this many positions per sequence feed the head each step; 0 = all (toy/cost.py)
     head_warmup: int = 0  # steps in which only the head learns from L_FM (h detached); 0 disables
@@ -89,7 +89,7 @@ class Config:
     gate_on: str = "current"  # the L_FM the gate reads: this step's ('current') or the previous one (authors)
     gate_mode: str = "dynamic"  # 'dynamic' (L_FM < mean / gate) or 'static' (L_FM < gate)
     gate_decay: float = 0.99  # decay of the gate's running mean of L_FM
-    ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors: 0.999); 0 disables
+    ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors' teacher: 0.999); 0 disables
     ema_teacher: bool = False  # True: copy the EMA back into the head every step, before the optimiser (authors)
     sample_steps: int = 32  # Euler steps of the head's sampler
     # --- training ---
