@@ -243,7 +243,7 @@ def run_one(kind, d, a, seed, **over):
                 sample_steps=a.sample_steps, batch_size=a.batch_size, lr=a.lr, seed=seed)
     if kind == "authors":  # the preset's head, targets and teacher; the toy's steps, batch and lr
         opts = dict(recipe="authors", steps=a.steps, sample_steps=a.sample_steps, batch_size=a.batch_size,
-                    lr=a.lr, seed=seed)
+                    lr=a.lr, seed=seed, **a.authors_over)
     opts.update(over)
     cfg = sfr.Config(**opts).validate()
     t0 = time.time()
@@ -316,7 +316,7 @@ def figure(path, panels, summary, sweep, a, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = ["truth"] + list(HEADS)
+    names = ["truth"] + [h for h in HEADS if h in a.heads]
     dims = sorted(panels)
     n_rows = len(dims) + 1
     fig = plt.figure(figsize=(3.0 * len(names), 2.9 * n_rows), constrained_layout=True)
@@ -391,6 +391,18 @@ def figure(path, panels, summary, sweep, a, title):
 # ----------------------------------------------------------------------------- command line
 
 
+def overrides(text):
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'}, each value parsed as its sfr.Config field's type."""
+    types = {f.name: type(getattr(sfr.Config(), f.name)) for f in sfr.dataclasses.fields(sfr.Config)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        if k not in types:
+            raise argparse.ArgumentTypeError(f"{k!r} is not an sfr.Config field")
+        out[k] = v.lower() in ("1", "true", "yes") if types[k] is bool else types[k](v)
+    return out
+
+
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     floats = lambda s: [float(x) for x in s.split(",") if x]
@@ -416,6 +428,9 @@ def parse_args(argv=None):
                         "Config.target_scale). 'std' by default here so that the main grid isolates the "
                         "source: with 'unit' the gaussian head already fails at d=16 (see the sweep)")
     p.add_argument("--sample_steps", type=int, default=32, help="Euler steps of the flow samplers")
+    p.add_argument("--authors_over", type=overrides, default={},
+                   help="sfr.Config fields for the 'authors' row, to take one difference away: "
+                        "e.g. ema_teacher=false or ema_teacher=false,target_scale=std")
     p.add_argument("--n_ctx", type=int, default=16, help="contexts (each its own h and modes; <= 32 with minilm)")
     p.add_argument("--d_h", type=int, default=64, help="dimension of the context feature h ~ N(0, I)")
     p.add_argument("--weights", type=floats, default=[0.7, 0.3],
