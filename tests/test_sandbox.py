@@ -269,13 +269,181 @@ def test_a_program_that_returns_the_right_values_passes_even_if_it_writes_to_the
     assert run(right).passed
 
 
-@pytest.mark.parametrize("fds", [range(3, 64), range(3, 1024)])
-def test_garbage_on_every_fd_is_an_error_not_a_crash(fds, boundary):
-    program = (f"import os\nfor fd in range({fds.start}, {fds.stop}):\n    try:\n"
-               "        os.write(fd, b'FAIL\\tx\\n' + bytes(range(256)) + b'\\tV\\t\\n')\n"
-               "    except OSError:\n        pass\n" + RIGHT)
+@pytest.mark.parametrize("solution", [RIGHT, WRONG], ids=["right", "wrong"])
+@pytest.mark.parametrize("line", [b"FAIL\tx\n", b"FAIL\tx\n" + bytes(range(256)) + b"\tV\t\n"], ids=["short", "binary"])
+def test_garbage_on_every_fd_is_an_error_not_a_crash(line, solution, boundary):
+    # the harness of before raised ValueError on `FAIL\tx` (and so did run_checks,
+    # evaluate and check-references); a right solution that writes garbage fails too
+    program = (f"import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, {line!r})\n"
+               "    except OSError:\n        pass\n" + solution)
     result = run(program, limits=boundary)  # must not raise
     assert result.status == "error" and "did not write" in result.detail, result
+
+
+# ---------------------------------------------------------------------------
+# The parent's side: parsing tests, decoding values
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("test, leaves", [
+    ("assert f(1) == 2", ["f(1)"]),
+    ("assert f([1, 2], 'a') == [3, (4, 5)], 'message'", ["f([1, 2], 'a')"]),
+    ("assert int(f(5, 3)) == 35", ["f(5, 3)"]),                 # MBPP 912: int() runs in the parent
+    ("assert f(x) == sys.getsizeof((1, 'a'))", ["f(x)"]),        # MBPP 596: so does sys.getsizeof
+    ("assert set(f(1)) == {1} and not g(2)", ["f(1)", "g(2)"]),
+    ("assert math.isclose(f(1), 0.5, rel_tol=1e-3)", ["f(1)"]),
+    ("assert abs(f(1) - 3.0) < 1e-9", ["f(1)"]),                 # an __sub__ of the program never runs
+    ("assert f(1)[0].real == 2", ["f(1)"]),
+    ("assert root.left.data == 3", ["root.left.data"]),
+    ("assert f(1) is None", ["f(1)"]),
+    ("assert sorted(f(0), key=lambda t: t[1]) == []", ["f(0)"]),
+    ("assert 3 == 3", []),
+])
+def test_plan_splits_program_values_from_the_comparison(test, leaves):
+    assert list(sb.plan_test(test).leaves) == leaves
+
+
+def test_a_name_the_program_defines_is_the_programs():
+    # MBPP task 126 defines its own `sum`: then sum(...) is the program's call
+    names = sb.bound_names("def sum(a, b):\n    return 6\nimport math\nfrom os import path as p\n")
+    assert names == {"sum", "p"}  # `import math` binds the real module: still trusted
+    assert sb.plan_test("assert sum(10, 15) == 6", names).leaves == ("sum(10, 15)",)
+    assert sb.plan_test("assert sum(f(1)) == 6").leaves == ("f(1)",)
+
+
+@pytest.mark.parametrize("test", [
+    "import os", "x = f(1)", "assert f(1) == 1; assert f(2) == 2", "for x in []: pass",
+    "assert all(f(x) for x in range(3))", "assert (y := f(1)) == 1", "assert f(1) is g(1)",
+    "assert [*f(1)] == [1]", "assert f(1) ==",
+])
+def test_unsupported_tests_are_errors_that_never_run(test):
+    with pytest.raises(sb.UnsupportedTest):
+        sb.plan_test(test)
+    result = run("raise SystemExit(0)\n", [test])
+    assert result.status == "error" and "unsupported test" in result.detail and result.boundary == ""
+
+
+@pytest.mark.parametrize("text", [
+    "", "1", '"a"', "[1]", '{"i": 5}', '{"i": "zz"}', '{"x": []}', '{"d": [[1]]}', '{"d": [[[], 1]]}',
+    '{"s": [[]]}', '{"i": "1", "f": "2"}', "[" * 5000 + "]" * 5000, '{"u": "ff"}', '{"c": ["1"]}',
+])
+def test_decode_refuses_anything_the_encoder_does_not_write(text):
+    with pytest.raises((ValueError, TypeError)):
+        sb.decode(text)
+
+
+# ---------------------------------------------------------------------------
+# Clean-up, disk, files it cannot delete, the OS boundary
+# ---------------------------------------------------------------------------
+
+DEEP = ("import os\nos.mkdir('a')\nfor _ in range(3000):\n"
+        "    os.mkdir('b')\n    os.rename('a', 'b/a')\n    os.rename('b', 'a')\n"
+        "open('a/x', 'w').close()\n")
+
+
+@pytest.fixture
+def fast_tmp(monkeypatch, tmp_path):
+    """A temporary directory on tmpfs where there is one: on this machine's disk each
+    rmdir costs ~3 ms, so removing 3,000 directories would take 9 s of the suite."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        base = shm / f"sfr-test-{secrets.token_hex(4)}"
+        base.mkdir()
+        monkeypatch.setattr(sb.tempfile, "tempdir", str(base))
+        yield base
+        sb.remove_tree(str(base))
+    else:
+        yield tmp_path
+
+
+def test_a_3000_deep_directory_is_cleaned_up(boundary, fast_tmp):
+    before = sandbox_dirs()
+    result = run(DEEP + RIGHT, limits=boundary)  # the harness of before: RecursionError here
+    # without bwrap the disk poll may see the tree first ("too deep to measure")
+    assert result.status == "passed" or (boundary.boundary == "hook" and result.status == "killed"), result
+    assert sandbox_dirs() == before
+
+
+def test_remove_tree_handles_depth_locked_directories_and_links(fast_tmp):
+    tmp_path = fast_tmp
+    root = tmp_path / "root"
+    root.mkdir()
+    os.chdir(root)
+    try:
+        os.mkdir("a")
+        for _ in range(3000):  # deeper than PATH_MAX allows as one path
+            os.mkdir("b")
+            os.rename("a", "b/a")
+            os.rename("b", "a")
+        os.makedirs("locked/inner")
+        Path("locked/inner/f").write_text("x")
+        os.chmod("locked/inner", 0)
+        os.chmod("locked", 0)
+        os.symlink(str(tmp_path), "link-out")  # must be removed, not followed
+        (tmp_path / "keep").write_text("outside")
+    finally:
+        os.chdir(tmp_path)
+    assert sb.remove_tree(str(root)) is True
+    assert not root.exists() and (tmp_path / "keep").read_text() == "outside"
+    assert sb.remove_tree(str(root)) is True  # already gone
+
+
+def test_disk_use_is_bounded(boundary):
+    # 8 MiB files, each under RLIMIT_FSIZE, 256 MiB in all: the harness of before let
+    # all of it reach the disk. Now bwrap's tmpfs says ENOSPC at disk_bytes, and the
+    # fallback's poll kills the check soon after.
+    limits = sb.Limits(boundary=boundary.boundary, disk_bytes=32 << 20)
+    program = ("total = 0\ntry:\n    for i in range(32):\n        with open('f%d' % i, 'wb') as f:\n"
+               "            f.write(b'x' * (8 << 20))\n        total += 8 << 20\n"
+               "except OSError as e:\n    print(total, e.errno, flush=True)\n" + RIGHT)
+    result = run(program, limits=limits)
+    if boundary.boundary == "bwrap":
+        written, errno_ = map(int, result.output.split())
+        assert written <= 32 << 20 and errno_ == 28, result  # ENOSPC
+    else:
+        assert result.status == "killed" and "files over" in result.detail, result
+
+
+@pytest.mark.skipif(not sb.bwrap_status()[0], reason="bwrap does not work here")
+def test_bwrap_hides_the_host(tmp_path):
+    # os.stat and os.listdir raise no audit event the hook refuses, so without bwrap a
+    # program can see what exists on the host (reading /etc/shadow is refused by the hook).
+    host_file = tmp_path / "host-only.txt"
+    host_file.write_text("x")
+    probe = ("import os\ndef seen():\n    return [os.path.exists(p) for p in "
+             f"('/etc/shadow', '/etc/passwd', '/home', '/var', {str(host_file)!r})]\n")
+    result = run(probe, ["assert seen() == [False] * 5"], limits=sb.Limits(boundary="bwrap"))
+    assert result.passed, result
+    outside = run(probe, ["assert seen()[-1] is False"], limits=sb.Limits(boundary="hook"))
+    assert outside.status == "failed" and outside.boundary == "hook"  # documented: the hook does not hide
+
+
+@pytest.mark.parametrize("attempt", ["import spwd\nspwd.getspall()", "open('/etc/shadow').read()"])
+def test_reading_etc_shadow_is_refused_in_both_layers(attempt, boundary):
+    # spwd reads the file in C without an audit event: as root it returned every hash
+    result = run(attempt + "\n" + RIGHT, limits=boundary)
+    assert result.status in ("refused", "error") and not result.passed, result
+    if boundary.boundary == "hook":
+        assert result.status == "refused"
+
+
+def test_bytecode_surgery_ends_without_a_pass(boundary):
+    # co_code is raw bytecode: this one jumps nowhere sensible and may crash the interpreter.
+    # The audit hook cannot stop it; the verdict does not depend on the child surviving.
+    program = ("def double(x):\n    return x\n"
+               "bad = double.__code__.replace(co_code=b'\\x97\\x00' + b'\\x64\\xff' * 8 + b'\\x53\\x00')\n"
+               "try:\n    exec(bad)\nexcept Exception:\n    pass\n")
+    result = run(program, limits=boundary)
+    assert not result.passed, result
+
+
+def test_bad_limits_are_refused():
+    for bad in [dict(memory_bytes=0), dict(memory_bytes=-5 << 20), dict(disk_bytes=0), dict(wall_seconds=0.0),
+                dict(wall_seconds=float("inf")), dict(boundary="none")]:
+        with pytest.raises(ValueError, match="Limits"):
+            sb.Limits(**bad)
+    for timeout in [0, -1, float("nan"), float("inf"), "5", True]:
+        with pytest.raises(ValueError, match="timeout"):
+            sb.run_program(RIGHT, TESTS, timeout)
 
 
 def test_plain_values_round_trip_exactly(boundary):
