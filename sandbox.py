@@ -20,9 +20,13 @@ what the right answer is, and never says whether a test passed:
    ``set(...)``), which the parent evaluates itself.
 2. The child runs program and setup code, then evaluates only the leaves, and
    writes each value to the result pipe as tagged JSON (``encode`` in the child,
-   ``decode`` here). Only exact built-in types are encoded: int, float, complex,
-   bool, str, bytes, None and tuple/list/dict/set/frozenset of those; anything else
-   (a subclass, an object whose ``__eq__`` is always true, a generator) is an error.
+   ``decode`` here). Only plain data is encoded: int, float, complex, bool, str,
+   bytes, None and tuple/list/dict/set/frozenset of those. A subclass of one of
+   these (``Counter``, ``OrderedDict``, a namedtuple, an ``IntEnum``; 4 MBPP
+   references return a Counter or defaultdict) is sent as its base type's own
+   data, read with the base type's C methods, so its ``__eq__``, ``__iter__`` or
+   ``__hash__`` never run. Anything else (an object whose ``__eq__`` is always
+   true, a generator, a function) is an error.
 3. The parent decodes the values (json and a fixed tag table: never pickle, never
    eval of child output) and evaluates the assert's expression on them. Only the
    parent decides "failed" or "passed".
@@ -43,15 +47,18 @@ computing them).
 Test shapes in MBPP (``mbpp.jsonl``, 974 tasks; ``survey_test_shapes`` recomputes
 this table and tests/test_sandbox.py checks it against the file)::
 
-    shape                                          test_list  challenge_test_list
-    assert CALL == literal                              2911                   16
-    assert CALL == literal, msg  (msg is ignored)          6                    0
-    assert int(CALL) == literal  (int in the parent)       3                    0
-    assert CALL == sys.getsizeof(literal)                  3                    0
-    unsupported                                            0                    0
+    shape                                      test_list  challenge_test_list
+    assert CALL == literal                          2910                   16
+    assert CALL == literal, msg                        6                    0
+    assert CALL == sys.getsizeof(literal)              3                    0
+    assert int(CALL) == literal                        3                    0
+    unsupported                                        0                    0
 
-test_setup_code is non-empty in 2 tasks (it builds binary trees); it runs in the
-child as code, like the program. Comparisons are evaluated exactly as written
+CALL is a call of the program's function with literal arguments (or the setup
+code's variables); the message of ``assert ..., msg`` is never evaluated, and
+``int(...)`` and ``sys.getsizeof(...)`` run in the parent. test_setup_code is
+non-empty in 2 tasks (it builds binary trees); it runs in the child as code,
+like the program. Comparisons are evaluated exactly as written
 (MBPP uses ``==`` only, float tests included); ``!=``, ``<`` ... ``in``, ``is`` with
 None/True/False, ``and``/``or``/``not``, arithmetic, subscripts and calls of a few
 pure built-ins (``TRUSTED_NAMES``) and of ``math``/``cmath`` are supported too.
@@ -61,7 +68,7 @@ What is not supported, and what happens: a test that is not a single ``assert``
 lambda, comprehension, starred or walrus expression, is refused before anything
 runs: the check is an ``error`` ("unsupported test"), never a pass and never run
 in the child, because a statement's success could only be reported by the child.
-None of MBPP's 2,934 tests is refused. A leaf whose value is not plain data (a
+None of MBPP's 2,938 tests is refused. A leaf whose value is not plain data (a
 function passed to ``map``, a tree node) is an ``error`` too.
 
 Operating-system boundary
@@ -176,6 +183,7 @@ class CheckResult:
     output: str = ""   # what it printed (stdout and stderr, at most Limits.output_bytes)
     returncode: int | None = None
     boundary: str = ""  # which outer layer ran: "bwrap" or "hook" ("" if nothing ran)
+    cpu_time: float | None = None  # CPU seconds of everything the check ran (from its cgroup; None without)
 
     @property
     def passed(self) -> bool:
@@ -986,6 +994,17 @@ class _Cgroup:
     def procs_file(self) -> str:
         return os.path.join(self.dirs[0], "cgroup.procs")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by all members so far (cgroup v2's cpu.stat), or None."""
+        try:
+            for line in Path(self.dirs[0], "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+        except (OSError, ValueError):
+            pass
+        return None
+
     def add(self, pid: int) -> None:
         for d in self.dirs:
             _write_text(os.path.join(d, "cgroup.procs"), str(pid))
@@ -1386,7 +1405,7 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
     if cgroup is not None:  # join it before exec, so that everything the child starts is inside
         argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup.procs_file()] + argv
     result_r, result_w = os.pipe()
-    proc = pidfd = None
+    proc = pidfd = cpu_used = None
     out_fd = -1
     buffers: dict[int, bytearray] = {}
     ending = "error"
@@ -1444,6 +1463,7 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
             if fd is not None:
                 os.close(fd)
         if cgroup is not None:
+            cpu_used = cgroup.cpu_seconds()
             cgroup.remove()
         removed = remove_tree(host_dir) if host_dir else True
     out = bytes(buffers.get(out_fd, b""))
@@ -1451,7 +1471,7 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
     if not removed:
         detail += f" (could not remove {host_dir})"
     return CheckResult(status, detail, time.monotonic() - start,
-                       out[:limits.output_bytes].decode("utf-8", "replace"), proc.returncode, layer)
+                       out[:limits.output_bytes].decode("utf-8", "replace"), proc.returncode, layer, cpu_used)
 
 
 def _final(verdict: _Verdict, ending: str, returncode: int | None, layer: str, timeout: float,

@@ -8,6 +8,7 @@ does not work) and once with the fallback layers. SFR_LONG_TESTS=1 runs the leak
 test with 1000 checks instead of 200.
 """
 
+import json
 import os
 import secrets
 import subprocess
@@ -727,3 +728,18 @@ def test_many_checks_leak_nothing():
     print(f"{n} checks, {rate:.1f} checks/s")
 
 
+
+
+# ---------------------------------------------------------------------------
+# MBPP: the docstring's survey of test shapes, and every reference in the sandbox
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not MBPP.exists(), reason=f"{MBPP} not present")
+def test_the_docstring_lists_mbpps_test_shapes():
+    records = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
+    survey = sb.survey_test_shapes(records)
+    assert "unsupported" not in survey  # every MBPP test splits into leaves and a comparison
+    for shape, counts in survey.items():
+        row = f"{shape:<42} {counts['test_list']:>9} {counts['challenge_test_list']:>20}"
+        assert "    " + row + "\n" in sb.__doc__, row
+    assert sum(c["test_list"] + c["challenge_test_list"] for c in survey.values()) == 2938
