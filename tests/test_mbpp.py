@@ -310,3 +310,85 @@ def test_import_does_not_pull_in_torch():
                            "print('torch' in sys.modules, 'numpy' in sys.modules)"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input costs nothing: one line naming the flag, file or line, exit 2
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["check_references", "--memory_mb", "-5"], "--memory_mb"),   # was: no memory limit at all
+    (["check_references", "--memory_mb", "0"], "--memory_mb"),
+    (["check_references", "--timeout", "0"], "--timeout"),        # was: 0/10 references pass
+    (["check_references", "--timeout", "-1"], "--timeout"),
+    (["check_references", "--timeout", "nan"], "--timeout"),      # was: a traceback
+    (["evaluate", "--samples", "s.jsonl", "--timeout", "inf"], "--timeout"),
+    (["check_references", "--workers", "0"], "--workers"),
+    (["run", "--temperatures", "-0.5"], "--temperatures"),        # was: sampled and reported
+    (["run", "--temperatures", "0.8", "nan"], "--temperatures"),  # was: a crash after training
+    (["run", "--n", "0"], "--n"),                                 # was: a crash after training
+    (["run", "--max_new_tokens", "0"], "--max_new_tokens"),
+    (["run", "--lora_dropout", "1.5"], "--lora_dropout"),
+    (["check_references", "--memory-mb", "512"], "--memory-mb"),  # the old kebab-case spelling
+])
+def test_bad_flags_are_refused_before_any_work(argv, flag, capsys, monkeypatch):
+    started = []
+    for name in ("_cmd_check_references", "_cmd_evaluate", "_cmd_run"):
+        monkeypatch.setattr(rm, name, lambda args: started.append(args) or 0)
+    with pytest.raises(SystemExit) as exit_:
+        rm.main(argv[:1] + ["--mbpp", "m.jsonl"] + argv[1:])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and started == []
+    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, err
+
+
+def _main_error(argv, capsys) -> str:
+    assert rm.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    err = "\n".join(lines)  # the note says the file is not the recorded copy of MBPP
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_non_utf8_mbpp_file_names_file_and_line(tmp_path, capsys):
+    mbpp = tmp_path / "mbpp.jsonl"
+    line = json.dumps(record(1)).encode()
+    mbpp.write_bytes(line + b"\n" + line.replace(b"Add", b"Add \xff") + b"\n")
+    err = _main_error(["check_references", "--mbpp", str(mbpp), "--no_progress"], capsys)
+    assert f"{mbpp}:2: not UTF-8 (byte 0xff" in err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"task_id": 1, "completion": "x"}\n{"task_id": 1, "completion": \n', ":2: not valid JSON"),
+    (b'{"task_id": 1}\n', ":1: missing field 'completion'"),
+    (b'{"completion": "x"}\n', ":1: missing field 'task_id'"),
+    (b'\n\n{"task_id": "1", "completion": "x"}\n', ":3: field 'task_id' must be int"),
+    (b'[1, 2]\n', ":1: expected a JSON object"),
+    (b'{"task_id": 1, "completion": "\xe9"}\n', ":1: not UTF-8"),
+    (b'{"task_id": 99, "completion": "x"}\n', "task_ids not in"),
+])
+def test_a_bad_samples_file_names_file_and_line(tmp_path, capsys, content, words):
+    mbpp, samples = tmp_path / "mbpp.jsonl", tmp_path / "samples.jsonl"
+    mbpp.write_text(json.dumps(record(1)) + "\n")
+    samples.write_bytes(content)
+    err = _main_error(["evaluate", "--mbpp", str(mbpp), "--samples", str(samples), "--no_progress"], capsys)
+    assert words in err and str(samples) in err
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    err = _main_error(["check_references", "--mbpp", str(tmp_path / "nope.jsonl")], capsys)
+    assert "nope.jsonl: no such file" in err
+
+
+@pytest.mark.parametrize("command", [[], ["download"], ["check_references"], ["evaluate"], ["run"]])
+def test_every_help_is_harmless(command, tmp_path):
+    # prints and exits 0: no download, no training, no file written, torch not imported
+    script = ("import runpy, sys; sys.argv = ['reproduce_mbpp.py'] + sys.argv[1:]\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "try:\n    runpy.run_path(sys.argv[0] if False else "
+              f"{str(REPO / 'reproduce_mbpp.py')!r}, run_name='__main__')\n"
+              "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, *command, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("exit 0 False"), done.stdout + done.stderr
+    assert "usage:" in done.stdout and list(tmp_path.iterdir()) == []
