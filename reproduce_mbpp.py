@@ -526,7 +526,9 @@ def load_samples(path: str) -> dict[int, list[str]]:
 
 
 def _limits_from(args) -> Limits:
-    return Limits(memory_bytes=args.memory_mb << 20)
+    if args.boundary == "bwrap" and not sandbox.bwrap_status()[0]:
+        raise UsageError(f"--boundary bwrap: {sandbox.bwrap_status()[1]}")
+    return Limits(memory_bytes=args.memory_mb << 20, boundary=args.boundary)
 
 
 def _cmd_download(args) -> int:
@@ -635,11 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mbpp", required=True, help="path to mbpp.jsonl (see the download command)")
         p.add_argument("--timeout", type=SECONDS, default=5.0,
                        help="CPU seconds per program (RLIMIT_CPU, whole seconds; the wall clock only caps "
-                            "sleeping programs, at 3x this + 5 s) (default: %(default)s)")
+                            "sleeping programs, at 10x this + 10 s) (default: %(default)s)")
         p.add_argument("--workers", type=POSITIVE_INT, default=None,
                        help="programs run at once (default: the number of CPUs)")
         p.add_argument("--memory_mb", type=POSITIVE_INT, default=1024,
                        help="address-space limit per program in MiB (default: %(default)s)")
+        p.add_argument("--boundary", choices=("auto", "bwrap", "hook"), default="auto",
+                       help="outer layer of the sandbox: bwrap (bubblewrap) if it works, else the audit-hook "
+                            "fallback; 'bwrap' refuses to run without it (default: %(default)s)")
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("check_references",
@@ -1107,6 +1112,7 @@ def _cmd_run(args) -> int:
     import torch
     import sfr
     t_start, load_start = time.time(), _load_average()
+    _limits_from(args)  # a sandbox that cannot run is refused before any training
     s = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)

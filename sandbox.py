@@ -87,7 +87,9 @@ audit hook; ``CheckResult.boundary`` says which layer ran ("bwrap" or "hook").
 Always, in the child: RLIMIT_CPU (the time limit: CPU seconds, so a verdict does
 not depend on what else the machine runs), RLIMIT_AS, RLIMIT_FSIZE,
 RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0; a generous wall cap
-(``Limits.wall_seconds``) for programs that sleep; a per-check cgroup with
+(``Limits.wall_seconds``, by default 10 x timeout + 10 s) for programs that sleep:
+MBPP task 123's reference needs 3-4 s of CPU but took up to 30 s of wall time on
+a loaded 2-core machine; a per-check cgroup with
 ``pids.max`` where cgroups are writable; SIGKILL for everything the check started.
 
 What it does not stop, plainly
@@ -151,7 +153,7 @@ class Limits:
     disk_bytes: int = 64 << 20      # all its files together (tmpfs size under bwrap, else polled)
     open_files: int = 256           # RLIMIT_NOFILE
     max_tasks: int = 16             # cgroup pids.max: processes + threads, where cgroups are writable
-    wall_seconds: float | None = None  # wall cap, for programs that sleep; None: 3 * timeout + 5
+    wall_seconds: float | None = None  # wall cap, for programs that sleep; None: 10 * timeout + 10
     boundary: str = "auto"          # "auto": bwrap if it works, else "hook"; or force "bwrap" / "hook"
 
     def __post_init__(self):
@@ -1385,7 +1387,7 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
     sandbox = BWRAP_DIR if layer == "bwrap" else host_dir
     token = secrets.token_hex(16)
     cpu = max(1, math.ceil(timeout))
-    wall = limits.wall_seconds or 3 * timeout + 5
+    wall = limits.wall_seconds or 10 * timeout + 10  # generous: see the module docstring
     rlimits = [("RLIMIT_AS", limits.memory_bytes, limits.memory_bytes),
                ("RLIMIT_CPU", cpu, cpu + 1),
                ("RLIMIT_FSIZE", limits.file_bytes, limits.file_bytes),
