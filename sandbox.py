@@ -264,24 +264,30 @@ def bound_names(code: str) -> set[str]:
     return names
 
 
-def _free_names(node: ast.AST) -> set[str]:
-    """Names an expression reads from outside itself (lambda and comprehension variables excluded)."""
+def _free_names(node: ast.AST, memo: dict | None = None) -> frozenset[str]:
+    """Names an expression reads from outside itself (lambda and comprehension variables
+    excluded); ``memo`` (id(node) -> names) makes repeated calls on subtrees cheap."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    free = lambda n: _free_names(n, memo)  # noqa: E731
     if isinstance(node, ast.Lambda):
         a = node.args
         params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
-        return (_free_names(node.body) - params).union(
-            *(_free_names(d) for d in a.defaults + [d for d in a.kw_defaults if d]))
-    if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+        names = (free(node.body) - params).union(*(free(d) for d in a.defaults + [d for d in a.kw_defaults if d]))
+    elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
         inner = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
-        bound, free = set(), set()
+        bound = set()
         for gen in node.generators:
             bound |= {n.id for n in ast.walk(gen.target) if isinstance(n, ast.Name)}
             inner += [gen.iter] + gen.ifs
-        free = set().union(*(_free_names(n) for n in inner))
-        return free - bound | _free_names(node.generators[0].iter)
-    if isinstance(node, ast.Name):
-        return {node.id}
-    return set().union(set(), *(_free_names(child) for child in ast.iter_child_nodes(node)))
+        names = set().union(*(free(n) for n in inner)) - bound | free(node.generators[0].iter)
+    elif isinstance(node, ast.Name):
+        names = {node.id}
+    else:
+        names = set().union(*(free(child) for child in ast.iter_child_nodes(node)))
+    memo[id(node)] = frozenset(names)
+    return memo[id(node)]
 
 
 # Nodes the parent computes itself when a part of them needs the program.
@@ -297,10 +303,10 @@ class _Splitter(ast.NodeTransformer):
     """Replace each smallest program-dependent sub-expression by a name ``_v<i>``."""
 
     def __init__(self, trusted: set[str]):
-        self.trusted, self.leaves = trusted, []
+        self.trusted, self.leaves, self.memo = trusted, [], {}
 
     def needs_program(self, node) -> bool:
-        return bool(_free_names(node) - self.trusted)
+        return bool(_free_names(node, self.memo) - self.trusted)
 
     def leaf(self, node):
         self.leaves.append(ast.unparse(node))
