@@ -102,8 +102,10 @@ What it does not stop, plainly
   can reach. With bwrap, the same escape gains nothing outside the namespaces:
   no network, no host files except the read-only interpreter and libraries.
   Neither layer makes the verdict depend on the hook (see above).
-- As root without bwrap, RLIMIT_NPROC does not apply; the cgroup (if writable)
-  or the /proc sweep contains forks. Kernel exploits are out of scope: use a VM.
+- RLIMIT_NPROC does not apply to root (bwrap keeps uid 0 as root's own uid):
+  there the cgroup's pids.max (where cgroups are writable) bounds forks, and the
+  cgroup, bwrap's pid namespace or the /proc sweep kills them at the end.
+  Kernel exploits are out of scope: use a VM.
 - The total disk bound without bwrap is a poll: a program can write up to
   0.1 s worth of data past ``Limits.disk_bytes`` before it is killed, and a tree
   too deep to measure (over PATH_MAX) counts as over the bound.

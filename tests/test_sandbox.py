@@ -5,7 +5,7 @@ Offline, CPU-only, no torch. Programs that must pass only by forging carry a
 that must be refused or contained carry the RIGHT one, so only the sandbox can make
 them fail. Tests marked with ``boundary`` run once inside bwrap (skipped where it
 does not work) and once with the fallback layers. SFR_LONG_TESTS=1 runs the leak
-test with 1000 checks instead of 200.
+test with 1000 checks instead of 100.
 """
 
 import json
@@ -133,6 +133,12 @@ def test_output_flood_is_cut_off():
     result = run("while True:\n    print('x' * 10000)\n" + RIGHT, timeout=10.0, limits=sb.Limits(wall_seconds=10.0))
     assert result.status == "killed" and "output" in result.detail
     assert len(result.output) <= sb.Limits().output_bytes and result.wall_time < 5.0
+
+
+def test_a_huge_value_is_cut_off():
+    # 8 MiB of str is 16 MiB of hex on the result pipe, over Limits.result_bytes (4 MiB)
+    result = run("def double(x):\n    return 'x' * (8 << 20)\n")
+    assert result.status == "killed" and "values over" in result.detail, result
 
 
 def test_output_is_captured():
@@ -710,7 +716,7 @@ def _children_of_me() -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_many_checks_leak_nothing():
-    n = 1000 if os.environ.get("SFR_LONG_TESTS") else 200
+    n = 1000 if os.environ.get("SFR_LONG_TESTS") else 100
     programs = [RIGHT, WRONG, "def double(x):\n    raise ValueError(x)\n", "import os\nos._exit(3)"]
     expected = ["passed", "failed", "error", "error"]
     jobs = [(programs[i % 4], TESTS, "") for i in range(n)]
