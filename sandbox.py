@@ -73,24 +73,33 @@ function passed to ``map``, a tree node) is an ``error`` too.
 
 Operating-system boundary
 -------------------------
-Where ``bwrap`` (bubblewrap) works (``boundary()`` runs it once to check), every
-child runs inside it: ``--unshare-all`` (no network, own pid/ipc/uts/user
-namespaces), ``--die-with-parent``, a read-only view of the interpreter and the
-system libraries only (no /etc, /home, /root, /var, /srv), its own /proc and
-/dev, and a private tmpfs as /tmp of at most ``Limits.disk_bytes`` (its cwd is
-/tmp/sandbox, the only place the audit hook lets it write),
-which disappears with the check: nothing is left to clean up. Elsewhere the
-fallback is this module's older layers: a temporary directory on the host (its
-size polled every 0.1 s, removed afterwards without recursion) and the in-process
-audit hook (PEP 578) that refuses reading and writing outside it. Both run the
-audit hook; ``CheckResult.boundary`` says which layer ran ("bwrap" or "hook").
-Always, in the child: RLIMIT_CPU (the time limit: CPU seconds, so a verdict does
-not depend on what else the machine runs), RLIMIT_AS, RLIMIT_FSIZE,
-RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0; a generous wall cap
-(``Limits.wall_seconds``, by default 10 x timeout + 10 s) for programs that sleep:
-MBPP task 123's reference needs 3-4 s of CPU but took up to 30 s of wall time on
-a loaded 2-core machine; a per-check cgroup with
-``pids.max`` where cgroups are writable; SIGKILL for everything the check started.
+Where ``bwrap`` (bubblewrap) works (``bwrap_status()`` runs it once to check),
+every child runs inside it:
+
+- ``--unshare-all``: no network, and its own pid, ipc, uts and user namespaces;
+  ``--die-with-parent``; all capabilities dropped.
+- Read-only binds of the system libraries (/usr, /lib*, /bin) and of the
+  interpreter's own prefix, wherever that is. Nothing else of the host: of /etc
+  only ld.so.cache and localtime, no /home, no /var, no other part of /root.
+- Its own /proc and /dev, and a private tmpfs as /tmp of at most
+  ``Limits.disk_bytes``. Its cwd is /tmp/sandbox, the only place the audit hook
+  lets it write. The tmpfs disappears with the check: nothing is left to clean up.
+
+Elsewhere the fallback is this module's older layers: a temporary directory on the
+host (its size polled every 0.1 s, removed afterwards without recursion) and the
+in-process audit hook (PEP 578) that refuses reading and writing outside it. Both
+run the audit hook; ``CheckResult.boundary`` says which layer ran ("bwrap" or
+"hook").
+
+Always, in the child:
+- RLIMIT_CPU is the time limit: CPU seconds, so a verdict does not depend on what
+  else the machine runs.
+- RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0 and RLIMIT_NPROC=0.
+- A generous wall cap for programs that sleep (``Limits.wall_seconds``, by default
+  10 x timeout + 10 s). MBPP task 123's reference needs 3-4 s of CPU but took up
+  to 30 s of wall time on a loaded 2-core machine.
+- A per-check cgroup with ``pids.max`` where cgroups are writable.
+- SIGKILL for everything the check started.
 
 What it does not stop, plainly
 ------------------------------
@@ -98,8 +107,9 @@ What it does not stop, plainly
   program's own interpreter: it stops accidents and casual attempts, not a
   deliberate escape (bytecode surgery with ``code.replace(co_code=...)`` reaches
   raw memory and can switch the hook off). Reads are then limited to the Python
-  library, but what the user running the harness can reach, an escaped program
-  can reach. With bwrap, the same escape gains nothing outside the namespaces:
+  library, but the program can still stat and list any host directory (those
+  calls raise no audit event the hook refuses), and what the user running the
+  harness can reach, an escaped program can reach. With bwrap, the same escape gains nothing outside the namespaces:
   no network, no host files except the read-only interpreter and libraries.
   Neither layer makes the verdict depend on the hook (see above).
 - RLIMIT_NPROC does not apply to root (bwrap keeps uid 0 as root's own uid):
