@@ -463,7 +463,10 @@ def _build(obj, depth):
 
 
 def _short(value, n=200) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (sys.set_int_max_str_digits)
+        return f"<an int of {value.bit_length()} bits>" if type(value) is int else "<cannot be shown>"
     return text if len(text) <= n else text[:n] + "..."
 
 
@@ -1368,6 +1371,10 @@ def _pump(buffers: dict[int, bytearray], caps: dict[int, int], deadline: float,
                 return "exited"
 
 
+class _NotStarted(Exception):
+    """run_program's way from a failed spawn to its clean-up."""
+
+
 def run_program(program: str, tests: list[str], timeout: float, setup_code: str = "", *,
                 limits: Limits | None = None, allow_processes: bool = False) -> CheckResult:
     """Run ``program``, then ``setup_code``, then check each assert in ``tests``.
@@ -1401,7 +1408,10 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
     if verdict.decided:  # a test that does not need the program and fails on its own
         status, detail = verdict.failure
         return CheckResult(status, detail, time.monotonic() - start, boundary="")
-    host_dir = None if layer == "bwrap" else os.path.realpath(tempfile.mkdtemp(prefix="sfr-sandbox-"))
+    try:
+        host_dir = None if layer == "bwrap" else os.path.realpath(tempfile.mkdtemp(prefix="sfr-sandbox-"))
+    except OSError as e:  # e.g. a full disk: this check cannot run, the others may
+        return CheckResult("error", f"sandbox: no temporary directory: {e}", time.monotonic() - start)
     sandbox = BWRAP_DIR if layer == "bwrap" else host_dir
     token = secrets.token_hex(16)
     cpu = max(1, math.ceil(timeout))
@@ -1440,8 +1450,12 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, cwd=host_dir or "/", env=env,
                                     pass_fds=(result_w,), start_new_session=True)
+        except OSError as e:  # e.g. EAGAIN from fork on a crowded machine
+            ending = f"could not start the child: {e}"
         finally:
             os.close(result_w)  # the child holds the only write end now
+        if proc is None:
+            raise _NotStarted
         try:
             pidfd = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
@@ -1465,6 +1479,8 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
 
         ending = _pump(buffers, caps, start + wall, proc, pidfd, on_result, result_r,
                        disk_poll if host_dir else None)
+    except _NotStarted:
+        pass
     finally:
         if proc is not None:
             _kill_everything(proc, cgroup, token)
@@ -1486,6 +1502,8 @@ def run_program(program: str, tests: list[str], timeout: float, setup_code: str 
             cpu_used = cgroup.cpu_seconds()
             cgroup.remove()
         removed = remove_tree(host_dir) if host_dir else True
+    if proc is None:
+        return CheckResult("error", f"sandbox: {ending}", time.monotonic() - start, boundary=layer)
     out = bytes(buffers.get(out_fd, b""))
     status, detail = _final(verdict, ending, proc.returncode, layer, timeout, wall, limits)
     if not removed:

@@ -141,6 +141,24 @@ def test_a_huge_value_is_cut_off():
     assert result.status == "killed" and "values over" in result.detail, result
 
 
+def test_a_wrong_huge_int_is_a_failure_the_parent_can_describe():
+    # repr() of a 10**5000 refuses (int_max_str_digits): the detail must not crash the parent
+    result = run("def double(x):\n    return 10 ** 5000\n")
+    assert result.status == "failed" and "bits" in result.detail, result
+
+
+def test_a_child_that_cannot_start_is_an_error_not_a_crash(monkeypatch):
+    def no_fork(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    sb.bwrap_status()  # its self-test runs (once, cached) before Popen breaks
+    monkeypatch.setattr(sb.subprocess, "Popen", no_fork)
+    before = sandbox_dirs()
+    for limits in (sb.Limits(boundary="hook"), sb.Limits()):
+        result = run(RIGHT, limits=limits)
+        assert result.status == "error" and "could not start" in result.detail, result
+    assert sandbox_dirs() == before
+
+
 def test_output_is_captured():
     result = run("print('hello from the sandbox')\n" + RIGHT)
     assert result.passed and result.output == "hello from the sandbox\n"
