@@ -532,7 +532,12 @@ def _limits_from(args) -> Limits:
 
 
 def _cmd_download(args) -> int:
-    dest = download_mbpp(args.url, args.dest, args.sha256)
+    try:
+        dest = download_mbpp(args.url, args.dest, args.sha256)
+    except (OSError, ValueError) as e:  # no network, a bad URL, an unwritable --dest
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"--url {args.url} to --dest {args.dest}: {e}") from None
     print(f"{dest}: sha256 {args.sha256} verified")
     return 0
 

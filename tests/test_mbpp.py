@@ -375,6 +375,12 @@ def test_a_bad_samples_file_names_file_and_line(tmp_path, capsys, content, words
     assert words in err and str(samples) in err
 
 
+def test_a_download_that_fails_is_one_line(tmp_path, capsys):
+    err = _main_error(["download", "--url", "http://127.0.0.1:9/mbpp.jsonl", "--dest",
+                       str(tmp_path / "m.jsonl")], capsys)
+    assert "--url http://127.0.0.1:9/mbpp.jsonl" in err and not (tmp_path / "m.jsonl").exists()
+
+
 def test_a_missing_file_is_one_line(tmp_path, capsys):
     err = _main_error(["check_references", "--mbpp", str(tmp_path / "nope.jsonl")], capsys)
     assert "nope.jsonl: no such file" in err
