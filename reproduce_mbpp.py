@@ -357,7 +357,7 @@ def _problem_summary(task_id: int, codes: list[str], results: list[CheckResult],
         "task_id": task_id, "n": n, "c": c,
         "parse_rate": sum(t is not None for t in trees) / n if n else 0.0,
         "distinct_passing": len({t for t, r in zip(trees, results) if r.passed}),
-        "outcomes": [{"status": r.status, "detail": r.detail[:300]} for r in results],
+        "outcomes": [{"status": r.status, "detail": r.detail[:300], "boundary": r.boundary} for r in results],
     }
     for k in ks:
         if n >= k:
@@ -1321,6 +1321,8 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
     doc = {"command": "python reproduce_mbpp.py " + " ".join(args.argv), "wall_seconds": wall,
            "stage_seconds_this_invocation": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "hardware": hardware, "versions": versions, "seed": args.seed,
+           "sandbox": {"boundary": sandbox.choose_boundary(args.boundary), "bwrap": sandbox.bwrap_status()[1] or "works",
+                       "cpu_seconds": args.timeout, "memory_mb": args.memory_mb},
            "sampling": {"n": s["n"], "temperatures": s["temperatures"], "max_new_tokens": s["max_new_tokens"],
                         "seeds": "per problem: (seed * 1000003 + task_id) * 1000033 + round(1000 T), "
                                  "the same for every method"},
