@@ -109,9 +109,10 @@ What it does not stop, plainly
   raw memory and can switch the hook off). Reads are then limited to the Python
   library, but the program can still stat and list any host directory (those
   calls raise no audit event the hook refuses), and what the user running the
-  harness can reach, an escaped program can reach. With bwrap, the same escape gains nothing outside the namespaces:
-  no network, no host files except the read-only interpreter and libraries.
-  Neither layer makes the verdict depend on the hook (see above).
+  harness can reach, an escaped program can reach. With bwrap, the same escape
+  gains nothing outside the namespaces: no network, no host files but the
+  read-only interpreter and libraries. Neither layer makes the verdict depend
+  on the hook (see above).
 - RLIMIT_NPROC does not apply to root (bwrap keeps uid 0 as root's own uid):
   there the cgroup's pids.max (where cgroups are writable) bounds forks, and the
   cgroup, bwrap's pid namespace or the /proc sweep kills them at the end.
@@ -286,7 +287,8 @@ def _free_names(node: ast.AST, memo: dict | None = None) -> frozenset[str]:
     if isinstance(node, ast.Lambda):
         a = node.args
         params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
-        names = (free(node.body) - params).union(*(free(d) for d in a.defaults + [d for d in a.kw_defaults if d]))
+        defaults = a.defaults + [d for d in a.kw_defaults if d]
+        names = (free(node.body) - params).union(*(free(d) for d in defaults))
     elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
         inner = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
         bound = set()
@@ -344,8 +346,8 @@ class _Splitter(ast.NodeTransformer):
                 if isinstance(op, (ast.Is, ast.IsNot)) and not any(
                         (isinstance(x, ast.Constant) and any(x.value is s for s in _SINGLETONS))
                         or (isinstance(x, ast.Name) and x.id in self.trusted) for x in (a, b)):
-                    raise UnsupportedTest("`is` compares identity, which plain values do not keep; only "
-                                          "`is None/True/False/...` and `type(...) is int` (a trusted name) are supported")
+                    raise UnsupportedTest("`is` compares identity, which plain values do not keep; only `is` "
+                                          "None/True/False/... or a trusted name (type(x) is int) is supported")
         if isinstance(node, _OPEN):
             return self.generic_visit(node)
         return self.leaf(node)
@@ -1276,7 +1278,8 @@ def _bwrap_argv(disk_bytes: int) -> list[str]:
             argv += ["--ro-bind", path, path]
     for path in ("/etc/ld.so.cache", "/etc/localtime"):
         argv += ["--ro-bind-try", path, path]
-    return argv + ["--size", str(disk_bytes), "--tmpfs", "/tmp", "--dir", BWRAP_DIR, "--chdir", BWRAP_DIR, "--"]
+    return argv + ["--size", str(disk_bytes), "--tmpfs", "/tmp", "--dir", BWRAP_DIR,
+                   "--chdir", BWRAP_DIR, "--"]
 
 
 _boundary_lock = threading.Lock()
