@@ -25,8 +25,8 @@ def one_thread():
 
 def run(mbpp_path, tmp, *extra):
     """`run --smoke` into tmp/out, caches in tmp/cache; returns the report as a dict."""
-    argv = ["run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no-progress", "--workers", "2",
-            "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache"), "--report", str(tmp / "report"), *extra]
+    argv = ["run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no_progress", "--workers", "2",
+            "--out", str(tmp / "out"), "--cache_dir", str(tmp / "cache"), "--report", str(tmp / "report"), *extra]
     assert R.main(argv) == 0
     return json.loads((tmp / "report.json").read_text())
 
@@ -207,17 +207,36 @@ def test_rerun_does_no_work_twice(smoke, mbpp_path, tmp_path, monkeypatch):
         {k: v for k, v in t0.items() if k != "sample_seconds"}
 
 
-def test_rerun_with_other_settings_is_refused(smoke, mbpp_path, tmp_path):
+def refused(mbpp_path, tmp, capsys, *extra) -> str:
+    """`run --smoke` that must stop with exit 2 and one line (no traceback) on stderr."""
+    argv = ["run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no_progress",
+            "--out", str(tmp / "out"), "--cache_dir", str(tmp / "cache"), "--report", str(tmp / "report"), *extra]
+    assert R.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_rerun_with_other_settings_is_refused(smoke, mbpp_path, tmp_path, capsys):
     src, _ = smoke
     for sub in ("out", "cache"):
         shutil.copytree(src / sub, tmp_path / sub)
-    with pytest.raises(SystemExit, match="other settings"):
-        run(mbpp_path, tmp_path, "--set", "lr=0.01")
+    assert "other settings" in refused(mbpp_path, tmp_path, capsys, "--set", "lr=0.01")
 
 
-def test_unknown_method_is_refused(mbpp_path, tmp_path):
-    with pytest.raises(SystemExit, match="unknown"):
-        run(mbpp_path, tmp_path, "--methods", "none,sft")
+def test_unknown_method_is_refused(mbpp_path, tmp_path, capsys):
+    assert "unknown" in refused(mbpp_path, tmp_path, capsys, "--methods", "none,sft")
+
+
+def test_null_targets_are_shuffled_once(smoke, mbpp_path, tmp_path, monkeypatch):
+    # sfr.train owns the null-target shuffle; reproduce_mbpp shuffled once more before it
+    src, _ = smoke
+    shutil.copytree(src / "cache", tmp_path / "cache")  # the pretrained weights and MiniLM targets
+    calls = []
+    real = sfr.shuffle_targets
+    monkeypatch.setattr(sfr, "shuffle_targets", lambda ex, seed: calls.append(seed) or real(ex, seed))
+    run(mbpp_path, tmp_path, "--methods", "sfr_null")
+    assert calls == [0]
 
 
 # ----------------------------------------------------------------------------- Hugging Face path
@@ -236,7 +255,7 @@ def tiny_hf(tmp_path):
 def test_hf_smoke_lora_merges_a_low_rank_update(tiny_hf, mbpp_path, tmp_path):
     from transformers import AutoModelForCausalLM
     folder, original = tiny_hf
-    doc = run(mbpp_path, tmp_path, "--model", str(folder), "--lora", "--lora-r", "2", "--methods", "none,sfr")
+    doc = run(mbpp_path, tmp_path, "--model", str(folder), "--lora", "--lora_r", "2", "--methods", "none,sfr")
     assert list(doc["methods"]) == ["none", "sfr"] and doc["lora"]["r"] == 2
     assert doc["methods"]["sfr"]["temperatures"]["0.8"]["problems"] == 2
     export = tmp_path / "out" / "sfr" / "export"
@@ -266,8 +285,8 @@ def test_torchrun_two_processes_train_what_one_does(smoke, mbpp_path, tmp_path, 
     _, doc = smoke
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reproduce_mbpp.py",
-         "run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no-progress", "--workers", "2",
-         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "report"),
+         "run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no_progress", "--workers", "2",
+         "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--report", str(tmp_path / "report"),
          *sets],
         cwd=R.Path(R.__file__).parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
