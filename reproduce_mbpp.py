@@ -707,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
 METHODS = {  # name -> sfr.Config overrides; every other field is shared by all methods
     "none": dict(aux="none"),  # next-token SFT
     "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
-    "sfr": dict(aux="flow"),  # SFR as the authors run it: unit-norm MiniLM targets, lambda = 1
+    # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
+    "sfr": dict(recipe="authors", aux="flow"),
+    "sfr_ours": dict(aux="flow"),  # this project's defaults (positions, masking, head, no stabilisers)
     "sfr_std": dict(aux="flow", target_scale="std"),  # SFR, targets standardised per dimension
     "sfr_null": dict(aux="flow", null_targets=True),  # control: SFR with targets shuffled across examples
     "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
@@ -722,6 +724,19 @@ METHODS = {  # name -> sfr.Config overrides; every other field is shared by all 
     "ladder_sfr": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
                        ladder_target="embedding"),
 }
+
+DATA_FIELDS = ("k", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
+
+
+def method_overrides(name: str) -> dict:
+    """METHODS[name] with its recipe's preset written out. The base config names every field, so
+    a bare recipe='authors' would change nothing (explicit fields win over a preset): every field
+    of sfr.RECIPES[recipe] but the data-dependent ones is set here, then the method's own."""
+    import sfr
+    over = METHODS[name]
+    preset = {f: v for f, v in sfr.RECIPES.get(over.get("recipe", "ours"), {}).items() if f not in DATA_FIELDS}
+    return {**preset, **over}
+
 
 # The built-in model, sized so that the default run (pretraining, three methods, 100
 # problems x 10 samples, execution) takes about 20 minutes on a shared 2-core CPU.
@@ -1170,7 +1185,7 @@ def _cmd_run(args) -> int:
     encoder = None
     configs, exports = {}, {}
     for name in methods:
-        cfg = sfr.Config(**{**dataclasses.asdict(base), **METHODS[name], "init": init,
+        cfg = sfr.Config(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
                             "out_dir": str(out / name), "resume": True}).validate()
         configs[name] = cfg
         key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
@@ -1335,7 +1350,7 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
     for name in methods:
         res = results[name]
         hist = res["train"]["history"]
-        entry = {"overrides": METHODS[name], "config": _config_key(configs[name]), "parameters": res["parameters"],
+        entry = {"overrides": method_overrides(name), "config": _config_key(configs[name]), "parameters": res["parameters"],
                  "train": {"seconds": res["train"]["seconds"], "last_step": hist[-1]},
                  "reference_loss": {**_loss_summary(res["loss"]),
                                     "vs_baseline": _paired_difference(res["loss"], results[base_name]["loss"])},
