@@ -172,7 +172,8 @@ class SFRMixin:
         fm = self.fm_loss(model, self._h, labels, inputs["input_ids"], inputs.get("attention_mask"))
         self._h = None
         if model.training:
-            ga, keeps = self.current_gradient_accumulation_steps, self._trainer_keeps_scale(num_items_in_batch)
+            ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)  # set by train()
+            keeps = self._trainer_keeps_scale(num_items_in_batch)
             if keeps:  # L_AR is already over the accumulated batch and the Trainer will not divide:
                 fm = fm / ga  # L_FM, a per-batch mean, is averaged over the accumulation steps here
             # the logs: what each term adds to the step's loss after the Trainer's own scaling
@@ -262,23 +263,29 @@ class SFRMixin:
         return len(self.targets.table)
 
 
-def _make_trainers():
-    from transformers import Trainer
+def __getattr__(name):
+    """SFRTrainer and SFRSFTTrainer are built on first use (PEP 562), so that `import sfr_hf` does
+    not import transformers' Trainer or TRL (seconds each) for the other half of this file."""
+    if name == "SFRTrainer":
+        from transformers import Trainer
 
-    class SFRTrainer(SFRMixin, Trainer):
-        """transformers.Trainer with SFR's auxiliary loss (see SFRMixin for the options)."""
+        class SFRTrainer(SFRMixin, Trainer):
+            """transformers.Trainer with SFR's auxiliary loss (options: see SFRMixin)."""
+        cls = SFRTrainer
+    elif name == "SFRSFTTrainer":
+        try:
+            from trl import SFTTrainer
+        except ImportError:
+            raise ImportError("SFRSFTTrainer needs TRL: pip install trl") from None
 
-    return SFRTrainer
-
-
-SFRTrainer = _make_trainers()
-
-if importlib.util.find_spec("trl") is not None:
-    from trl import SFTTrainer
-
-    class SFRSFTTrainer(SFRMixin, SFTTrainer):
-        """trl.SFTTrainer with SFR's auxiliary loss: SFT's own masking (completion_only_loss,
-        assistant_only_loss) decides the response, and so the targets."""
+        class SFRSFTTrainer(SFRMixin, SFTTrainer):
+            """trl.SFTTrainer with SFR's auxiliary loss (options: see SFRMixin). SFT's own masking
+            (completion_only_loss, assistant_only_loss) decides the response, and so the targets."""
+        cls = SFRSFTTrainer
+    else:
+        raise AttributeError(f"module 'sfr_hf' has no attribute {name!r}")
+    globals()[name] = cls  # built once
+    return cls
 
 
 # ----------------------------------------------------------------------------- data and a tiny model, offline
