@@ -74,6 +74,9 @@ def test_resume_matches_an_uninterrupted_run_and_export_is_the_plain_lm(kind, ti
 
     export = tmp_path / "export"
     full.save_model(str(export))
+    from safetensors import safe_open
+    with safe_open(export / "model.safetensors", "pt") as f:
+        assert f.keys() and not any("sfr_head" in k for k in f.keys())  # the file, not only what loads from it
     assert not (export / sfr_hf.HEAD_FILE).exists()
     plain = AutoModelForCausalLM.from_pretrained(export).eval()
     assert not any("sfr_head" in k for k in plain.state_dict())
