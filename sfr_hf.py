@@ -82,15 +82,21 @@ class LabelTargets:
     def __call__(self, labels):
         """labels (B, T) -> z1 (B, T, d_z), valid (B, T), w (B, T), indexed by the position of h."""
         B, T = labels.shape
-        z1, valid, w = torch.zeros(B, T, self.encoder.dim), torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T)
+        b_idx, t_idx, z1_rows, valid_rows, w_rows = [], [], [], [], []
         for b in range(B):
             t, resp = response_tokens(labels[b].cpu(), self.special_ids)
-            if not resp:
-                continue
-            z1_b, valid_b = self.of_response(resp)
-            N = len(resp)
-            z1[b, t - 1], valid[b, t - 1] = z1_b, valid_b  # h at t - 1 predicts the token at t
-            w[b, t - 1] = (N - torch.arange(N, dtype=torch.float)) / N  # w_p = (N - p + 1) / N, 1-based p
+            if resp:
+                z1_b, valid_b = self.of_response(resp)
+                N = len(resp)
+                b_idx.append(torch.full((N,), b))
+                t_idx.append(t - 1)  # h at t - 1 predicts the token at t
+                z1_rows.append(z1_b)
+                valid_rows.append(valid_b)
+                w_rows.append((N - torch.arange(N, dtype=torch.float)) / N)  # w_p = (N - p + 1) / N, 1-based p
+        z1, valid, w = torch.zeros(B, T, self.encoder.dim), torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T)
+        if b_idx:  # one scatter per tensor, not one per row
+            at = (torch.cat(b_idx), torch.cat(t_idx))
+            z1[at], valid[at], w[at] = torch.cat(z1_rows), torch.cat(valid_rows), torch.cat(w_rows)
         return z1, valid, w
 
 
@@ -158,9 +164,6 @@ class SFRMixin:
         """lambda at this step, sfr.py's schedules over the Trainer's max_steps."""
         return sfr.lam_at(dataclasses.replace(self.sfr_cfg, steps=max(1, self.state.max_steps)), self.state.global_step)
 
-    def head_of(self, model):
-        return self.accelerator.unwrap_model(model).sfr_head
-
     # --- loss ---
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """L_AR from the parent trainer's own compute_loss, plus lambda * L_FM on the same forward."""
@@ -187,7 +190,7 @@ class SFRMixin:
     def fm_loss(self, model, h, labels, input_ids, attention_mask=None):
         """L_FM = sum(w * loss) / max(1, sum(w)) over this batch's positions with a target
         (authors' code), per-token loss sfr.fm_token_loss on noise from sfr.draw_noise."""
-        head, cfg = self.head_of(model), self.sfr_cfg
+        head, cfg = self.model.sfr_head, self.sfr_cfg  # self.model: the unwrapped model, whatever wraps it
         z1, valid, w = (x.to(h.device) for x in self.targets(labels))  # (B, T, d_z), (B, T), (B, T)
         B, T, _ = h.shape
         n_pos = cfg.fm_positions if model.training else 0  # eval scores every valid position, as in sfr.py
