@@ -142,3 +142,15 @@ def test_resuming_a_checkpoint_without_the_head_is_an_error(tiny, encoder, tmp_p
     os.remove(ckpt / sfr_hf.HEAD_FILE)
     with pytest.raises(FileNotFoundError, match="restart the flow head from scratch"):
         make_trainer("trainer", tiny, encoder, tmp_path / "b", max_steps=2).train(resume_from_checkpoint=str(ckpt))
+
+
+def test_gradient_accumulation_scales_each_term_once(tiny, encoder, tmp_path, monkeypatch):
+    """4 sequences as 2 x 2 accumulated equal 1 x 4 in L_AR (the Trainer's own normalisation over the
+    accumulated batch), and a constant L_FM = 1 enters the step's loss once, not once per micro-batch."""
+    monkeypatch.setattr(sfr_hf.SFRMixin, "fm_loss", lambda self, model, h, *a: h.sum() * 0 + 1.0)
+    one = train_logs(make_trainer("trainer", tiny, encoder, tmp_path / "a", max_steps=1))[1]
+    acc = train_logs(make_trainer("trainer", tiny, encoder, tmp_path / "b", max_steps=1,
+                                  per_device_train_batch_size=2, gradient_accumulation_steps=2))[1]
+    assert acc["ar_loss"] == pytest.approx(one["ar_loss"], rel=1e-6)
+    for r in (one, acc):
+        assert r["fm_loss"] == pytest.approx(1.0) and r["loss"] == pytest.approx(r["ar_loss"] + 1.0, rel=1e-6)
