@@ -1,14 +1,16 @@
 """What does SFR cost inside transformers.Trainer? Step time of SFRTrainer over the same Trainer
 without SFR, on a tiny random Llama (sfr_hf.tiny_llama_folder) and the built-in demo pairs.
 
-Variants, run interleaved (A B C, B C A, ...) so that load on a shared machine hits each alike:
+Variants, timed step by step in turn (A B C, B C A, ...), so that load on a shared machine
+hits each alike:
   trainer         transformers.Trainer, plain next-token loss
   sfr             SFRTrainer, h read by a hook on the backbone (the default, hidden_layer=-1)
   sfr_hidden      SFRTrainer reading the same h from output_hidden_states (hidden_layer=n_layer)
-Targets are computed once before timing (SFRTrainer.precompute_targets, as sfr.py's prepare does),
-so a step pays only their lookup; the one-off encoding time is reported apart. A step is timed
-from on_step_begin to on_step_end (forward, backward, clip, optimiser); the first WARMUP steps
-of each run are dropped. Then one cProfile of an SFR run says where its extra time goes.
+A step is the Trainer's own training_step (forward, loss, backward) + gradient clipping + AdamW,
+on the next batch of its own dataloader; the first WARMUP steps are not timed. Targets are
+computed once before timing (SFRTrainer.precompute_targets, as sfr.py's prepare does), so a
+step pays only their lookup; the one-off encoding time is reported apart. Then one cProfile of
+an SFR trainer.train() says where its extra time goes.
 
 Grid (declared before running): two tiny Llamas, d x n_layer = 64 x 2 (85k parameters, a fifth
 of the 0.4M-parameter head) and 256 x 4 (3.2M, about sfr.py's built-in GPT).
@@ -36,22 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,  # noqa: E402
-                          TrainerCallback, TrainingArguments)
+                          TrainingArguments)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import sfr  # noqa: E402
 import sfr_hf  # noqa: E402
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._t = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def make(variant, folder, tok, rows, encoder, a, out):
@@ -70,12 +61,25 @@ def make(variant, folder, tok, rows, encoder, a, out):
     return trainer
 
 
-def run(variant, *setup):
-    trainer = make(variant, *setup)
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    trainer.train()
-    return timer.times
+def stepper(trainer, steps):
+    """A function that runs one optimiser step of `trainer` and returns its seconds."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1  # set by train() otherwise
+    model = trainer.model.train()
+    batches = iter(list(trainer.get_train_dataloader()) * steps)
+
+    def step():
+        batch = next(batches)
+        n_items = (batch["labels"][:, 1:] != -100).sum()  # what train() passes: the tokens with a loss
+        t0 = time.perf_counter()
+        trainer.training_step(model, batch, num_items_in_batch=n_items)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
+        return time.perf_counter() - t0
+    return step
 
 
 def profile_sfr(setup, top=12):
@@ -96,9 +100,8 @@ def profile_sfr(setup, top=12):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=5, help="interleaved rounds (each runs every variant once)")
-    p.add_argument("--steps", type=int, default=40, help="optimiser steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="first steps of each run not timed")
+    p.add_argument("--steps", type=int, default=150, help="timed optimiser steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="first steps of each variant not timed")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sizes", nargs="+", default=["64x2", "256x4"], help="tiny Llama sizes, width x layers")
     p.add_argument("--k", type=int, default=8, help="future segment length")
@@ -112,8 +115,8 @@ def main(argv=None):
     res = {"command": "python toy/hf_step_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
-           "setup": f"batch {a.batch_size}, demo pairs, {a.steps} steps per run, first {a.warmup} untimed, "
-                    f"{a.reps} interleaved rounds; SFR: k={a.k}, head 256 x 3, fm_positions 4",
+           "setup": f"batch {a.batch_size}, demo pairs, {a.steps} timed steps per variant after {a.warmup}, "
+                    f"interleaved step by step; SFR: k={a.k}, head 256 x 3, fm_positions 4",
            "cells": cells, "wall_s": round(time.time() - t_start, 1)}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print("| model | params | trainer (ms) | sfr (ms) | sfr_hidden (ms) | sfr / trainer | sfr_hidden / trainer |")
@@ -144,10 +147,13 @@ def measure(a, d, n_layer):
     encode_s = time.time() - t0  # the one-off target encoding of the whole set (cold encoder cache)
     setup = (folder, tok, rows, encoder, a, tmp)
     variants = ["trainer", "sfr", "sfr_hidden"]
+    steppers = {v: stepper(make(v, *setup), a.steps + a.warmup) for v in variants}
     times = {v: [] for v in variants}
-    for rep in range(a.reps):
-        for v in variants[rep % 3:] + variants[:rep % 3]:
-            times[v] += run(v, *setup)[a.warmup:]
+    for i in range(a.warmup + a.steps):
+        for v in variants[i % 3:] + variants[:i % 3]:
+            t = steppers[v]()
+            if i >= a.warmup:
+                times[v].append(t)
     med = {v: statistics.median(t) for v, t in times.items()}
     by_total, ours = profile_sfr(setup)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
