@@ -120,21 +120,24 @@ class SFRMixin:
     sfr_config: an sfr.Config; read are k, stride, min_suffix (targets), head_width, head_layers
     (head), lam, lam_schedule, lam_ramp (lambda; Config.steps is replaced by the Trainer's
     max_steps), fm_positions, seed (noise), aux ('flow', or the 'mse' / 'cosine' ablations) and
-    hidden_layer (-1: the input of the LM head, read by a hook; else hidden_states[hidden_layer]).
-    Options of sfr.train that this loop does not implement are refused, not ignored.
+    hidden_layer (-1: the backbone's last_hidden_state, the LM head's input; else its
+    hidden_states[hidden_layer]), both read by a hook on the backbone's forward.
+    Any other Config field set away from its default is refused, not ignored.
     encoder: an sfr.SegmentEncoder (built from sfr_config.encoder if None)."""
 
-    UNSUPPORTED = {"head_warmup": 0, "gate": 0.0, "ema": 0.0, "target_scale": "unit", "null_targets": False}
+    READ = ("k", "stride", "min_suffix", "head_width", "head_layers", "lam", "lam_schedule", "lam_ramp",
+            "fm_positions", "seed", "aux", "hidden_layer", "encoder")
 
     def __init__(self, *args, sfr_config: sfr.Config | None = None, encoder=None, **kwargs):
         cfg = (sfr_config or sfr.Config()).validate()
         if cfg.aux not in ("flow", "mse", "cosine"):
             raise ValueError(f"Config.aux={cfg.aux!r}: SFRTrainer trains 'flow' (SFR) or the 'mse' / 'cosine' "
                              "ablations; the others run in sfr.py")
-        for name, off in self.UNSUPPORTED.items():
-            if getattr(cfg, name) != off:
-                raise ValueError(f"Config.{name}={getattr(cfg, name)!r} is not implemented by SFRTrainer "
-                                 f"(only {off!r}); use sfr.py for it")
+        for f in dataclasses.fields(sfr.Config):  # any other field set (gate, ema, a future one...) would do nothing
+            if f.name not in self.READ and getattr(cfg, f.name) != f.default:
+                raise ValueError(f"Config.{f.name}={getattr(cfg, f.name)!r} has no effect in SFRTrainer, which reads "
+                                 f"only {', '.join(self.READ)} (the loop's settings go in TrainingArguments; "
+                                 "the other options run in sfr.py)")
         self.sfr_cfg = cfg
         self.encoder = encoder or sfr.SegmentEncoder(cfg.encoder)
         super().__init__(*args, **kwargs)

@@ -129,8 +129,9 @@ def test_hidden_layer_reads_that_hidden_state(tiny, encoder, tmp_path):
 
 
 def test_options_it_does_not_implement_are_refused(tiny, encoder, tmp_path):
-    with pytest.raises(ValueError, match="Config.gate=1.5 is not implemented by SFRTrainer"):
-        make_trainer("trainer", tiny, encoder, tmp_path, cfg=dataclasses.replace(SFR_CFG, gate=1.5))
+    for field, value in (("gate", 1.5), ("ema", 0.999), ("target_scale", "std"), ("lr", 1e-4)):
+        with pytest.raises(ValueError, match=f"Config.{field}={value!r} has no effect in SFRTrainer"):
+            make_trainer("trainer", tiny, encoder, tmp_path, cfg=dataclasses.replace(SFR_CFG, **{field: value}))
     with pytest.raises(ValueError, match="Config.aux='mtp'"):
         make_trainer("trainer", tiny, encoder, tmp_path, cfg=dataclasses.replace(SFR_CFG, aux="mtp"))
 
