@@ -148,6 +148,8 @@ class SFRMixin:
         self.model.sfr_head.to(next(self.model.parameters()).device)
         tok = self.processing_class
         tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
+        if tok is None:
+            raise ValueError("SFRTrainer needs processing_class=<the tokenizer>: the targets are the decoded response")
         self.targets = LabelTargets(tok, self.encoder, cfg)
         # h is read off the one forward: a hook on the backbone (model.base_model: LlamaModel, GPT2Model,
         # ...) keeps its last_hidden_state, the input of the LM head, or hidden_states[hidden_layer].
