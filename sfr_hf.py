@@ -180,7 +180,8 @@ class SFRMixin:
         fm = self.fm_loss(model, self._h, labels, inputs["input_ids"], inputs.get("attention_mask"))
         self._h = None
         if model.training:
-            ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)  # set by train()
+            # current_gradient_accumulation_steps is set by train(); a direct call gets the configured value
+            ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             keeps = self._trainer_keeps_scale(num_items_in_batch)
             if keeps:  # L_AR is already over the accumulated batch and the Trainer will not divide:
                 fm = fm / ga  # L_FM, a per-batch mean, is averaged over the accumulation steps here

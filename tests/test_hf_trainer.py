@@ -32,7 +32,8 @@ def make_trainer(kind, tiny, encoder, out, cfg=SFR_CFG, **args):
     common.update(args)
     if kind == "trainer":
         from transformers import TrainingArguments
-        return sfr_hf.SFRTrainer(model=model, args=TrainingArguments(**common), train_dataset=sfr_hf.tokenize_pairs(pairs, tok),
+        return sfr_hf.SFRTrainer(model=model, args=TrainingArguments(**common),
+                                 train_dataset=sfr_hf.tokenize_pairs(pairs, tok),
                                  data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100),
                                  processing_class=tok, sfr_config=cfg, encoder=encoder)
     pytest.importorskip("trl", reason="SFRSFTTrainer needs TRL (pip install trl)")
@@ -155,3 +156,32 @@ def test_gradient_accumulation_scales_each_term_once(tiny, encoder, tmp_path, mo
     assert acc["ar_loss"] == pytest.approx(one["ar_loss"], rel=1e-6)
     for r in (one, acc):
         assert r["fm_loss"] == pytest.approx(1.0) and r["loss"] == pytest.approx(r["ar_loss"] + 1.0, rel=1e-6)
+
+
+def test_a_lora_model_trains_saves_and_resumes_its_head(tiny, encoder, tmp_path):
+    """With PEFT the checkpoint holds only the adapter; the head (attached after the LoRA wrapping,
+    so not frozen by it) still trains, is saved beside the adapter and comes back on resume."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora_trainer(out):  # the PeftModel goes into the trainer, as usual
+        from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+        folder, tok, pairs = tiny
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), lora)
+        args = TrainingArguments(output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+        return sfr_hf.SFRTrainer(model=model, args=args, train_dataset=sfr_hf.tokenize_pairs(pairs, tok),
+                                 data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100),
+                                 processing_class=tok, sfr_config=SFR_CFG, encoder=encoder)
+
+    full = lora_trainer(tmp_path / "full")
+    logs = train_logs(full)
+    ckpt = tmp_path / "full" / "checkpoint-1"
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / sfr_hf.HEAD_FILE).exists()
+    assert full.model.sfr_head.out.weight.abs().sum() > 0  # trained, not frozen by PEFT
+    resumed = lora_trainer(tmp_path / "resumed")
+    logs2 = train_logs(resumed, resume_from_checkpoint=str(ckpt))
+    assert logs2[2]["loss"] == pytest.approx(logs[2]["loss"], rel=1e-6)
+    assert logs2[2]["fm_loss"] == pytest.approx(logs[2]["fm_loss"], rel=1e-6)
+    torch.testing.assert_close(resumed.model.sfr_head.out.weight, full.model.sfr_head.out.weight)

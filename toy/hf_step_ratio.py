@@ -92,7 +92,8 @@ def profile_sfr(setup, top=12):
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, fn), (cc, nc, tt, ct, callers) in stats.stats.items():
-        rows.append({"function": f"{Path(file).name}:{fn}", "calls": nc, "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
+        rows.append({"function": f"{Path(file).name}:{fn}", "calls": nc,
+                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
     by_total = sorted(rows, key=lambda r: -r["tottime_s"])[:top]
     ours = [r for r in rows if r["function"].split(":")[0] in ("sfr.py", "sfr_hf.py")]
     return by_total, sorted(ours, key=lambda r: -r["cumtime_s"])[:top]
