@@ -217,3 +217,18 @@ def test_diagnostics_report_the_aux_gradient_share_for_mtp():
         shares[lam] = res["aux_grad_share"]
     assert 0.0 < shares[1.0] < 1.0
     assert shares[0.0] == 0.0
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--bogus"], 2), (["--steps=0"], 2)])
+def test_toy_command_lines_run_nothing_on_help_or_a_bad_flag(argv, code, capsys, monkeypatch):
+    import mtp_equivalence
+    import mtp_memory
+    ran = []
+    monkeypatch.setattr(mtp_equivalence, "lemma_sweep", lambda *a, **k: ran.append("lemma"))
+    monkeypatch.setattr(mtp_memory, "measure", lambda *a, **k: ran.append("measure"))
+    monkeypatch.setattr(mtp_memory.subprocess, "run", lambda *a, **k: ran.append("child"))
+    for main, args in ((mtp_equivalence.main, argv), (mtp_memory.main, argv[:1] if code == 0 else ["--bogus"])):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == code
+    assert ran == []  # nothing measured, nothing written

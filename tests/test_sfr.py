@@ -921,3 +921,14 @@ def test_kv_cache_samples_the_same_tokens_as_recomputing(temperature, top_k, top
                                                         for t in range(5, cfg.block_size)]
     full = gpt(seq)[0][:, 4:]
     torch.testing.assert_close(torch.stack(step_logits, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, says", [(["--sweep=abc"], "--sweep='abc'"), (["--repeats=0"], "--repeats=0"),
+                                        (["--sweep=2x60"], "multiple of 32"), (["--quality_seeds=-1"], "-1")])
+def test_cost_toy_refuses_bad_arguments_before_any_work(argv, says, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "toy"))
+    import cost
+    monkeypatch.setattr(cost, "encoder_cost", lambda *a: pytest.fail("started measuring"))
+    with pytest.raises(SystemExit) as e:
+        cost.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
