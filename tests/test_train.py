@@ -94,7 +94,7 @@ def test_authors_recipe_resumes_bit_for_bit(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
     cfg = dict(TINY, recipe="authors", k=4, stride=2, min_suffix=2, head_width=32, lr_schedule="constant",
-               head_warmup=2, lam_ramp=2, gate_decay=0.5, steps=6, ckpt_every=1, eval_every=0)
+               head_warmup=2, lam_ramp=2, gate_decay=0.5, steps=6, ckpt_every=0, eval_every=0)
     quiet = dict(log=lambda s: None, progress=False)
     whole = sfr.Config(**cfg, out_dir=str(tmp_path / "whole"))
     examples, tok = demo_data(whole)
