@@ -79,54 +79,42 @@ class Config:
     n_embd: int = arg(192, "built-in GPT: width, a multiple of n_head")
     block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
+    lora_r: int = arg(0, "HF backbone: LoRA adapters of rank r (peft), the base frozen; 0 = off")
+    lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_targets: str = arg("all-linear", "modules LoRA adapts: 'all-linear' or a comma list")
     # --- the recipe: 'ours' (these defaults) or 'authors' (RECIPES: their code and template) ---
     recipe: str = arg("ours", "preset of the fields in RECIPES[recipe]; explicit fields win")
     # --- future-segment targets (paper Sec. 3) ---
-    encoder: str = arg("minilm", "'minilm' (offline all-MiniLM-L6-v2), or a local or cached "
-                       "sentence-transformers model")
+    encoder: str = arg("minilm", "'minilm' (all-MiniLM-L6-v2, offline), or a local / cached model")
     k: int = arg(8, "future segment length in tokens (authors' template: 256)")
-    stride: int = arg(1, "anchor stride s: every s-th position is encoded, the others copy the "
-                      "nearest (authors: 32)")
+    stride: int = arg(1, "encode every s-th position, the others copy the nearest (authors: 32)")
     min_suffix: int = arg(1, "anchors whose segment is shorter are skipped (authors' code: 16)")
-    positions: str = arg("ar", "head inputs: 'ar' (P-1 .. P+N-2, as L_AR) or 'labels' "
-                         "(authors: P .. P+N, eos too)")
-    suffix_count: str = arg("ours", "min_suffix counts 'ours' (response tokens left) or "
-                            "'authors' (<= k, eos in)")
-    fill: str = arg("mask", "skipped positions: 'mask' (no target) or 'authors' (nearest kept "
-                    "anchor, else z1 = 0)")
+    positions: str = arg("ar", "head inputs: 'ar' (P-1 .. P+N-2) or 'labels' (P .. P+N; authors)")
+    suffix_count: str = arg("ours", "min_suffix counts 'ours' (tokens left) or 'authors' (<= k)")
+    fill: str = arg("mask", "skipped positions: 'mask' (no target) or 'authors' (filled)")
     pooling: str = arg("model", "encoder pooling: 'model' (its own) or 'mean' (authors)")
     cache: str = arg("", 'on-disk embedding cache file (.pt); "" = in memory only')
-    target_scale: str = arg("unit", "'unit' (authors: L2-normalised) or 'std' (per-dim "
-                            "standardised)")
+    target_scale: str = arg("unit", "'unit' (L2-normalised; authors) or 'std' (standardised)")
     null_targets: bool = arg(False, "control: targets shuffled across the training set")
     # --- auxiliary loss ---
-    aux: str = arg("flow", "'none', 'flow' (SFR), 'mse' or 'cosine' (the authors' deterministic "
-                   "ablations), 'mtp'; 'ladder' with sfr_ladder.py")
+    aux: str = arg("flow", "'none', 'flow' (SFR), 'mse', 'cosine', 'mtp'; 'ladder' (sfr_ladder.py)")
     lam: float = arg(1.0, "weight lambda of the auxiliary loss (authors: 1.0); 0 disables it")
-    lam_schedule: str = arg("constant", "'constant', 'ramp' (0 -> lam), 'linear_decay', "
-                            "'cosine_decay'")
+    lam_schedule: str = arg("constant", "'constant', 'ramp', 'linear_decay' or 'cosine_decay'")
     lam_ramp: int = arg(100, "steps of the lambda ramp")
     head_width: int = arg(256, "flow head hidden width (authors' template: 1024)")
     head_layers: int = arg(3, "layers in the head body, input layer included (authors: 3)")
-    head_arch: str = arg("ours", "'ours' (64-wide time embedding, layers - 1 blocks) or "
-                         "'authors' (see FlowHead)")
-    lam_phases: str = arg("ours", "'ours' (lam_schedule over all steps) or 'authors' (warm-up, "
-                          "ramp, then schedule)")
-    fm_positions: int = arg(4, "at most this many positions per sequence feed the head each "
-                            "step; 0 = all")
+    head_arch: str = arg("ours", "'ours' or 'authors' (their layout; see FlowHead)")
+    lam_phases: str = arg("ours", "'ours' (one schedule) or 'authors' (warm-up, ramp, schedule)")
+    fm_positions: int = arg(4, "at most this many positions per sequence feed the head; 0 = all")
     head_warmup: int = arg(0, "steps in which only the head learns from L_FM (h detached)")
-    warmup_freeze: bool = arg(False, "during head_warmup, L_AR is off and the backbone frozen "
-                              "(authors)")
-    gate: float = arg(0.0, "detach h on steps where L_FM < running mean / gate (authors: 1.5); "
-                      "0 disables")
-    gate_on: str = arg("current", "the L_FM the gate reads: this step's ('current') or the "
-                       "previous one (authors)")
+    warmup_freeze: bool = arg(False, "head_warmup without L_AR, the backbone frozen (authors)")
+    gate: float = arg(0.0, "detach h where L_FM < running mean / gate (authors: 1.5); 0 = off")
+    gate_on: str = arg("current", "the gate reads this step's L_FM, or the 'previous' (authors)")
     gate_mode: str = arg("dynamic", "'dynamic' (L_FM < mean / gate) or 'static' (L_FM < gate)")
     gate_decay: float = arg(0.99, "decay of the gate's running mean of L_FM")
-    ema: float = arg(0.0, "EMA decay of the head's weights, used at eval (authors' teacher: "
-                     "0.999); 0 disables")
-    ema_teacher: bool = arg(False, "copy the EMA back into the head every step, before the "
-                            "optimiser (authors)")
+    ema: float = arg(0.0, "EMA decay of the head, evaluated in its place (authors: 0.999); 0 = off")
+    ema_teacher: bool = arg(False, "the EMA goes into the head before each step (authors)")
     sample_steps: int = arg(32, "Euler steps for sample_head (read by toy/bimodal_head.py)")
     # --- training ---
     steps: int = arg(300, "optimiser steps")
@@ -148,10 +136,8 @@ class Config:
     mtp_k: int = arg(4, "K tokens predicted per position (head 1 = the next-token head)")
     head_by_head: bool = arg(True, "aux='mtp': one head's (N, V) logits alive at a time")
     ladder_source: str = arg("point", "sfr_ladder: 'point' (mass at pi; MTP) or 'gaussian' (SFR)")
-    ladder_field: str = arg("constant", "sfr_ladder: 'constant' (v = E_q[x1] - E[x0]; MTP) or "
-                            "'flow' (v(z_tau, tau, h); SFR)")
-    ladder_target: str = arg("onehot", "sfr_ladder: 'onehot' (tokens 2..K; MTP) or 'embedding' "
-                             "(SFR)")
+    ladder_field: str = arg("constant", "sfr_ladder: 'constant' (E_q[x1] - E[x0]; MTP) or 'flow'")
+    ladder_target: str = arg("onehot", "sfr_ladder: 'onehot' (tokens 2..K; MTP) or 'embedding'")
     ladder_path: str = arg("straight", "sfr_ladder: 'straight' or 'kl' (KL geodesic, one-hot)")
     ladder_divergence: str = arg("kl", "sfr_ladder: 'kl' (D = KL; MTP) or 'sq' (mean (v - u)^2)")
     kl_beta: float = arg(4.0, "sfr_ladder, ladder_path='kl': logit scale of the target")
@@ -182,6 +168,9 @@ class Config:
         if self.backbone == "gpt" and not -self.n_layer - 1 <= self.hidden_layer <= self.n_layer:
             raise UsageError(f"Config.hidden_layer={self.hidden_layer}: the built-in GPT has "
                              f"n_layer + 1 = {self.n_layer + 1} hidden states")
+        if self.lora_r and self.backbone == "gpt":
+            raise UsageError(f"Config.lora_r={self.lora_r}: LoRA adapts a Hugging Face backbone "
+                             "(Config.backbone=FOLDER)")
         if not 0.0 <= self.eval_frac < 1.0:
             raise UsageError(f"Config.eval_frac={self.eval_frac}: must be in [0, 1)")
         if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
@@ -208,7 +197,8 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
            "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
-           "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0}
+           "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "lora_r": 0,
+           "lora_dropout": 0}
 
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
 
@@ -1593,17 +1583,29 @@ def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
     if not Path(cfg.backbone).exists():
         raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt' and no such local folder "
                          "(nothing is downloaded from a hub at run time)")
-    return HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
+    backbone = HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
+    if cfg.lora_r:  # peft only when used
+        from peft import LoraConfig, get_peft_model
+        targets = cfg.lora_targets
+        targets = targets if targets == "all-linear" else targets.split(",")
+        backbone.hf = get_peft_model(backbone.hf, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM"))
+    return backbone
+
 
 # ----------------------------------------------------------------------------- export
 
 
 def export(model: SFRModel, path: str, tok=None):
     """Write the deployable model: the backbone alone, without aux heads or encoder.
-    Built-in GPT: a plain state_dict (+ config and tokenizer); HF: save_pretrained."""
+    Built-in GPT: a plain state_dict (+ config and tokenizer); HF: save_pretrained, LoRA
+    adapters merged into the weights first (in place: the backbone becomes a plain model)."""
     os.makedirs(path, exist_ok=True)
     bb = model.backbone
     if isinstance(bb, HFBackbone):
+        if hasattr(bb.hf, "merge_and_unload"):  # a peft model (Config.lora_r)
+            bb.hf = bb.hf.merge_and_unload()
         bb.hf.save_pretrained(path)
         if isinstance(tok, HFTokenizer):
             tok.tok.save_pretrained(path)

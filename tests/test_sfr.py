@@ -833,6 +833,7 @@ def cli_error(argv, capsys):
     ("--n_layer=-2", "Config.n_layer=-2"), ("--fm_positions=-3", "Config.fm_positions=-3"),
     ("--ckpt_every=-1", "Config.ckpt_every=-1"), ("--aux=flw", "Config.aux='flw'"),
     ("--recipe=theirs", "Config.recipe='theirs'"), ("--aux=ladder", "sfr_ladder"),
+    ("--lora_r=2", "Config.lora_r=2: LoRA adapts a Hugging Face backbone"), ("--lora_r=-1", "Config.lora_r=-1"),
 ])
 def test_bad_fields_are_one_line_and_exit_2(flag, says, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sfr, "AUX", {})  # as in `python sfr.py`: sfr_ladder.py not imported
