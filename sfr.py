@@ -9,9 +9,10 @@ embedding of the next k response tokens, given the backbone's hidden state h_t:
 
 The head (and the encoder) are thrown away after training: the exported model is a
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
-ablations; future-segment targets; backbone; data; the model that ties them together;
-the single-process training loop; the MTP reduction (MTP heads and F_Delta-FM); sampling;
-export; command line. Beside this file, each importing it (it imports none of them):
+ablations; future-segment targets; the built-in GPT; batches; the model that ties them
+together; the single-process training loop; the MTP reduction (MTP heads and F_Delta-FM);
+sampling; then the inputs (tokenizers, jsonl files, Hugging Face models); export; command
+line. Beside this file, each importing it (it imports none of them):
 sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
 (aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
 
