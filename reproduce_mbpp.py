@@ -733,6 +733,7 @@ def method_overrides(name: str) -> dict:
     a bare recipe='authors' would change nothing (explicit fields win over a preset): every field
     of sfr.RECIPES[recipe] but the data-dependent ones is set here, then the method's own."""
     import sfr
+    import sfr_ladder  # noqa: F401  (registers aux='ladder', the ladder_* methods)
     over = METHODS[name]
     preset = {f: v for f, v in sfr.RECIPES.get(over.get("recipe", "ours"), {}).items() if f not in DATA_FIELDS}
     return {**preset, **over}
@@ -828,6 +829,7 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     import shutil as _shutil
     import sysconfig
     import sfr
+    import sfr_dist
     files = stdlib_sources()
     root = Path(sysconfig.get_paths()["stdlib"])
     corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
@@ -849,7 +851,8 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     work = cache_dir / f"pretrain-{key}"
     cfg = dataclasses.replace(cfg, out_dir=str(work), resume=True)
     t0 = time.time()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress)
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress,
+                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
     record = {"key": key, "files": len(files), "held_out_files": len(held_out),
               "corpus_bytes": sum(size for _, size in corpus), "windows": n_train,
               "seconds": time.time() - t0, "train_ar_last": history[-1]["ar"],
@@ -864,42 +867,13 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
 
 # --- 8b. fine-tuning, once per method ----------------------------------------
 
-class _LoRA:
-    """sfr.train builds its backbone itself; to train LoRA adapters, wrap the HF model it
-    builds (before the aux heads and the optimiser see it) by swapping sfr.build_backbone
-    for the length of a `with` block."""
-
-    def __init__(self, r: int, alpha: int, dropout: float):
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-
-    def __enter__(self):
-        import sfr
-        from peft import LoraConfig, get_peft_model
-        self.build = build = sfr.build_backbone
-        lora = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-
-        def build_with_lora(cfg, vocab_size):
-            backbone = build(cfg, vocab_size)
-            if not isinstance(backbone, sfr.HFBackbone):
-                raise UsageError("--lora needs --model (a Hugging Face model)")
-            backbone.hf = get_peft_model(backbone.hf, lora)
-            return backbone
-        sfr.build_backbone = build_with_lora
-        return self
-
-    def __exit__(self, *exc):
-        import sfr
-        sfr.build_backbone = self.build
-
-
-def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, lora: _LoRA | None = None,
-             log=print, progress=True) -> Path:
+def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progress=True) -> Path:
     """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
     model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
-    reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume)."""
-    import contextlib
+    reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume). LoRA
+    (cfg.lora_r) is sfr's: sfr.export merges the adapters into the weights."""
     import sfr
+    import sfr_dist
     out, export_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "export"
     if (export_dir / "DONE").exists():
         return export_dir
@@ -908,11 +882,9 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, lora: _LoRA | None
     if encoder is not None and _rank() == 0:
         encoder.save()
     t0 = time.time()
-    with lora or contextlib.nullcontext():
-        model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress)
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress,
+                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
     if _rank() == 0:
-        if lora is not None:
-            model.backbone.hf = model.backbone.hf.merge_and_unload()  # a plain model again
         sfr.export(model, str(export_dir), tok)
         _write_json(out / "train.json", {"seconds": time.time() - t0, "history": history})
         (export_dir / "DONE").write_text("")
@@ -934,56 +906,17 @@ def _crop_prompt(prompt: list[int], block: int) -> list[int]:
     return prompt[-(block - PROMPT_RESERVE):] if len(prompt) > block - PROMPT_RESERVE else prompt
 
 
-def _gpt_forward_cached(gpt, idx, kv, t0: int):
-    """Logits (B, t, V) of the built-in GPT for tokens idx (B, t) at positions t0..t0+t-1,
-    the keys and values of positions < t0 being in kv (one (2, B, nh, T_max, hs) buffer per
-    block), to which this call adds its own. The same computation as sfr.GPT.forward, one
-    step at a time (tests/test_mbpp_run.py checks the two agree): sfr.generate recomputes
-    the whole sequence for every new token, ~50x slower at MBPP's prompt lengths."""
-    import torch
-    import torch.nn.functional as F
-    B, t = idx.size()
-    x = gpt.wte(idx) + gpt.wpe(torch.arange(t0, t0 + t, device=idx.device))
-    for block, buf in zip(gpt.blocks, kv):
-        attn, C = block.attn, x.size(-1)
-        q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
-        q, k, v = (z.view(B, t, attn.n_head, C // attn.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, t, hs)
-        buf[0, :, :, t0:t0 + t], buf[1, :, :, t0:t0 + t] = k, v
-        # a prompt (t0 = 0) attends causally; one new token (t = 1) attends to everything before it
-        y = F.scaled_dot_product_attention(q, buf[0, :, :, :t0 + t], buf[1, :, :, :t0 + t], is_causal=t0 == 0)
-        x = x + attn.proj(y.transpose(1, 2).reshape(B, t, C))
-        x = x + block.mlp(block.ln2(x))
-    return gpt.lm_head(gpt.ln_f(x))
-
-
 def sample_gpt(gpt, prompt: list[int], n: int, max_new_tokens: int, temperature: float, eos_id: int,
                generator=None) -> list[list[int]]:
-    """n completions of one prompt from the built-in GPT, with a key-value cache. Same
-    sampling rule and random draws as sfr.generate (temperature 0 = greedy); each
-    completion stops at eos_id, which it does not include."""
+    """n completions of one prompt from the built-in GPT, through sfr.generate (its KV cache;
+    temperature 0 = greedy); each completion stops at eos_id, which it does not include."""
     import torch
+    import sfr
     if len(prompt) + max_new_tokens > gpt.block_size:
         raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens > block_size={gpt.block_size}")
-    C, nh = gpt.wte.embedding_dim, gpt.blocks[0].attn.n_head
-    dev = gpt.wte.weight.device
-    kv = [torch.zeros(2, n, nh, len(prompt) + max_new_tokens, C // nh, device=dev) for _ in gpt.blocks]
-    with torch.no_grad():
-        logits = _gpt_forward_cached(gpt, torch.tensor([prompt], device=dev).expand(n, -1), kv, 0)[:, -1]
-        out = torch.zeros(n, 0, dtype=torch.long, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        for i in range(max_new_tokens):
-            logits = logits.float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial((logits / temperature).softmax(-1).cpu(), 1, generator=generator).to(dev)
-            nxt = nxt.masked_fill(done[:, None], eos_id)
-            done |= nxt[:, 0] == eos_id
-            out = torch.cat([out, nxt], 1)
-            if done.all() or i == max_new_tokens - 1:
-                break
-            logits = _gpt_forward_cached(gpt, nxt, kv, len(prompt) + i)[:, -1]
-    rows = out.tolist()
+    idx = torch.tensor([prompt], device=gpt.wte.weight.device).expand(n, -1)
+    out = sfr.generate(gpt, idx, max_new_tokens, temperature, eos_id=eos_id, generator=generator)
+    rows = out[:, len(prompt):].tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
@@ -1036,16 +969,16 @@ def sample_stats(codes: list[str], entry_point: str, encoder=None) -> dict:
     sandbox's parse_rate counts it) and the share that defines the function the tests call.
     Diversity: distinct-1/2 over whitespace tokens, the number of different programs, and
     the Vendi score of their MiniLM embeddings (the effective number of distinct samples, 1..n)."""
-    import sfr
+    from sfr_metrics import distinct_n, vendi_score
     trees = [_parse(c) for c in codes]
     out = {"parses_nonempty": sum(t is not None and bool(c.strip()) for t, c in zip(trees, codes)) / len(codes),
            "defines_entry_point": sum(t is not None and any(
                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
                for node in ast.walk(t)) for t in trees) / len(codes),
-           "distinct_1": sfr.distinct_n(codes, 1), "distinct_2": sfr.distinct_n(codes, 2),
+           "distinct_1": distinct_n(codes, 1), "distinct_2": distinct_n(codes, 2),
            "distinct_samples": len(set(codes))}
     if encoder is not None and len(codes) > 1:
-        out["vendi"] = sfr.vendi_score(encoder.encode(codes))
+        out["vendi"] = vendi_score(encoder.encode(codes))
     return out
 
 
@@ -1076,11 +1009,13 @@ def _sampling_seed(seed: int, task_id: int, temperature: float) -> int:
 def _settings(args) -> dict:
     """The resolved settings of a run: model, per-method sfr.Config fields, sampling."""
     builtin = not args.model
+    if args.lora and builtin:
+        raise UsageError("--lora needs --model (a Hugging Face model)")
     base = dict(BUILTIN if builtin else HF_MODEL)
     if not builtin:
         base["backbone"] = str(Path(args.model).resolve())
-        if args.lora:
-            base["lr"] = 2e-4  # adapters take a larger step than full fine-tuning
+        if args.lora:  # sfr.Config's LoRA fields; adapters take a larger step than full fine-tuning
+            base.update(lr=2e-4, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     pre = {**base, **PRETRAIN}
     if args.smoke:
         base.update(SMOKE)
@@ -1104,7 +1039,8 @@ def _parse_sets(items: list[str]) -> dict:
     """--set FIELD=VALUE for any sfr.Config field, typed like the field's default."""
     import dataclasses
     import sfr
-    fields = {f.name: f.default for f in dataclasses.fields(sfr.Config)}
+    defaults = sfr.Config()
+    fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(sfr.Config)}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -1181,8 +1117,7 @@ def _cmd_run(args) -> int:
     # 2. fine-tuning, one export per method, all from the same weights, data and order
     train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"])
     eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, s["train_limit"] // 2)
-    lora = _LoRA(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
-    encoder = None
+    encoders = {}  # one per pooling: 'sfr' (recipe='authors') pools by the mean, 'sfr_ours' as the model
     configs, exports = {}, {}
     for name in methods:
         cfg = sfr.Config(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
@@ -1190,13 +1125,15 @@ def _cmd_run(args) -> int:
         configs[name] = cfg
         key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
         _same_run(out / name, {"config": key, "model": args.model, "train_examples": len(train_pairs),
-                               "lora": [lora.r, lora.alpha, lora.dropout] if lora else None})
-        if sfr.needs_encoder(cfg) and encoder is None and not (out / name / "export" / "DONE").exists():
-            encoder = sfr.SegmentEncoder(cfg.encoder, device, cache=cfg.cache)
+                               "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout] if cfg.lora_r else None})
+        needed = sfr.needs_encoder(cfg) and not (out / name / "export" / "DONE").exists()
+        if needed and cfg.pooling not in encoders:
+            encoders[cfg.pooling] = sfr.SegmentEncoder(cfg.encoder, device, cache=cfg.cache, pooling=cfg.pooling)
+        encoder = encoders.get(cfg.pooling) if sfr.needs_encoder(cfg) else None
         t0 = time.time()
         log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
             f"{cfg.steps} steps of {cfg.batch_size} on {len(train_pairs)} train problems")
-        exports[name] = finetune(cfg, tok, train_pairs, eval_pairs, encoder, lora, log, progress)
+        exports[name] = finetune(cfg, tok, train_pairs, eval_pairs, encoder, log, progress)
         spent(f"finetune/{name}", t0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # training was the parallel part

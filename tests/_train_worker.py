@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sfr  # noqa: E402
+import sfr_dist  # noqa: E402
 
 
 class StandInEncoder:
@@ -44,6 +45,7 @@ def demo_data(cfg, no_target_rank=None):
 
 def main():
     cfg = sfr.Config(**json.loads(sys.argv[1]))
+    dist = sfr_dist.setup(cfg)  # under torchrun / accelerate: DDP or FSDP
     opts = dict(a.lstrip("-").split("=") if "=" in a else (a.lstrip("-"), "1") for a in sys.argv[2:])
     examples, tok = demo_data(cfg, int(opts["no-target-rank"]) if "no-target-rank" in opts else None)
     if "slow" in opts:
@@ -58,7 +60,7 @@ def main():
                 seen.append([None if p.grad is None else sfr.full(p.grad).clone() for p in params])
             return clip(params, *a, **k)
         torch.nn.utils.clip_grad_norm_ = spy
-    sfr.train(cfg, examples, tok, examples[:4], log=print, progress=False)
+    sfr.train(cfg, examples, tok, examples[:4], log=print, progress=False, dist=dist)
     if "spy" in opts and int(os.environ.get("RANK", "0")) == 0:
         torch.save(seen[0], os.path.join(cfg.out_dir, "grads.pt"))
     print("done", flush=True)

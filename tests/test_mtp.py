@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sfr
+import sfr_ladder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toy"))
 from mtp_equivalence import marginal_velocity_by_enumeration, random_problem, path_points, train_denoiser  # noqa: E402
@@ -182,7 +183,7 @@ def test_kl_geodesic_prop32():
     beta = 3.0
     log_p1 = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0], dtype=D64).log_softmax(-1)
     l_tau, tau = path_points(log_p1, beta, 64, seed=1)
-    v = sfr.kl_geodesic_velocity(sfr.kl_path_posterior(log_p1, l_tau, tau, beta), l_tau, tau, beta)
+    v = sfr_ladder.kl_geodesic_velocity(sfr_ladder.kl_path_posterior(log_p1, l_tau, tau, beta), l_tau, tau, beta)
     v_enum = marginal_velocity_by_enumeration(log_p1, l_tau, tau, beta)
     torch.testing.assert_close(v, v_enum, rtol=1e-12, atol=1e-12)
     threads = torch.get_num_threads()
@@ -192,9 +193,9 @@ def test_kl_geodesic_prop32():
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
-        v_theta = sfr.kl_geodesic_velocity(q_theta(l_tau, tau), l_tau, tau, beta)
+        v_theta = sfr_ladder.kl_geodesic_velocity(q_theta(l_tau, tau), l_tau, tau, beta)
     rel = ((v_theta - v).norm(dim=-1) / v.norm(dim=-1)).mean().item()
-    prior = sfr.kl_geodesic_velocity(log_p1.exp().expand_as(l_tau), l_tau, tau, beta)
+    prior = sfr_ladder.kl_geodesic_velocity(log_p1.exp().expand_as(l_tau), l_tau, tau, beta)
     assert rel < 0.1 < 1.0 < ((prior - v).norm(dim=-1) / v.norm(dim=-1)).mean().item()
     assert math.isfinite(rel)
 
@@ -216,3 +217,18 @@ def test_diagnostics_report_the_aux_gradient_share_for_mtp():
         shares[lam] = res["aux_grad_share"]
     assert 0.0 < shares[1.0] < 1.0
     assert shares[0.0] == 0.0
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--bogus"], 2), (["--steps=0"], 2)])
+def test_toy_command_lines_run_nothing_on_help_or_a_bad_flag(argv, code, capsys, monkeypatch):
+    import mtp_equivalence
+    import mtp_memory
+    ran = []
+    monkeypatch.setattr(mtp_equivalence, "lemma_sweep", lambda *a, **k: ran.append("lemma"))
+    monkeypatch.setattr(mtp_memory, "measure", lambda *a, **k: ran.append("measure"))
+    monkeypatch.setattr(mtp_memory.subprocess, "run", lambda *a, **k: ran.append("child"))
+    for main, args in ((mtp_equivalence.main, argv), (mtp_memory.main, argv[:1] if code == 0 else ["--bogus"])):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == code
+    assert ran == []  # nothing measured, nothing written

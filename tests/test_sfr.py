@@ -5,9 +5,9 @@ ablations' qualitative difference, determinism, export, and bad input.
 CPU only, offline. The real MiniLM encoder is loaded once per session (conftest.py).
 """
 import copy
+import dataclasses
 import json
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import sfr_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def hand_examples(d_z, case):
 @pytest.mark.parametrize("case,target_scale", [("two_sequences", "unit"), ("two_sequences", "std"),
                                                ("sum_w_below_one", "unit")])
 def test_sfr_loss_recomputed_by_hand(monkeypatch, case, target_scale):
-    """L = L_AR + lam * L_FM from DESIGN Sec. 2, recomputed from the Examples with
+    """L = L_AR + lam * L_FM (paper Sec. 3), recomputed from the Examples with
     fixed noise: z_tau = tau z1 + (1 - tau) z0, u = z1 - z0, mean over dims,
     w_p = (N - p + 1) / N, L_FM = sum(w loss) / max(1, sum w), one tau per sequence."""
     d_z, V = 3, 10
@@ -554,7 +555,7 @@ def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
 def test_hf_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(tiny_hf):
     with pytest.raises(ValueError, match="the tokenizer has 1000 ids but the model embeds"):
         sfr.build_backbone(sfr.Config(backbone=str(tiny_hf)), vocab_size=1000)
-    with pytest.raises(FileNotFoundError, match="no such local folder"):
+    with pytest.raises(sfr.UsageError, match="no such local folder"):
         sfr.build_backbone(sfr.Config(backbone=str(tiny_hf) + "-missing"), vocab_size=10)
 
 
@@ -626,8 +627,11 @@ def test_encoder_disk_cache_round_trip(encoder, tmp_path, monkeypatch):
     again = sfr.SegmentEncoder("minilm", cache=cache)
     assert torch.equal(again.encode(["gamma", "alpha beta"]), first.flip(0))
     assert (again.misses, again.hits, spy.seen) == (0, 2, [])
-    other = sfr.SegmentEncoder("some/other-encoder", cache=cache)
+    (tmp_path / "other-encoder").mkdir()  # a local folder: an encoder name not in the cache
+    other = sfr.SegmentEncoder(str(tmp_path / "other-encoder"), cache=cache)
     assert other.table == {}  # a cache written by another encoder is not reused
+    mean = sfr.SegmentEncoder("minilm", cache=cache, pooling="mean")
+    assert mean.table == {}  # nor one written with another pooling
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -637,26 +641,26 @@ def test_vendi_matches_vendi_score_package():
     from vendi_score import vendi
     x = torch.randn(12, 6, generator=torch.Generator().manual_seed(0)).double()
     xn = F.normalize(x, dim=-1).numpy()
-    assert sfr.vendi_score(x) == pytest.approx(vendi.score_K(xn @ xn.T), rel=1e-9)
-    assert sfr.vendi_score(x) == pytest.approx(vendi.score_dual(x.numpy()), rel=1e-9)
+    assert sfr_metrics.vendi_score(x) == pytest.approx(vendi.score_K(xn @ xn.T), rel=1e-9)
+    assert sfr_metrics.vendi_score(x) == pytest.approx(vendi.score_dual(x.numpy()), rel=1e-9)
     # hand cases: n copies of one sample count once; n orthogonal samples count n times
-    assert sfr.vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)
-    assert sfr.vendi_score(torch.eye(4) * 3) == pytest.approx(4.0)
-    assert sfr.vendi_score(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])) == pytest.approx(2.0)
+    assert sfr_metrics.vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)
+    assert sfr_metrics.vendi_score(torch.eye(4) * 3) == pytest.approx(4.0)
+    assert sfr_metrics.vendi_score(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])) == pytest.approx(2.0)
 
 
 def test_bleu_hand_cases():
     hyp = "a a a b".split()
     refs = ["a b c d e".split(), "a a x".split()]
     # clipped unigrams 3/4, bigrams 2/3; closest ref lengths 5 and 3 tie: the shorter, 3 < 4, BP = 1
-    assert sfr.bleu(hyp, refs, max_n=2) == pytest.approx(math.sqrt(3 / 4 * 2 / 3))
-    assert sfr.bleu(hyp, refs, max_n=1) == pytest.approx(0.75)
+    assert sfr_metrics.bleu(hyp, refs, max_n=2) == pytest.approx(math.sqrt(3 / 4 * 2 / 3))
+    assert sfr_metrics.bleu(hyp, refs, max_n=1) == pytest.approx(0.75)
     # one longer reference: unigrams 2/4, BP = exp(1 - 5/4)
-    assert sfr.bleu(hyp, refs[:1], max_n=1) == pytest.approx(0.5 * math.exp(-0.25))
-    assert sfr.bleu(hyp, refs[:1], max_n=3) == 0.0  # no matching trigram, no smoothing
-    assert sfr.self_bleu(["a b", "a c"], max_n=1) == pytest.approx(0.5)
-    assert sfr.self_bleu(["x y z", "x y z", "x y z"], max_n=3) == pytest.approx(1.0)
-    assert sfr.self_bleu(["x y z", "x y z", "x y z"], max_n=4) == 0.0  # no 4-grams at all: 0, not 1
+    assert sfr_metrics.bleu(hyp, refs[:1], max_n=1) == pytest.approx(0.5 * math.exp(-0.25))
+    assert sfr_metrics.bleu(hyp, refs[:1], max_n=3) == 0.0  # no matching trigram, no smoothing
+    assert sfr_metrics.self_bleu(["a b", "a c"], max_n=1) == pytest.approx(0.5)
+    assert sfr_metrics.self_bleu(["x y z", "x y z", "x y z"], max_n=3) == pytest.approx(1.0)
+    assert sfr_metrics.self_bleu(["x y z", "x y z", "x y z"], max_n=4) == 0.0  # no 4-grams at all: 0, not 1
 
 
 def test_bleu_and_self_bleu_match_sacrebleu():
@@ -671,19 +675,19 @@ def test_bleu_and_self_bleu_match_sacrebleu():
         ref = BLEU(max_ngram_order=n, tokenize="none", smooth_method="none", effective_order=False)
         for i, t in enumerate(texts):
             others = texts[:i] + texts[i + 1:i + 4]
-            ours = sfr.bleu(t.split(), [o.split() for o in others], max_n=n)
+            ours = sfr_metrics.bleu(t.split(), [o.split() for o in others], max_n=n)
             assert ours == pytest.approx(ref.sentence_score(t, others).score / 100, abs=1e-12)
         sb = sum(ref.sentence_score(t, texts[:i] + texts[i + 1:]).score / 100 for i, t in enumerate(texts)) / len(texts)
-        assert sfr.self_bleu(texts, max_n=n) == pytest.approx(sb, abs=1e-12)
+        assert sfr_metrics.self_bleu(texts, max_n=n) == pytest.approx(sb, abs=1e-12)
         assert 0 < sb < 1
 
 
 def test_distinct_n_hand_case():
     texts = ["a b a b", "a b c"]
-    assert sfr.distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
-    assert sfr.distinct_n(texts, 1) == pytest.approx(3 / 7)
-    assert sfr.distinct_n(texts, 4) == pytest.approx(1.0)  # the single 4-gram
-    assert sfr.distinct_n(["a"], 2) == 0.0
+    assert sfr_metrics.distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
+    assert sfr_metrics.distinct_n(texts, 1) == pytest.approx(3 / 7)
+    assert sfr_metrics.distinct_n(texts, 4) == pytest.approx(1.0)  # the single 4-gram
+    assert sfr_metrics.distinct_n(["a"], 2) == 0.0
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -798,10 +802,136 @@ def test_parse_config():
         sfr.parse_config(["--k=four"])
 
 
-def test_help_lists_every_config_field():
+def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):
     import dataclasses
-    out = subprocess.run([sys.executable, "sfr.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:  # in-process: `python sfr.py --help` runs main the same way
+        sfr.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and not list(tmp_path.iterdir())  # printed, ran and wrote nothing
     for f in dataclasses.fields(sfr.Config):
-        assert f"--{f.name} " in out.stdout, f.name
-    assert "future segment length in tokens" in out.stdout  # the field comments are the help
+        assert f"--{f.name} " in out, f.name
+        assert "".join(f.metadata["help"].split()) in "".join(out.split()), f.name  # its whole help line
+
+
+# ----------------------------------------------------------------------------- bad input costs nothing
+# `python sfr.py` refuses each of these with one line naming the field, file or line, and
+# exit status 2, before any training (every case here stops before a step is taken).
+
+
+def cli_error(argv, capsys):
+    """sfr.main(argv)'s one-line error; fails if it trained, or exited otherwise."""
+    with pytest.raises(SystemExit) as e:
+        sfr.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--n_head=0", "Config.n_head=0"), ("--n_embd=0", "Config.n_embd=0"),
+    ("--n_embd=100", "multiple of Config.n_head"), ("--hidden_layer=99", "Config.hidden_layer=99"),
+    ("--eval_frac=2", "Config.eval_frac=2"), ("--eval_frac=-1", "Config.eval_frac=-1"),
+    ("--n_layer=-2", "Config.n_layer=-2"), ("--fm_positions=-3", "Config.fm_positions=-3"),
+    ("--ckpt_every=-1", "Config.ckpt_every=-1"), ("--aux=flw", "Config.aux='flw'"),
+    ("--recipe=theirs", "Config.recipe='theirs'"), ("--aux=ladder", "sfr_ladder"),
+    ("--lora_r=2", "Config.lora_r=2: LoRA adapts a Hugging Face backbone"), ("--lora_r=-1", "Config.lora_r=-1"),
+])
+def test_bad_fields_are_one_line_and_exit_2(flag, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sfr, "AUX", {})  # as in `python sfr.py`: sfr_ladder.py not imported
+    line = cli_error(["--steps=1", flag, f"--out_dir={tmp_path / 'out'}"], capsys)  # steps: if it ran
+    assert says in line and line.startswith("sfr.py: error: "), line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_bad_files_name_the_file_and_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "a\xff", "response": "b"}\n')
+    assert "d.jsonl:2: not UTF-8" in cli_error([f"--data={data}", "--aux=none", f"--out_dir={tmp_path}"], capsys)
+    assert "no-such.jsonl" in cli_error([f"--data={tmp_path}/no-such.jsonl", f"--out_dir={tmp_path}"], capsys)
+    # a typo'd encoder: neither a local folder nor a cached model, refused at once and offline
+    assert "Config.encoder='minilmm'" in cli_error(["--encoder=minilmm", f"--out_dir={tmp_path}"], capsys)
+    (tmp_path / "file").write_text("")
+    line = cli_error(["--aux=none", f"--out_dir={tmp_path / 'file' / 'out'}"], capsys)
+    assert f"Config.out_dir='{tmp_path / 'file' / 'out'}'" in line  # checked before step 1
+
+
+def test_train_checks_out_dir_before_step_1(demo, tmp_path):
+    (tmp_path / "file").write_text("")
+    cfg = tiny(tmp_path, aux="none", out_dir=str(tmp_path / "file" / "out"))
+    with pytest.raises(sfr.UsageError, match="Config.out_dir"):
+        sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, progress=False)
+
+
+def test_resume_refuses_what_it_cannot_apply_and_says_when_there_is_nothing(demo, tmp_path):
+    cfg = tiny(tmp_path, aux="none", steps=2, resume=True)
+    logs = []
+    sfr.train(cfg, fresh(demo.examples), demo.tok, log=logs.append, progress=False)
+    assert any("no checkpoint at" in line and "starting at step 0" in line for line in logs)
+    for change, says in ((dict(lr=1e-4), "lr: 0.003 -> 0.0001"), (dict(n_layer=2), "n_layer: 1 -> 2")):
+        with pytest.raises(sfr.UsageError, match=f"ckpt.pt: resuming with changed Config fields.*{says}"):
+            sfr.train(dataclasses.replace(cfg, **change), fresh(demo.examples), demo.tok,
+                      log=lambda s: None, progress=False)
+    _, history = sfr.train(dataclasses.replace(cfg, steps=3), fresh(demo.examples), demo.tok,
+                           log=lambda s: None, progress=False)  # steps is applied: one step more
+    assert [h["step"] for h in history] == [1, 2, 3]
+    ck = torch.load(Path(cfg.out_dir) / "ckpt.pt", weights_only=False)
+    assert ck["config"]["steps"] == 3 and ck["sha256"] == sfr.checksum(ck)
+
+
+@pytest.mark.parametrize("damage, says", [("flip", "checksum mismatch"), ("cut", "not a readable checkpoint")])
+def test_a_damaged_checkpoint_is_refused_with_its_path(demo, tmp_path, damage, says):
+    cfg = tiny(tmp_path, aux="none", steps=2)
+    sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, progress=False)
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":  # 64 bytes of a weight tensor, far from the zip's own headers
+        ck = torch.load(path, weights_only=False)
+        w = ck["model"]["backbone.blocks.0.mlp.0.weight"].numpy().tobytes()
+        at = bytes(raw).index(w[:64])
+        raw[at:at + 64] = bytes(b ^ 0xFF for b in raw[at:at + 64])
+    else:
+        raw = raw[:len(raw) // 2]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(sfr.UsageError, match=f"{path}: {says}"):
+        sfr.train(dataclasses.replace(cfg, resume=True), fresh(demo.examples), demo.tok,
+                  log=lambda s: None, progress=False)
+
+
+def test_several_processes_need_sfr_dist(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "sfr_dist.py" in cli_error(["--aux=none", f"--out_dir={tmp_path}"], capsys)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.9)])
+def test_kv_cache_samples_the_same_tokens_as_recomputing(temperature, top_k, top_p):
+    cfg = sfr.Config(n_layer=2, n_head=2, n_embd=32, block_size=24)
+    torch.manual_seed(0)
+    gpt = sfr.GPT(cfg, 50).eval()
+    with torch.no_grad():  # sharper than the init's near-uniform logits, so a slip shows
+        gpt.wte.weight.mul_(40)
+    prompt = torch.randint(2, 50, (3, 5))
+    draws = [sfr.generate(gpt, prompt, 30, temperature, top_k, top_p, generator=torch.Generator().manual_seed(1),
+                          kv_cache=kv) for kv in (True, False)]  # 35 > block_size: the cache ends at 24
+    assert torch.equal(draws[0], draws[1])
+    # the cache's logits are the recomputed ones, position by position
+    cache = [{} for _ in gpt.blocks]
+    seq = draws[1][:, :cfg.block_size]
+    step_logits = [gpt(seq[:, :5], cache)[0][:, -1]] + [gpt(seq[:, t:t + 1], cache)[0][:, -1]
+                                                        for t in range(5, cfg.block_size)]
+    full = gpt(seq)[0][:, 4:]
+    torch.testing.assert_close(torch.stack(step_logits, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, says", [(["--sweep=abc"], "--sweep='abc'"), (["--repeats=0"], "--repeats=0"),
+                                        (["--sweep=2x60"], "multiple of 32"), (["--quality_seeds=-1"], "-1")])
+def test_cost_toy_refuses_bad_arguments_before_any_work(argv, says, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "toy"))
+    import cost
+    monkeypatch.setattr(cost, "encoder_cost", lambda *a: pytest.fail("started measuring"))
+    with pytest.raises(SystemExit) as e:
+        cost.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

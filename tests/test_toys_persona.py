@@ -71,3 +71,12 @@ def test_script_smoke(tmp_path, encoder):
     assert mech["sfr", 0]["aux_grad_share"] == pytest.approx(mech["sfr", 0]["aux_grad_share_sfr"])
     assert set(res["paired"]["sfr - sft"]["1.0"]) == set(persona.EXACT + persona.SAMPLED)
     assert "sfr - null" not in res["paired"]  # no null control in this grid
+
+
+@pytest.mark.parametrize("argv, says", [(["--seeds=-1"], "--seeds=-1"), (["--temps=abc"], "--temps='abc'"),
+                                        (["--temps=1,nan"], "finite"), (["--n_samples=0"], "--n_samples=0"),
+                                        (["--methods=sft,flw"], "unknown methods")])
+def test_bad_arguments_stop_before_any_work(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        persona.parse_args(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sfr
+import sfr_dist
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "_train_worker.py")
@@ -226,10 +227,10 @@ def test_accelerate_launch_flags_turn_sharding_on_or_are_refused(monkeypatch, en
         monkeypatch.setenv(k, v)
     cfg = sfr.Config()
     if error is None:
-        assert sfr.init_distributed(cfg) == (0, 1) and cfg.shard
+        assert sfr_dist.setup(cfg).world == 1 and cfg.shard
     else:
         with pytest.raises(NotImplementedError, match=error):
-            sfr.init_distributed(cfg)
+            sfr_dist.setup(cfg)
 
 
 def test_fsdp_holds_1_over_n_of_the_state_per_process(tmp_path):

@@ -7,7 +7,7 @@ head `sfr.py` offers, trained with the same optimiser and steps on the same (h, 
     mse       sfr.regression_token_loss(kind='mse')     one point: E[z1 | h]
     cosine    sfr.regression_token_loss(kind='cosine')  one direction: that of E[z1 | h]
     point     sfr.fm_token_loss with z0 = 0              flow from a point mass (MTP's source,
-                                                         DESIGN Sec. 3, restriction 3)
+                                                         paper App. A: the point source)
     gaussian  sfr.fm_token_loss with z0 ~ N(0, I)        SFR's flow (Proposition A.2)
     authors   gaussian as the authors run it: recipe='authors' (their head, 1024 x 3, unit-norm
               targets, the EMA teacher 0.999 blended into the head before each optimiser step);
@@ -20,7 +20,7 @@ function of (z, tau, h) only, so the ODE is deterministic: one output per contex
 whatever the training data. Worse, z_tau = tau z1 names the target for every tau > 0,
 so the field can learn to copy it (v = z / tau; its training loss goes to ~0) and the
 only thing it learns at the start, z = 0, is E[z1 | h]: the sampler lands on the mean,
-like mse. (sfr.validate_ladder refuses this rung for that reason; here it is the point.)
+like mse. (sfr_ladder.validate refuses this rung for that reason; here it is the point.)
 A Gaussian source gives the ODE a different start per sample.
 
 The task: n_ctx contexts, h_c ~ N(0, I) in d_h dims; each context has K modes in z-space

@@ -153,7 +153,9 @@ def analytic_flops(cfg, d_z, vocab, T, d_t=64):
 
 
 def generate_cost(cfg, encoder, repeats):
-    """Exported model vs the in-memory backbone: same prompts, greedy, fixed length."""
+    """Exported model vs the in-memory backbone: same prompts, greedy, fixed length. Then the
+    built-in GPT's KV cache: tokens / s sampled (temperature 1) with and without it, in the same
+    run, interleaved, from the same generator seed, and whether they drew the same tokens."""
     tok, examples = demo_setup(cfg, encoder)
     _, model = stepper(cfg, tok, examples, encoder.dim)
     with tempfile.TemporaryDirectory() as d:
@@ -162,11 +164,19 @@ def generate_cost(cfg, encoder, repeats):
     exported.eval()
     prompts = torch.tensor([ex.prompt for ex in examples[:8]])
     n_new = cfg.block_size - prompts.size(1)
-    gen = lambda m: sfr.generate(m, prompts, n_new, temperature=0)  # noqa: E731
+    def gen(m, kv_cache=True, temperature=0):
+        g = torch.Generator().manual_seed(0)
+        return sfr.generate(m, prompts, n_new, temperature=temperature, generator=g, kv_cache=kv_cache)
     same = torch.equal(gen(live), gen(exported))
     t_live, t_exp = interleaved([lambda: gen(live), lambda: gen(exported)], repeats, warmup=3)
+    cached_same = torch.equal(gen(live, True, 1.0), gen(live, False, 1.0))
+    t_cached, t_full = interleaved([lambda: gen(live, True, 1.0), lambda: gen(live, False, 1.0)], repeats,
+                                   warmup=3)
+    n_tok = prompts.size(0) * n_new
     return {"generate_ms_backbone": 1e3 * t_live, "generate_ms_exported": 1e3 * t_exp,
-            "generate_ratio": t_exp / t_live, "generate_same_tokens": same, "generate_new_tokens": n_new}
+            "generate_ratio": t_exp / t_live, "generate_same_tokens": same, "generate_new_tokens": n_new,
+            "generate_tokens_per_s_kv_cache": n_tok / t_cached, "generate_tokens_per_s_no_cache": n_tok / t_full,
+            "kv_cache_same_tokens": cached_same}
 
 
 # ----------------------------------------------------------------------------- encoder and cache
@@ -285,15 +295,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--segments", type=int, default=512, help="distinct segments for the encoder speed")
     p.add_argument("--quality_seeds", type=int, default=3, help="seeds per head variant; 0 skips quality")
-    p.add_argument("--quality_steps", type=int, default=300)
+    p.add_argument("--quality_steps", type=int, default=300, help="training steps per quality run")
     p.add_argument("--sweep", default="2x64,4x128,6x192,8x256",
                    help="backbone sizes n_layerxn_embd for the step-ratio sweep, 32-dim attention heads ('' skips it)")
-    p.add_argument("--out", default=str(ROOT / "results" / "cost.json"))
+    p.add_argument("--out", default=str(ROOT / "results" / "cost.json"), help="json of every measure")
     p.add_argument("--hf", default="", choices=["", "0.5b", "tiny"], help="only time a Qwen2-shaped HF model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hf_seq", type=int, default=1024)
-    p.add_argument("--hf_batch", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="device of the --hf timing")
+    p.add_argument("--hf_seq", type=int, default=1024, help="--hf: tokens per sequence")
+    p.add_argument("--hf_batch", type=int, default=4, help="--hf: sequences per step")
     args = p.parse_args(argv)
+    for name in ("repeats", "threads", "segments", "hf_seq", "hf_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be >= 1")
+    for name in ("quality_seeds", "quality_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name}={getattr(args, name)}: must be >= 0")
+    try:
+        args.sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep.split(",")] if args.sweep else []
+    except ValueError:
+        p.error(f"--sweep={args.sweep!r}: expected n_layerxn_embd pairs, e.g. 2x64,4x128")
+    if any(len(s) != 2 or min(s) < 1 or s[1] % 32 for s in args.sizes):
+        p.error(f"--sweep={args.sweep!r}: each size is n_layerxn_embd, both >= 1, n_embd a multiple of 32")
     torch.set_num_threads(args.threads)
     if args.hf:
         res = hf_step_cost(args.hf, args.device, args.hf_seq, args.hf_batch, max(5, args.repeats // 10))
@@ -307,9 +329,8 @@ def main(argv=None):
     enc, encoder = encoder_cost(base, args.segments)
     res.update(enc)
     res.update(step_cost(base, encoder, args.repeats))
-    if args.sweep:
-        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep.split(",")]
-        res["size_sweep"] = size_sweep(base, encoder, sizes, max(20, args.repeats // 4))
+    if args.sizes:
+        res["size_sweep"] = size_sweep(base, encoder, args.sizes, max(20, args.repeats // 4))
     tok, examples = demo_setup(base, encoder)
     bb, head, positions, tokens = counted_flops(base, tok, examples, encoder.dim)
     T = tokens // base.batch_size
@@ -337,6 +358,9 @@ def print_table(res):
             ("generate_ratio (export / backbone)", f"{res['generate_ratio']:.3f}",
              f"{res['generate_ms_exported']:.1f} / {res['generate_ms_backbone']:.1f} ms, "
              f"same tokens: {res['generate_same_tokens']}"),
+            ("generation tokens / s, KV cache vs none", f"{res['generate_tokens_per_s_kv_cache']:.0f} / "
+             f"{res['generate_tokens_per_s_no_cache']:.0f}",
+             f"sampled at temperature 1, same tokens: {res['kv_cache_same_tokens']}"),
             ("flop_ratio (head / backbone, counted)", f"{res['flop_ratio']:.3f}",
              f"analytic {res['analytic_flop_ratio']:.3f}; one head position = "
              f"{res['analytic_head_over_backbone_per_position']:.2f} backbone tokens"),

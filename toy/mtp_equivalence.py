@@ -1,4 +1,4 @@
-"""Is multi-token prediction SFR with five restrictions? (paper App. A; DESIGN Sec. 3)
+"""Is multi-token prediction SFR under restrictions that can be lifted one at a time? (paper App. A)
 
 1. Over random shapes (K, V, hidden size, batch), tau and pi, the F_Delta-FM loss computed
    the flow-matching way (sfr.fdfm_loss) against the MTP cross-entropy (sfr.mtp_loss), and
@@ -10,7 +10,9 @@
    posterior against the marginal velocity by brute force, and a cross-entropy denoiser.
 
 Run:  python toy/mtp_equivalence.py      (CPU; writes results/mtp_equivalence.{json,png})
+      python toy/mtp_equivalence.py --help  (the options; runs nothing)
 """
+import argparse
 import json
 import math
 import sys
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import sfr_ladder  # noqa: E402  (registers aux='ladder')
 
 TRIALS, STEPS = 40, 50  # random shapes per dtype; training steps per run
-RUNGS = [  # lifted cumulatively, one restriction at a time (DESIGN Sec. 3)
+RUNGS = [  # lifted cumulatively, one restriction at a time (sfr_ladder.py)
     ("MTP", dict()),
     ("Brier", dict(ladder_divergence="sq")),
     ("+ Gaussian source", dict(ladder_divergence="sq", ladder_source="gaussian")),
@@ -207,7 +210,7 @@ def prop32(V=5, beta=3.0, seed=0, denoiser_steps=1000, kernel=False):
     g = torch.Generator().manual_seed(seed)
     log_p1 = torch.randn(V, generator=g, dtype=torch.float64).log_softmax(-1)
     l_tau, tau = path_points(log_p1, beta, 64, seed + 1)
-    v_exact = sfr.kl_geodesic_velocity(sfr.kl_path_posterior(log_p1, l_tau, tau, beta), l_tau, tau, beta)
+    v_exact = sfr_ladder.kl_geodesic_velocity(sfr_ladder.kl_path_posterior(log_p1, l_tau, tau, beta), l_tau, tau, beta)
     v_enum = marginal_velocity_by_enumeration(log_p1, l_tau, tau, beta)
     scale = v_exact.norm(dim=-1).mean().item()
     res = dict(V=V, beta=beta, n_points=len(tau), mean_velocity_norm=scale,
@@ -217,8 +220,8 @@ def prop32(V=5, beta=3.0, seed=0, denoiser_steps=1000, kernel=False):
         res["posterior_vs_kernel_mc_rel"] = ((v_exact[:8] - v_ker).norm(dim=-1) / v_exact[:8].norm(dim=-1)).mean().item()
     q_theta = train_denoiser(log_p1, beta, steps=denoiser_steps, seed=seed)
     with torch.no_grad():
-        v_theta = sfr.kl_geodesic_velocity(q_theta(l_tau, tau), l_tau, tau, beta)
-    prior = sfr.kl_geodesic_velocity(log_p1.exp().expand_as(l_tau), l_tau, tau, beta)  # the posterior ignored
+        v_theta = sfr_ladder.kl_geodesic_velocity(q_theta(l_tau, tau), l_tau, tau, beta)
+    prior = sfr_ladder.kl_geodesic_velocity(log_p1.exp().expand_as(l_tau), l_tau, tau, beta)  # the posterior ignored
     rel = lambda v: ((v - v_exact).norm(dim=-1) / v_exact.norm(dim=-1)).mean().item()  # noqa: E731
     res.update(denoiser_rel_err=rel(v_theta), prior_only_rel_err=rel(prior))
     return res
@@ -227,9 +230,23 @@ def prop32(V=5, beta=3.0, seed=0, denoiser_steps=1000, kernel=False):
 # ----------------------------------------------------------------------------- report
 
 
-def main():
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=TRIALS, help="random shapes per dtype (lemma)")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder of the .json and .png")
+    a = p.parse_args(argv)
+    for name in ("trials", "steps"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name}={getattr(a, name)}: must be >= 1")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(1)
+    TRIALS, STEPS = a.trials, a.steps
     lemma = lemma_sweep(TRIALS)
     train_eq, curves = training_equivalence(STEPS)
     rungs = ladder_runs(STEPS)
@@ -274,12 +291,12 @@ def main():
         print(f"| posterior velocity vs kernel Monte-Carlo (8 points), mean rel | {p32['posterior_vs_kernel_mc_rel']:.3f} |")
     print(f"| cross-entropy denoiser velocity, mean rel | {p32['denoiser_rel_err']:.3f} |")
     print(f"| prior-only velocity (no learning), mean rel | {p32['prior_only_rel_err']:.3f} |")
-    out = ROOT / "results"
+    out = Path(a.out)
     out.mkdir(exist_ok=True)
     (out / "mtp_equivalence.json").write_text(json.dumps(result, indent=1))
     print("\n" + json.dumps({k: v for k, v in result.items() if k not in ("rungs", "prop32")}, indent=1))
     plot(curves, rungs, out / "mtp_equivalence.png")
-    print(f"\nwrote results/mtp_equivalence.json and .png in {time.time() - t_start:.1f}s")
+    print(f"\nwrote {out}/mtp_equivalence.json and .png in {time.time() - t_start:.1f}s")
 
 
 def plot(curves, rungs, path):

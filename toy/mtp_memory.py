@@ -9,7 +9,9 @@ fixed so every large tensor is mapped on allocation and unmapped when freed, and
 resident memory follows the live tensors).
 
 Run:  python toy/mtp_memory.py        (CPU, ~30 s; writes results/mtp_memory.json)
+      python toy/mtp_memory.py --help (the options; runs nothing)
 """
+import argparse
 import json
 import os
 import subprocess
@@ -61,12 +63,23 @@ def measure(variant):
     return {"peak_MiB": (rss_kib("VmHWM") - base) / 1024, "step_seconds": seconds}
 
 
-def main():
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "results" / "mtp_memory.json"), help="json of the result")
+    p.add_argument("--child", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:  # one variant, in its own process
+        print(json.dumps(measure(args.child)))
+        return
     t0 = time.time()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     res = {}
     for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--child", variant], env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, f"--child={variant}"], env=env, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(out.stderr)
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -81,14 +94,11 @@ def main():
     result = {"shape": SHAPE, "logits_MiB": logits_mib, "variants": res, "target_ratio": 1.25,
               "head_by_head_ratio": res["MTP K=4, head by head"]["ratio"],
               "plain_ratio": res["MTP K=4, plain"]["ratio"], "seconds": time.time() - t0}
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    (out / "mtp_memory.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote results/mtp_memory.json in {result['seconds']:.1f}s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out} in {result['seconds']:.1f}s")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        print(json.dumps(measure(sys.argv[2])))
-    else:
-        main()
+    main()

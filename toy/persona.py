@@ -65,7 +65,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import sfr  # noqa: E402
+import sfr_metrics  # noqa: E402  (the method; nothing of it is re-implemented here)
 
 # ----------------------------------------------------------------------------- the declared grid
 # Every cell of methods x seeds x temperatures is trained / evaluated and written to the JSON.
@@ -251,10 +252,10 @@ def exact_metrics(task, backbone, tok, temps, counts, anchor=False):
 def sampled_metrics(task, texts, encoder):
     """texts[i][q]: the n sampled responses of persona i to query q. Per prompt, averaged:
       coverage_sampled  share of the persona's modes that appear among its n legal samples
-      distinct2         sfr.distinct_n(n=2) of the n samples
-      vendi             sfr.vendi_score of their MiniLM embeddings
+      distinct2         sfr_metrics.distinct_n(n=2) of the n samples
+      vendi             sfr_metrics.vendi_score of their MiniLM embeddings
     and per query and sample index, averaged:
-      cs_self_bleu1     sfr.self_bleu(max_n=1) across the P personas' answers (lower = more diverse)."""
+      cs_self_bleu1     sfr_metrics.self_bleu(max_n=1) across the P personas' answers (lower = more diverse)."""
     P, Q, M = task.n_personas, task.n_queries, task.n_modes
     encoder.encode([_strip(t) or "<empty>" for row in texts for ts in row for t in ts])  # one batched call
     cov, d2, ven, csb = [], [], [], []
@@ -263,12 +264,12 @@ def sampled_metrics(task, texts, encoder):
             ts = [_strip(t) for t in texts[i][q]]
             modes = {pr[0] for pr in (task.parse(q, t) for t in ts) if pr is not None}
             cov.append(len(modes) / M)
-            d2.append(sfr.distinct_n(ts, 2))
-            ven.append(sfr.vendi_score(encoder.encode([t or "<empty>" for t in ts])))  # cached now
+            d2.append(sfr_metrics.distinct_n(ts, 2))
+            ven.append(sfr_metrics.vendi_score(encoder.encode([t or "<empty>" for t in ts])))  # cached now
     n = len(texts[0][0])
     for q in range(Q):
         for s in range(n):
-            csb.append(sfr.self_bleu([_strip(texts[i][q][s]) for i in range(P)], max_n=1))
+            csb.append(sfr_metrics.self_bleu([_strip(texts[i][q][s]) for i in range(P)], max_n=1))
     return {"coverage_sampled": np.mean(cov), "distinct2": np.mean(d2), "vendi": np.mean(ven),
             "cs_self_bleu1": np.mean(csb)}
 
@@ -601,17 +602,17 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=0, help="seeds 0..n-1; 0 = the grid's (quick 2, full 5)")
     p.add_argument("--temps", default="", help="comma list of temperatures; '' = the grid's")
     p.add_argument("--steps", type=int, default=0, help="training steps; 0 = the grid's (quick 300, full 800)")
-    p.add_argument("--personas", type=int, default=9)
-    p.add_argument("--modes", type=int, default=4)
-    p.add_argument("--queries", type=int, default=4)
+    p.add_argument("--personas", type=int, default=9, help="personas of the task")
+    p.add_argument("--modes", type=int, default=4, help="answer modes per persona")
+    p.add_argument("--queries", type=int, default=4, help="queries (topics) per persona")
     p.add_argument("--prefix_len", type=int, default=4, help="shared generic words before the persona part")
     p.add_argument("--n_per_persona", type=int, default=16, help="training examples per persona")
     p.add_argument("--n_eval", type=int, default=64, help="held-out examples for sfr.train's eval / diagnostics")
-    p.add_argument("--n_layer", type=int, default=2)
-    p.add_argument("--n_embd", type=int, default=64)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n_layer", type=int, default=2, help="built-in GPT blocks")
+    p.add_argument("--n_embd", type=int, default=64, help="built-in GPT width")
+    p.add_argument("--n_head", type=int, default=4, help="built-in GPT attention heads")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     p.add_argument("--lam", type=float, default=1.0, help="lambda of every auxiliary loss")
     p.add_argument("--k", type=int, default=8, help="future segment length (words) of the MiniLM targets")
     p.add_argument("--head_width", type=int, default=256, help="flow head width of the recipe='ours' rows "
@@ -623,7 +624,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
     p.add_argument("--workers", type=int, default=1, help="processes, one seed each at a time")
     p.add_argument("--out", default="", help="json path; '' = results/persona.json (--full) or persona_quick.json")
-    p.add_argument("--no_fig", action="store_true")
+    p.add_argument("--no_fig", action="store_true", help="write no figure")
     p.add_argument("--replot", default="", help="redraw the table and figure from a saved json, train nothing")
     args = p.parse_args(argv)
     grid = GRID if args.full else QUICK
@@ -631,8 +632,20 @@ def parse_args(argv=None):
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    for name in ("seeds", "steps"):  # 0 = the grid's
+        if getattr(args, name) < 0:
+            p.error(f"--{name}={getattr(args, name)}: must be >= 0 (0 = the grid's)")
+    for name in ("personas", "modes", "queries", "n_per_persona", "n_eval", "n_layer", "n_embd", "n_head",
+                 "batch_size", "k", "head_width", "n_samples", "threads", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be >= 1")
     args.seeds = list(range(args.seeds or grid["seeds"]))
-    args.temps = [float(t) for t in args.temps.split(",")] if args.temps else list(grid["temps"])
+    try:
+        args.temps = [float(t) for t in args.temps.split(",")] if args.temps else list(grid["temps"])
+    except ValueError:
+        p.error(f"--temps={args.temps!r}: expected a comma list of numbers, e.g. 0.7,1.0")
+    if not all(t >= 0 and math.isfinite(t) for t in args.temps):
+        p.error(f"--temps={args.temps}: temperatures must be finite and >= 0")
     args.steps = args.steps or grid["steps"]
     args.out = args.out or str(ROOT / "results" / ("persona.json" if args.full else "persona_quick.json"))
     return args

@@ -41,11 +41,13 @@ def child(args):
     import torch
     sys.path.insert(0, str(ROOT))
     import sfr
+    import sfr_dist
     torch.set_num_threads(1)
     cfg = sfr.Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.T + 1,
                      head_width=args.head_width, batch_size=args.batch, steps=args.steps, lr_warmup=1,
                      shard=args.child == "fsdp", fm_positions=0).validate()
-    rank, world = sfr.init_distributed(cfg)
+    dist = sfr_dist.setup(cfg)  # DDP, or FSDP with cfg.shard
+    rank, world = dist.rank, dist.world
     d_z = 384
     g = torch.Generator().manual_seed(0)  # the same data set in every process
     examples = [sfr.Example([2], torch.randint(2, args.vocab, (args.T - 1,), generator=g).tolist(),
@@ -56,11 +58,7 @@ def child(args):
     base = kib("VmRSS")
     torch.manual_seed(0)
     model = sfr.SFRModel(cfg, sfr.build_backbone(cfg, args.vocab), d_z)
-    if cfg.shard:
-        sfr.shard(model)
-        wrapped = model
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    wrapped = dist.wrap(model, None, log=lambda s: None)
     opt, sched = sfr.make_optimizer(cfg, model)
     t0 = time.time()
     for step in range(args.steps):
@@ -68,8 +66,9 @@ def child(args):
         batch = sfr.collate([examples[i] for i in ids], ids, 0, 1, d_z)
         terms, _, _ = sfr.train_step(model, opt, sched, batch, step, cfg, world=world, ddp=wrapped)
     seconds = (time.time() - t0) / args.steps
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts)  # noqa: E731
+
+    def nbytes(ts):  # this process's part of each tensor (a DTensor's local shard)
+        return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in ts)
     params = list(model.parameters())
     state = {"params": nbytes(params), "grads": nbytes(p.grad for p in params if p.grad is not None),
              "optimizer": nbytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())}
