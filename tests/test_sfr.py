@@ -555,7 +555,7 @@ def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
 def test_hf_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(tiny_hf):
     with pytest.raises(ValueError, match="the tokenizer has 1000 ids but the model embeds"):
         sfr.build_backbone(sfr.Config(backbone=str(tiny_hf)), vocab_size=1000)
-    with pytest.raises(sfr.UsageError, match="no such local folder"):
+    with pytest.raises(sfr.UsageError, match="or a local folder"):
         sfr.build_backbone(sfr.Config(backbone=str(tiny_hf) + "-missing"), vocab_size=10)
 
 

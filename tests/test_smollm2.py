@@ -46,3 +46,13 @@ def test_one_forward_and_a_greedy_completion_that_is_code(smollm2):
     new_ids = out.sequences[0, idx.size(1):]
     assert new_ids[0] == first[0].argmax()  # greedy
     assert "return a + b" in tok.decode(new_ids, skip_special_tokens=True)
+
+
+def test_the_named_backbone_resolves_to_the_converted_folder(smollm2, tmp_path, monkeypatch):
+    folder = smollm2[0]
+    assert sfr.backbone_path("smollm2-135m") == str(folder) and sfr.backbone_path("gpt") == "gpt"
+    tok = sfr.build_tokenizer(sfr.Config(backbone="smollm2-135m"), [])
+    assert isinstance(tok, sfr.HFTokenizer) and tok.vocab_size == 49152
+    monkeypatch.setenv("SFR_SMOLLM2", str(tmp_path))  # a folder that was never converted: one clear line
+    with pytest.raises(sfr.UsageError, match="not converted yet; run python sfr_hf.py smollm2"):
+        sfr.build_backbone(sfr.Config(backbone="smollm2-135m"), 49152)
