@@ -128,8 +128,9 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "resumable checkpoint every N steps; 0 = only at the end")
-    out_dir: str = arg("out", "checkpoints and exports go here (checked writable first)")
+    out_dir: str = arg("out", "ckpt.pt, export/, history.jsonl, loss.png (checked writable first)")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
+    progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
@@ -1104,7 +1105,8 @@ def check_writable(out_dir):
 # Resuming with changed fields: these are applied (they change where and how often things are
 # written, or, for steps, the length the lr and lambda schedules read at every step); a change to
 # any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache")
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache",
+               "progress")
 
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
@@ -1199,6 +1201,12 @@ def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
         save_checkpoint(path, {**ck, "sha256": checksum(ck)})
 
 
+def append_history(f, recs):
+    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+    f.flush()
+
+
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
     """Train backbone + aux head. Returns (model, history).
 
@@ -1206,6 +1214,8 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     EMA head, gate average, step, history, every process's RNG state and a checksum. The data
     order, the flow noise and the lambda schedule are pure functions of (seed, step), so the
     step is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
+    out_dir/history.jsonl gets each step's record as it finishes (a resumed run's equals an
+    uninterrupted one's).
     dist: the multi-process operations (sfr_dist.py); None = one process. cfg.batch_size is
     the global batch, split across processes, and losses are normalised over all of it."""
     cfg.validate()
@@ -1225,9 +1235,13 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     state = resume(cfg, ckpt_path, model, opt, sched, ema, rank, world, log) if cfg.resume else None
     step, history, gate_avg = state or (0, [], None)
     saved = step if state else None
+    # rewritten from the checkpoint's history, then one line per step: a run killed after its
+    # last checkpoint left lines past it, which would otherwise appear twice after a resume
+    jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank == 0 else os.devnull, "w")
+    append_history(jsonl, history)
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
-               leave=False, disable=not (progress and rank == 0))
+               leave=False, disable=not (progress and cfg.progress and rank == 0))
     t0 = time.time()
     while step < cfg.steps:
         ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
@@ -1250,6 +1264,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
                 with bar.external_write_mode():  # the line goes above the bar
                     log(format_log(rec, time.time() - t0))
         history.append(rec)
+        append_history(jsonl, [rec])
         bar.update(1)
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
@@ -1257,6 +1272,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
                              dict(step=step, history=history, gate_avg=gate_avg))
             saved = step
     bar.close()
+    jsonl.close()
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history

@@ -244,3 +244,48 @@ def test_fsdp_holds_1_over_n_of_the_state_per_process(tmp_path):
     assert res["state_ratio"] == pytest.approx(0.5, abs=0.02)  # FSDP pads each tensor's rows to a multiple of N
     for k in ("ar", "aux"):
         assert res["loss_fsdp"][k] == pytest.approx(res["loss_ddp"][k], rel=1e-5)
+
+
+def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
+    # the killed run wrote step 4's line after its last checkpoint (step 3): a resume that only
+    # appended would write it twice
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    cfg = dict(TINY, steps=6, ckpt_every=3, eval_every=5)
+    examples, tok = demo_data(sfr.Config(**cfg))
+
+    class Killed(Exception):
+        pass
+
+    def killer(line):  # the first log line comes at step 5, before its record is written
+        raise Killed
+    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, progress=False)
+    with pytest.raises(Killed):
+        sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, progress=False)
+    part = (tmp_path / "part" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in part] == [1, 2, 3, 4]
+    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, log=lambda s: None,
+              progress=False)
+    whole = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in whole] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "part" / "history.jsonl").read_text().splitlines() == whole
+    assert [json.loads(line) for line in whole] == load(tmp_path / "whole" / "ckpt.pt")["history"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One 3-step `python sfr.py` run, in process, with --progress=false: (out_dir, its output)."""
+    import contextlib
+    import io
+    out_dir, buf = tmp_path_factory.mktemp("cli"), io.StringIO()
+    argv = ["--aux=none", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--eval_every=0",
+            f"--out_dir={out_dir}", "--progress=false"]
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        sfr.main(argv)
+    return out_dir, buf.getvalue()
+
+
+def test_cli_progress_false_writes_no_bar_redraws(cli_run):
+    out = cli_run[1]
+    assert "step     3 | ar" in out and "exported" in out  # the log lines are all still there
+    assert "\r" not in out
