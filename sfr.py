@@ -121,6 +121,7 @@ class Config:
     # --- training ---
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
+    grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
     lr_warmup: int = arg(20, "linear learning-rate warm-up steps")
@@ -201,7 +202,7 @@ MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "h
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
            "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
            "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "lora_r": 0,
-           "lora_dropout": 0}
+           "lora_dropout": 0, "grad_accum": 1}
 
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
 
@@ -851,12 +852,23 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
     the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
     ema_teacher, blended into model.head between backward and the optimiser step. Raises
-    TrainingDiverged on a non-finite loss term or gradient, before the weights change."""
+    TrainingDiverged on a non-finite loss term or gradient, before the weights change.
+    cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
+    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
-    out = (ddp or model)(batch, step)
-    loss, terms = total_loss(out, lam_at(cfg, step), world, with_ar=not frozen)
+    lam = lam_at(cfg, step)
+    if cfg.grad_accum == 1:
+        out = (ddp or model)(batch, step)
+    else:  # (B / grad_accum, T) each, padded to the batch's T
+        micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
+                                          for f in dataclasses.fields(Batch)))]
+        with torch.no_grad(), torch.random.fork_rng():
+            outs = [model(m, step) for m in micro]
+            out = {k: sum(o[k] for o in outs) for k in outs[0]}
+        reshard(model)
+    loss, terms = total_loss(out, lam, world, with_ar=not frozen)
     bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
     if bad:
         raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
@@ -867,7 +879,12 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
         scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if cfg.grad_accum == 1:
+        loss.backward()
+    else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
+        counts = {k: v for k, v in out.items() if k.endswith("_n")}
+        for m in micro:
+            total_loss({**(ddp or model)(m, step), **counts}, lam, world, not frozen)[0].backward()
     if teacher is not None and step >= cfg.head_warmup:
         teacher_blend(teacher, model.head, cfg.ema)
     clip = cfg.grad_clip or float("inf")
@@ -1224,6 +1241,9 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     if cfg.batch_size < world:
         raise UsageError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs "
                          f">= {world} sequences")
+    if cfg.batch_size < world * cfg.grad_accum:
+        raise UsageError(f"Config.grad_accum={cfg.grad_accum}: more micro-batches than the "
+                         f"{cfg.batch_size // world} sequences per process")
     check_writable(cfg.out_dir)
     if cfg.null_targets:  # the control trains on a copy whose targets are shuffled across the set
         train_set = [dataclasses.replace(ex, z1=ex.z1.clone()) for ex in train_set]
