@@ -1224,6 +1224,19 @@ def append_history(f, recs):
     f.flush()
 
 
+def plot_history(history, path):
+    """Every term of the history against the step, a panel each (eval terms at eval steps),
+    to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
+    from matplotlib.figure import Figure
+    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "step"]
+    fig = Figure(figsize=(7, 1.6 * len(keys)))
+    for ax, k in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
+        ax.plot(*zip(*[(r["step"], r[k]) for r in history if k in r]), ".-", ms=3)
+        ax.set_ylabel(k)
+    ax.set_xlabel("step")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+
+
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
     """Train backbone + aux head. Returns (model, history).
 
@@ -1740,6 +1753,8 @@ def run(cfg: Config, dist=None, rank0=True):
         return model, history
     path = export(model, os.path.join(cfg.out_dir, "export"), tok)
     print(f"exported the deployable model (no head, no encoder) to {path}")
+    plot_history(history, os.path.join(cfg.out_dir, "loss.png"))
+    print(f"loss plot: {os.path.join(cfg.out_dir, 'loss.png')}")
     prompt = torch.tensor([train_set[0].prompt])
     out = generate(model.backbone.eval(), prompt, 16, temperature=1.0, eos_id=tok.eos_id,
                    generator=torch.Generator().manual_seed(cfg.seed))

@@ -314,3 +314,9 @@ def test_grad_accum_gives_the_large_batch_update(tmp_path):
     # rounding difference in a component with |g| near eps up to a sizeable share of lr)
     for p1, p4 in zip(params1, params4):
         torch.testing.assert_close(p4.grad, p1.grad, rtol=1e-5, atol=1e-6 * p1.grad.abs().max().item())
+
+
+def test_cli_plots_every_term_of_the_history_to_loss_png(cli_run):
+    png = cli_run[0] / "loss.png"
+    assert f"loss plot: {png}" in cli_run[1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
