@@ -122,6 +122,7 @@ class Config:
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
     grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
+    dtype: str = arg("float32", "'bf16': forward under bf16 autocast, float32 weights and AdamW")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
     lr_warmup: int = arg(20, "linear learning-rate warm-up steps")
@@ -196,7 +197,7 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
            "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
            "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
            "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
-           "gate_mode": ("dynamic", "static")}
+           "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16")}
 
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
@@ -859,12 +860,14 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
     lam = lam_at(cfg, step)
+    amp = torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bf16")
     if cfg.grad_accum == 1:
-        out = (ddp or model)(batch, step)
+        with amp:
+            out = (ddp or model)(batch, step)
     else:  # (B / grad_accum, T) each, padded to the batch's T
         micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
                                           for f in dataclasses.fields(Batch)))]
-        with torch.no_grad(), torch.random.fork_rng():
+        with torch.no_grad(), torch.random.fork_rng(), amp:
             outs = [model(m, step) for m in micro]
             out = {k: sum(o[k] for o in outs) for k in outs[0]}
         reshard(model)
@@ -884,7 +887,9 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
         counts = {k: v for k, v in out.items() if k.endswith("_n")}
         for m in micro:
-            total_loss({**(ddp or model)(m, step), **counts}, lam, world, not frozen)[0].backward()
+            with amp:
+                out = {**(ddp or model)(m, step), **counts}
+            total_loss(out, lam, world, not frozen)[0].backward()
     if teacher is not None and step >= cfg.head_warmup:
         teacher_blend(teacher, model.head, cfg.ema)
     clip = cfg.grad_clip or float("inf")

@@ -5,6 +5,7 @@ launch several; targets come from a stand-in encoder there, so no process loads 
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -320,3 +321,20 @@ def test_cli_plots_every_term_of_the_history_to_loss_png(cli_run):
     png = cli_run[0] / "loss.png"
     assert f"loss plot: {png}" in cli_run[1]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_autocast_keeps_float32_weights_and_the_loss_close_to_float32s(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    cfg = sfr.Config(**TINY, steps=2, eval_every=0, out_dir=str(tmp_path))
+    examples, tok = demo_data(cfg)
+    quiet = dict(log=lambda s: None, progress=False)
+    m32, h32 = sfr.train(cfg, examples, tok, **quiet)
+    m16, h16 = sfr.train(dataclasses.replace(cfg, dtype="bf16"), examples, tok, **quiet)
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # AdamW's master weights
+    adam = load(tmp_path / "ckpt.pt")["opt"]["state"]  # the bf16 run's
+    assert all(v.dtype == torch.float32 for s in adam.values() for k, v in s.items() if k != "step")
+    for r32, r16 in zip(h32, h16):
+        for k in ("ar", "aux"):
+            assert math.isfinite(r16[k]) and r16[k] == pytest.approx(r32[k], rel=2e-2), (r16["step"], k)
+    assert h16[0]["ar"] != h32[0]["ar"]  # autocast did run in bf16 (the zero-init head's step-1 aux is exact)
