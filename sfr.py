@@ -888,8 +888,8 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
         counts = {k: v for k, v in out.items() if k.endswith("_n")}
         for m in micro:
             with amp:
-                out = {**(ddp or model)(m, step), **counts}
-            total_loss(out, lam, world, not frozen)[0].backward()
+                out_m = {**(ddp or model)(m, step), **counts}
+            total_loss(out_m, lam, world, not frozen)[0].backward()
     if teacher is not None and step >= cfg.head_warmup:
         teacher_blend(teacher, model.head, cfg.ema)
     clip = cfg.grad_clip or float("inf")
@@ -1256,12 +1256,10 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     cfg.validate()
     dist = dist or one_process()
     rank, world = dist.rank, dist.world
-    if cfg.batch_size < world:
+    if cfg.batch_size < world * cfg.grad_accum:  # a process's share: >= 1 sequence per micro-batch
         raise UsageError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs "
-                         f">= {world} sequences")
-    if cfg.batch_size < world * cfg.grad_accum:
-        raise UsageError(f"Config.grad_accum={cfg.grad_accum}: more micro-batches than the "
-                         f"{cfg.batch_size // world} sequences per process")
+                         f">= {world * cfg.grad_accum} sequences, one per process and micro-batch "
+                         f"(Config.grad_accum={cfg.grad_accum})")
     check_writable(cfg.out_dir)
     if cfg.null_targets:  # the control trains on a copy whose targets are shuffled across the set
         train_set = [dataclasses.replace(ex, z1=ex.z1.clone()) for ex in train_set]
