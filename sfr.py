@@ -121,6 +121,8 @@ class Config:
     # --- training ---
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
+    grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
+    dtype: str = arg("float32", "'bf16': forward under bf16 autocast, float32 weights and AdamW")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
     lr_warmup: int = arg(20, "linear learning-rate warm-up steps")
@@ -128,8 +130,9 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "resumable checkpoint every N steps; 0 = only at the end")
-    out_dir: str = arg("out", "checkpoints and exports go here (checked writable first)")
+    out_dir: str = arg("out", "ckpt.pt, export/, history.jsonl, loss.png (checked writable first)")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
+    progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
@@ -194,13 +197,13 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
            "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
            "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
            "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
-           "gate_mode": ("dynamic", "static")}
+           "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16")}
 
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
            "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
            "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "lora_r": 0,
-           "lora_dropout": 0}
+           "lora_dropout": 0, "grad_accum": 1}
 
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
 
@@ -850,12 +853,25 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
     the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
     ema_teacher, blended into model.head between backward and the optimiser step. Raises
-    TrainingDiverged on a non-finite loss term or gradient, before the weights change."""
+    TrainingDiverged on a non-finite loss term or gradient, before the weights change.
+    cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
+    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
-    out = (ddp or model)(batch, step)
-    loss, terms = total_loss(out, lam_at(cfg, step), world, with_ar=not frozen)
+    lam = lam_at(cfg, step)
+    amp = torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bf16")
+    if cfg.grad_accum == 1:
+        with amp:
+            out = (ddp or model)(batch, step)
+    else:  # (B / grad_accum, T) each, padded to the batch's T
+        micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
+                                          for f in dataclasses.fields(Batch)))]
+        with torch.no_grad(), torch.random.fork_rng(), amp:
+            outs = [model(m, step) for m in micro]
+            out = {k: sum(o[k] for o in outs) for k in outs[0]}
+        reshard(model)
+    loss, terms = total_loss(out, lam, world, with_ar=not frozen)
     bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
     if bad:
         raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
@@ -866,7 +882,14 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
         scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if cfg.grad_accum == 1:
+        loss.backward()
+    else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
+        counts = {k: v for k, v in out.items() if k.endswith("_n")}
+        for m in micro:
+            with amp:
+                out_m = {**(ddp or model)(m, step), **counts}
+            total_loss(out_m, lam, world, not frozen)[0].backward()
     if teacher is not None and step >= cfg.head_warmup:
         teacher_blend(teacher, model.head, cfg.ema)
     clip = cfg.grad_clip or float("inf")
@@ -1104,7 +1127,8 @@ def check_writable(out_dir):
 # Resuming with changed fields: these are applied (they change where and how often things are
 # written, or, for steps, the length the lr and lambda schedules read at every step); a change to
 # any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache")
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache",
+               "progress")
 
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
@@ -1199,6 +1223,25 @@ def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
         save_checkpoint(path, {**ck, "sha256": checksum(ck)})
 
 
+def append_history(f, recs):
+    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+    f.flush()
+
+
+def plot_history(history, path):
+    """Every term of the history against the step, a panel each (eval terms at eval steps),
+    to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
+    from matplotlib.figure import Figure
+    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "step"]
+    fig = Figure(figsize=(7, 1.6 * len(keys)))
+    for ax, k in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
+        ax.plot(*zip(*[(r["step"], r[k]) for r in history if k in r]), ".-", ms=3)
+        ax.set_ylabel(k)
+    ax.set_xlabel("step")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+
+
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
     """Train backbone + aux head. Returns (model, history).
 
@@ -1206,14 +1249,17 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     EMA head, gate average, step, history, every process's RNG state and a checksum. The data
     order, the flow noise and the lambda schedule are pure functions of (seed, step), so the
     step is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
+    out_dir/history.jsonl gets each step's record as it finishes (a resumed run's equals an
+    uninterrupted one's).
     dist: the multi-process operations (sfr_dist.py); None = one process. cfg.batch_size is
     the global batch, split across processes, and losses are normalised over all of it."""
     cfg.validate()
     dist = dist or one_process()
     rank, world = dist.rank, dist.world
-    if cfg.batch_size < world:
+    if cfg.batch_size < world * cfg.grad_accum:  # a process's share: >= 1 sequence per micro-batch
         raise UsageError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs "
-                         f">= {world} sequences")
+                         f">= {world * cfg.grad_accum} sequences, one per process and micro-batch "
+                         f"(Config.grad_accum={cfg.grad_accum})")
     check_writable(cfg.out_dir)
     if cfg.null_targets:  # the control trains on a copy whose targets are shuffled across the set
         train_set = [dataclasses.replace(ex, z1=ex.z1.clone()) for ex in train_set]
@@ -1225,9 +1271,13 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     state = resume(cfg, ckpt_path, model, opt, sched, ema, rank, world, log) if cfg.resume else None
     step, history, gate_avg = state or (0, [], None)
     saved = step if state else None
+    # rewritten from the checkpoint's history, then one line per step: a run killed after its
+    # last checkpoint left lines past it, which would otherwise appear twice after a resume
+    jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank == 0 else os.devnull, "w")
+    append_history(jsonl, history)
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
-               leave=False, disable=not (progress and rank == 0))
+               leave=False, disable=not (progress and cfg.progress and rank == 0))
     t0 = time.time()
     while step < cfg.steps:
         ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
@@ -1250,6 +1300,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
                 with bar.external_write_mode():  # the line goes above the bar
                     log(format_log(rec, time.time() - t0))
         history.append(rec)
+        append_history(jsonl, [rec])
         bar.update(1)
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
@@ -1257,6 +1308,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
                              dict(step=step, history=history, gate_avg=gate_avg))
             saved = step
     bar.close()
+    jsonl.close()
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
@@ -1704,6 +1756,8 @@ def run(cfg: Config, dist=None, rank0=True):
         return model, history
     path = export(model, os.path.join(cfg.out_dir, "export"), tok)
     print(f"exported the deployable model (no head, no encoder) to {path}")
+    plot_history(history, os.path.join(cfg.out_dir, "loss.png"))
+    print(f"loss plot: {os.path.join(cfg.out_dir, 'loss.png')}")
     prompt = torch.tensor([train_set[0].prompt])
     out = generate(model.backbone.eval(), prompt, 16, temperature=1.0, eos_id=tok.eos_id,
                    generator=torch.Generator().manual_seed(cfg.seed))

@@ -5,6 +5,7 @@ launch several; targets come from a stand-in encoder there, so no process loads 
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -244,3 +245,96 @@ def test_fsdp_holds_1_over_n_of_the_state_per_process(tmp_path):
     assert res["state_ratio"] == pytest.approx(0.5, abs=0.02)  # FSDP pads each tensor's rows to a multiple of N
     for k in ("ar", "aux"):
         assert res["loss_fsdp"][k] == pytest.approx(res["loss_ddp"][k], rel=1e-5)
+
+
+def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
+    # the killed run wrote step 4's line after its last checkpoint (step 3): a resume that only
+    # appended would write it twice
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    cfg = dict(TINY, steps=6, ckpt_every=3, eval_every=5)
+    examples, tok = demo_data(sfr.Config(**cfg))
+
+    class Killed(Exception):
+        pass
+
+    def killer(line):  # the first log line comes at step 5, before its record is written
+        raise Killed
+    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, progress=False)
+    with pytest.raises(Killed):
+        sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, progress=False)
+    part = (tmp_path / "part" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in part] == [1, 2, 3, 4]
+    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, log=lambda s: None,
+              progress=False)
+    whole = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in whole] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "part" / "history.jsonl").read_text().splitlines() == whole
+    assert [json.loads(line) for line in whole] == load(tmp_path / "whole" / "ckpt.pt")["history"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One 3-step `python sfr.py` run, in process, with --progress=false: (out_dir, its output)."""
+    import contextlib
+    import io
+    out_dir, buf = tmp_path_factory.mktemp("cli"), io.StringIO()
+    argv = ["--aux=none", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--eval_every=0",
+            f"--out_dir={out_dir}", "--progress=false"]
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        sfr.main(argv)
+    return out_dir, buf.getvalue()
+
+
+def test_cli_progress_false_writes_no_bar_redraws(cli_run):
+    out = cli_run[1]
+    assert "step     3 | ar" in out and "exported" in out  # the log lines are all still there
+    assert "\r" not in out
+
+
+def test_grad_accum_gives_the_large_batch_update(tmp_path):
+    # SFR on (aux='flow', a random 4 positions per sequence): the flow noise and the positions
+    # are drawn per sequence from (seed, step, example id), the same in any micro-batch
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    cfg = sfr.Config(**TINY, grad_clip=0.0, out_dir=str(tmp_path))
+    examples, tok = demo_data(cfg)
+    ids = sfr.batch_ids(0, len(examples), cfg.batch_size, cfg.seed)
+    batch = sfr.collate([examples[i] for i in ids], ids, tok.pad_id, tok.eos_id, 384)
+    runs = []
+    for accum in (1, 4):  # 4 micro-batches of 2 sequences, each with its own token counts
+        c = dataclasses.replace(cfg, grad_accum=accum)
+        torch.manual_seed(0)
+        model = sfr.SFRModel(c, sfr.build_backbone(c, tok.vocab_size), 384)
+        opt, sched = sfr.make_optimizer(c, model)
+        terms, gnorm, _ = sfr.train_step(model, opt, sched, batch, 0, c)
+        runs.append((terms, gnorm, list(model.parameters())))
+    (terms1, gnorm1, params1), (terms4, gnorm4, params4) = runs
+    assert terms4 == pytest.approx(terms1, rel=1e-6) and gnorm4 == pytest.approx(gnorm1, rel=1e-6)
+    # the gradient AdamW steps on (its first step, lr g / (|g| + eps), would blow a float32
+    # rounding difference in a component with |g| near eps up to a sizeable share of lr)
+    for p1, p4 in zip(params1, params4):
+        torch.testing.assert_close(p4.grad, p1.grad, rtol=1e-5, atol=1e-6 * p1.grad.abs().max().item())
+
+
+def test_cli_plots_every_term_of_the_history_to_loss_png(cli_run):
+    png = cli_run[0] / "loss.png"
+    assert f"loss plot: {png}" in cli_run[1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_autocast_keeps_float32_weights_and_the_loss_close_to_float32s(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_worker import demo_data
+    cfg = sfr.Config(**TINY, steps=2, eval_every=0, out_dir=str(tmp_path))
+    examples, tok = demo_data(cfg)
+    quiet = dict(log=lambda s: None, progress=False)
+    m32, h32 = sfr.train(cfg, examples, tok, **quiet)
+    m16, h16 = sfr.train(dataclasses.replace(cfg, dtype="bf16"), examples, tok, **quiet)
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # AdamW's master weights
+    adam = load(tmp_path / "ckpt.pt")["opt"]["state"]  # the bf16 run's
+    assert all(v.dtype == torch.float32 for s in adam.values() for k, v in s.items() if k != "step")
+    for r32, r16 in zip(h32, h16):
+        for k in ("ar", "aux"):
+            assert math.isfinite(r16[k]) and r16[k] == pytest.approx(r32[k], rel=2e-2), (r16["step"], k)
+    assert h16[0]["ar"] != h32[0]["ar"]  # autocast did run in bf16 (the zero-init head's step-1 aux is exact)
