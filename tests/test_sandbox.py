@@ -395,11 +395,11 @@ def test_a_3000_deep_directory_is_cleaned_up(boundary, fast_tmp):
     assert sandbox_dirs() == before
 
 
-def test_remove_tree_handles_depth_locked_directories_and_links(fast_tmp):
+def test_remove_tree_handles_depth_locked_directories_and_links(fast_tmp, monkeypatch):
     tmp_path = fast_tmp
     root = tmp_path / "root"
     root.mkdir()
-    os.chdir(root)
+    monkeypatch.chdir(root)  # monkeypatch puts the old cwd back: fast_tmp is deleted after the test
     try:
         os.mkdir("a")
         for _ in range(3000):  # deeper than PATH_MAX allows as one path
