@@ -81,28 +81,34 @@ def test_group_metrics_by_hand():
 
 def test_exact_mass_matches_sfr_generate(tmp_path, one_thread):
     """A briefly trained tiny model: the exact P(mode, style | prompt) must match how often
-    sfr.generate samples each legal response at T = 1.3."""
-    task = collapse.CollapseTask(n_personas=2, n_modes=2, n_queries=1, span=1)
+    sfr.generate samples each legal response at T = 1.3, and the any-topic mass how often it
+    samples that mode and style about either topic."""
+    task = collapse.CollapseTask(n_personas=2, n_modes=2, n_queries=2, span=1)
     tok = sfr.Tokenizer.from_texts(task.all_texts(), "word")
-    data = collapse.make_data(task, {(0, 0): 6, (1, 0): 6}, np.random.default_rng(0))
+    data = collapse.make_data(task, {(0, 0): 6, (1, 0): 6, (1, 1): 6}, np.random.default_rng(0))
     cfg = sfr.Config(aux="none", n_layer=1, n_embd=32, n_head=2, steps=100, lr=1e-2, eval_every=0, ckpt_every=0,
                      out_dir=str(tmp_path))
     model, _ = sfr.train(cfg, sfr.prepare(collapse.to_pairs(task, data, False), tok, cfg), tok, None,
                          log=lambda s: None, progress=False)
     bb = model.backbone.eval()
-    mass = collapse.exact_mass(task, bb, tok, [1.3])[0, 0, 0]  # (M, P) for persona 0's prompt
-    assert 0.05 < mass.sum() <= 1 + 1e-9
+    mass = collapse.exact_mass(task, bb, tok, [1.3])[0, 1, 0]  # (M, P) for persona 0, query 1 (untrained)
+    mass_any = collapse.exact_mass(task, bb, tok, [1.3], any_topic=True, pairs=[(0, 1)])[0, 1, 0]
+    assert 0.05 < mass_any.sum() <= 1 + 1e-9 and (mass_any >= mass - 1e-12).all()
     n = 4000
-    idx = torch.tensor([tok.encode(task.prompt(0, 0))] * n)
+    idx = torch.tensor([tok.encode(task.prompt(0, 1))] * n)
     out = sfr.generate(bb, idx, 8, temperature=1.3, eos_id=tok.eos_id,
                        generator=torch.Generator().manual_seed(1))[:, idx.size(1):].tolist()
-    freq = np.zeros_like(mass)
+    freq, freq_any = np.zeros_like(mass), np.zeros_like(mass)
     for row in out:
         if tok.eos_id in row:
-            hit = task.parse(0, tok.decode(row[:row.index(tok.eos_id)]))
-            if hit is not None:
-                freq[hit] += 1 / n
-    assert np.abs(freq - mass).max() < 4 * math.sqrt(0.25 / n) + 2e-3, (freq, mass)
+            text = tok.decode(row[:row.index(tok.eos_id)])
+            for q, f in ((1, freq), (0, freq_any), (1, freq_any)):
+                hit = task.parse(q, text)
+                if hit is not None:
+                    f[hit] += 1 / n
+    tol = 4 * math.sqrt(0.25 / n) + 2e-3
+    assert np.abs(freq - mass).max() < tol, (freq, mass)
+    assert np.abs(freq_any - mass_any).max() < tol, (freq_any, mass_any)
 
 
 @pytest.mark.parametrize("argv", [["--span", "-1"], ["--regime", "nope"], ["--methods", "sft,xyz"],
@@ -135,6 +141,7 @@ def test_script_smoke(tmp_path, encoder, one_thread):
         for g in ("seen", "heldout", "other"):
             for k in ("well_formed", "fidelity", "top_mode"):
                 assert all(0 <= v <= 1 + 1e-9 for v in r["groups"][g][k]), (k, r["groups"][g][k])
+    assert set(rec["sft", 3]["groups_any_topic"]) == {"heldout"}
     S = res["regimes"]["pretrain"]
     assert {"sfr_ours - sft", "sfr_ours - null", "sft - pretrained"} <= set(S["paired"])
     assert S["focus"] == "heldout" and "verdict:" in collapse.headline(res, "pretrain")

@@ -215,21 +215,24 @@ def to_pairs(task, data, anchor):
 # ----------------------------------------------------------------------------- exact evaluation
 
 
-def exact_mass(task, backbone, tok, temps, anchor=False):
+def exact_mass(task, backbone, tok, temps, anchor=False, any_topic=False, pairs=None):
     """P_T(mode m, style j | prompt (i, q)) for every prompt, from the exact probability of
-    every legal response (anchor: summed over the annotation sampled first). (P, Q, nT, M, P)."""
+    every legal response (anchor: summed over the annotation sampled first). With any_topic,
+    a response about another query's topic counts too (summed over the Q topics): the mode
+    and style a model picks even when it answers the wrong topic (Q times the work). Only the
+    prompts in `pairs` (default: all) are filled in. (P, Q, nT, M, P)."""
     P, Q, M = task.n_personas, task.n_queries, task.n_modes
     heads = [task.annotation(a) + " " for a in range(M)] if anchor else [""]
     rows, prompts, resps = [], [], []
-    for i in range(P):
-        for q in range(Q):
-            pid = tok.encode(task.prompt(i, q))
+    for i, q in pairs or [(i, q) for i in range(P) for q in range(Q)]:
+        pid = tok.encode(task.prompt(i, q))
+        for t in (range(Q) if any_topic else [q]):
             for m in range(M):
                 for j in range(P):
                     for hd in heads:
                         rows.append((i, q, m, j))
                         prompts.append(pid)
-                        resps.append(tok.encode(hd + task.response(j, q, m)))
+                        resps.append(tok.encode(hd + task.response(j, t, m)))
     backbone.eval()
     lp = tempered_logprobs(backbone, prompts, resps, tok.eos_id, temps)  # (n, nT)
     mass = np.zeros((P, Q, len(temps), M, P))
@@ -372,10 +375,16 @@ def run_job(regime, a, methods, seed, encoder=None):
 
     def evaluate_model(method, bb, anchor, extra):
         mass = exact_mass(task, bb, tok, a.temps, anchor)
+        focus = FOCUS[regime] if FOCUS[regime] in pl["groups"] else next(iter(pl["groups"]))
+        mass_any = exact_mass(task, bb, tok, a.temps, anchor, any_topic=True, pairs=pl["groups"][focus])
         t1 = a.temps.index(1.0) if 1.0 in a.temps else len(a.temps) // 2
         rec = {"regime": regime, "method": method, "seed": seed, **extra,
                "groups": {g: group_metrics(task, mass, prs, counts) for g, prs in pl["groups"].items()},
+               # added after the grid was declared, on the headline group only (it costs Q times the
+               # work): the quick look's well-formedness on held-out queries fell to ~0
+               "groups_any_topic": {focus: group_metrics(task, mass_any, pl["groups"][focus], counts)},
                "profile": {g: profile(task, mass, prs, t1) for g, prs in pl["groups"].items()},
+               "profile_any_topic": {focus: profile(task, mass_any, pl["groups"][focus], t1)},
                "cs_self_bleu1": cross_style_self_bleu(task, bb, tok, a.n_samples, 1000 + seed, anchor)}
         records.append(rec)
         g = rec["groups"][FOCUS[regime] if FOCUS[regime] in rec["groups"] else next(iter(rec["groups"]))]
@@ -435,13 +444,13 @@ def _init_worker(threads):
 METRICS = ["entropy_ratio", "kl_mode", "top_mode", "fidelity", "well_formed", "kl_data"]
 
 
-def summarise(records, regime, methods, temps, seeds):
+def summarise(records, regime, methods, temps, seeds, key="groups"):
     """mean / std over seeds per (method, group, T); paired differences per seed against sft,
     and of each SFR variant against its null; the same against sft at matched well-formedness."""
     by = {(r["method"], r["seed"]): r for r in records if r["regime"] == regime}
     names = [m for m in ("pretrained", "pretrained_anchor") if (m, seeds[0]) in by] + list(methods)
-    groups = list(by[names[0], seeds[0]]["groups"])
-    val = lambda m, s, g, k, t: by[m, s]["groups"][g][k][t]  # noqa: E731
+    groups = list(by[names[0], seeds[0]][key])
+    val = lambda m, s, g, k, t: by[m, s][key][g][k][t]  # noqa: E731
     summ = {m: {g: {k: [_ms([val(m, s, g, k, t) for s in seeds if val(m, s, g, k, t) is not None])
                         for t in range(len(temps))] for k in METRICS} for g in groups} for m in names}
     for m in names:
@@ -461,22 +470,22 @@ def summarise(records, regime, methods, temps, seeds):
         if x == "sft" or "sft" not in methods:
             continue
         matched[f"{x} - sft at matched well-formedness"] = {g: {k: [_ms(
-            [d for d in (matched_quality(by, x, s, g, k, t, temps) for s in seeds) if d is not None], ci=True)
+            [d for d in (matched_quality(by, x, s, g, k, t, temps, key) for s in seeds) if d is not None], ci=True)
             for t in range(len(temps))] for k in ("entropy_ratio", "kl_mode")} for g in groups}
     return {"summary": summ, "paired": paired, "matched": matched, "groups": groups, "names": names}
 
 
-def matched_quality(by, m, seed, g, key, t, temps):
-    """m's `key` at temperature index t minus sft's (same seed) at the same well-formedness,
+def matched_quality(by, m, seed, g, metric, t, temps, key="groups"):
+    """m's `metric` at temperature index t minus sft's (same seed) at the same well-formedness,
     sft's temperature curve interpolated: does m beat sampling sft hotter or colder? None when
     m's well-formedness lies outside sft's range."""
-    wf = by["sft", seed]["groups"][g]["well_formed"]
-    ys = by["sft", seed]["groups"][g][key]
+    wf = by["sft", seed][key][g]["well_formed"]
+    ys = by["sft", seed][key][g][metric]
     pts = sorted(zip(wf, ys))
-    x = by[m, seed]["groups"][g]["well_formed"][t]
+    x = by[m, seed][key][g]["well_formed"][t]
     if len(pts) < 2 or not pts[0][0] <= x <= pts[-1][0] or pts[-1][0] - pts[0][0] < 1e-4:
         return None
-    return by[m, seed]["groups"][g][key][t] - float(np.interp(x, *zip(*pts)))
+    return by[m, seed][key][g][metric][t] - float(np.interp(x, *zip(*pts)))
 
 
 def kl(ref):
@@ -491,40 +500,52 @@ def fmt_ci(d, digits=3):
     return f"{d['mean']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}] ({d['n_pos']}/{d['n']})"
 
 
+def group_block(S, res, regime, g, t1, title):
+    """One group's markdown at temperature index t1: the methods' means (with the truth and the
+    data rows), the paired differences and the comparison at matched well-formedness."""
+    meta, temps = res["meta"], res["meta"]["temps"]
+    summ, ref = S["summary"], res["regimes"][regime]["data_ref"][g]
+    ms = lambda d: "–" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+    out = ["", f"### {title}: group {g} ({len(meta['regimes'][regime]['groups'][g])} prompts), T = {temps[t1]}, "
+               f"mean ± std over {len(meta['seeds'])} seeds", "",
+           "| method | " + " | ".join(METRICS) + " |", "|---" * (1 + len(METRICS)) + "|",
+           "| true | 1.000 | 0.000 | " + f"{res['regimes'][regime]['true_top']:.3f} | 1.000 | 1.000 | – |"]
+    if ref:
+        out.append(f"| data (fitted exactly) | {ref['entropy_ratio']:.3f} | {kl(ref)} | {ref['top_mode']:.3f} | – | – | 0 |")
+    out += [f"| {m} | " + " | ".join(ms(summ[m][g][k][t1]) for k in METRICS) + " |" for m in S["names"]]
+    out += ["", f"paired per seed, T = {temps[t1]}: mean [95% CI] (seeds > 0 / n)", "",
+            "| comparison | entropy_ratio | kl_mode | fidelity | well_formed |", "|---|---|---|---|---|"]
+    out += [f"| {p} | " + " | ".join(fmt_ci(S["paired"][p][g][k][t1])
+                                     for k in ("entropy_ratio", "kl_mode", "fidelity", "well_formed")) + " |"
+            for p in S["paired"]]
+    out += ["", "against sft at matched well-formedness (sft's T-curve interpolated; n = seeds inside its range)", "",
+            "| comparison | entropy_ratio | kl_mode |", "|---|---|---|"]
+    out += [f"| {p.split(' at ')[0]} | " + " | ".join(fmt_ci(S["matched"][p][g][k][t1])
+                                                     for k in ("entropy_ratio", "kl_mode")) + " |"
+            for p in S["matched"]]
+    return out
+
+
 def tables(res, regime):
-    """Markdown: per group at T = 1 the methods' means, the paired differences, matched quality,
-    the temperature sweep of the focus group, and the mechanism."""
+    """Markdown: per group at T = 1 (legal answers, then any topic) the methods' means, paired
+    differences and matched quality; the temperature sweep of the focus group; the mechanism."""
     S, temps, meta = res["regimes"][regime], res["meta"]["temps"], res["meta"]
     t1 = temps.index(1.0) if 1.0 in temps else len(temps) // 2
     summ, names = S["summary"], S["names"]
     ms = lambda d: "–" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     out = [f"## regime {regime}: {json.dumps(meta['regimes'][regime]['knobs'])}"]
     for g in S["groups"]:
-        ref = S["data_ref"][g]
-        out += ["", f"### group {g} ({len(meta['regimes'][regime]['groups'][g])} prompts), T = {temps[t1]}, "
-                    f"mean ± std over {len(meta['seeds'])} seeds", "",
-                "| method | " + " | ".join(METRICS) + " |", "|---" * (1 + len(METRICS)) + "|",
-                "| true | 1.000 | 0.000 | " + f"{res['regimes'][regime]['true_top']:.3f} | 1.000 | 1.000 | – |"]
-        if ref:
-            out.append(f"| data (fitted exactly) | {ref['entropy_ratio']:.3f} | {kl(ref)} | "
-                       f"{ref['top_mode']:.3f} | – | – | 0 |")
-        out += [f"| {m} | " + " | ".join(ms(summ[m][g][k][t1]) for k in METRICS) + " |" for m in names]
-        out += ["", f"paired per seed, T = {temps[t1]}: mean [95% CI] (seeds > 0 / n)", "",
-                "| comparison | entropy_ratio | kl_mode | fidelity | well_formed |", "|---|---|---|---|---|"]
-        out += [f"| {p} | " + " | ".join(fmt_ci(S["paired"][p][g][k][t1])
-                                         for k in ("entropy_ratio", "kl_mode", "fidelity", "well_formed")) + " |"
-                for p in S["paired"]]
-        out += ["", "against sft at matched well-formedness (sft's T-curve interpolated)", "",
-                "| comparison | entropy_ratio | kl_mode |", "|---|---|---|"]
-        out += [f"| {p.split(' at ')[0]} | " + " | ".join(fmt_ci(S["matched"][p][g][k][t1])
-                                                         for k in ("entropy_ratio", "kl_mode")) + " |"
-                for p in S["matched"]]
+        out += group_block(S, res, regime, g, t1, "given a legal answer (declared)")
+    for g in S["any_topic"]["groups"]:
+        out += group_block(S["any_topic"], res, regime, g, t1, "any topic (added after the declaration)")
     g = S["focus"]
-    out += ["", f"### temperature sweep, group {g} (mean over seeds): entropy_ratio / fidelity / well_formed", "",
+    out += ["", f"### temperature sweep, group {g} (mean over seeds): entropy_ratio / fidelity / well_formed; "
+                "then entropy_ratio, any topic", "",
             "| method | " + " | ".join(f"T={T}" for T in temps) + " |", "|---" * (1 + len(temps)) + "|"]
+    anyt = S["any_topic"]["summary"]
     out += [f"| {m} | " + " | ".join(f"{summ[m][g]['entropy_ratio'][t]['mean']:.3f} / {summ[m][g]['fidelity'][t]['mean']:.3f}"
-                                     f" / {summ[m][g]['well_formed'][t]['mean']:.3f}" for t in range(len(temps))) + " |"
-            for m in names]
+                                     f" / {summ[m][g]['well_formed'][t]['mean']:.3f}; {anyt[m][g]['entropy_ratio'][t]['mean']:.3f}"
+                                     for t in range(len(temps))) + " |" for m in names]
     out += ["", "### mechanism (end of training) and cross-style Self-BLEU-1 (sampled, T = 1; truth "
                 f"{res['regimes'][regime]['true_cs_sb1']:.3f})", "",
             "| method | shuffle_gap | aux_grad_share | target per-dim variance | cs_self_bleu1 |", "|---|---|---|---|---|"]
@@ -534,39 +555,47 @@ def tables(res, regime):
 
 
 def headline(res, regime):
-    """The quick table (at most 5 columns) and the one-line verdict, both from the numbers."""
+    """The quick table (5 columns) and the one-line verdict, both from the numbers."""
     S, temps = res["regimes"][regime], res["meta"]["temps"]
     t1 = temps.index(1.0) if 1.0 in temps else len(temps) // 2
-    g, summ = S["focus"], S["summary"]
-    cols = ("entropy_ratio", "kl_mode", "top_mode", "fidelity")
-    lines = [f"{regime} regime, group '{g}' (prompts never trained on), T = {temps[t1]}, "
-             f"{len(res['meta']['seeds'])} seeds", "", "| model | " + " | ".join(cols) + " |", "|---" * 5 + "|",
-             f"| truth | 1.000 | 0.000 | {S['true_top']:.3f} | 1.000 |"]
+    g, summ, anyt = S["focus"], S["summary"], S["any_topic"]["summary"]
+    lines = [f"{regime} regime, group '{g}', T = {temps[t1]}, mean over {len(res['meta']['seeds'])} seeds",
+             "", "| model | entropy ratio, legal answers | entropy ratio, any topic | mode KL, any topic | well-formed |",
+             "|---" * 5 + "|", "| truth | 1.000 | 1.000 | 0.000 | 1.000 |"]
     ref = S["data_ref"][g]
     if ref:
-        lines.append(f"| data | {ref['entropy_ratio']:.3f} | {kl(ref)} | {ref['top_mode']:.3f} | – |")
-    lines += [f"| {m} | " + " | ".join(f"{summ[m][g][k][t1]['mean']:.3f}" for k in cols) + " |" for m in S["names"]]
+        lines.append(f"| data | {ref['entropy_ratio']:.3f} | {ref['entropy_ratio']:.3f} | {kl(ref)} | 1.000 |")
+    lines += [f"| {m} | {summ[m][g]['entropy_ratio'][t1]['mean']:.3f} | {anyt[m][g]['entropy_ratio'][t1]['mean']:.3f} | "
+              f"{anyt[m][g]['kl_mode'][t1]['mean']:.3f} | {summ[m][g]['well_formed'][t1]['mean']:.3f} |" for m in S["names"]]
     return "\n".join(lines) + "\n\n" + verdict(res, regime)
 
 
 def verdict(res, regime):
+    """One line from the numbers: does SFT collapse below its data on the focus group, and does
+    each SFR variant help by the declared rule (entropy ratio CI > 0 against sft and against its
+    null, mode KL not worse than sft's on average)."""
     S, temps = res["regimes"][regime], res["meta"]["temps"]
     t1 = temps.index(1.0) if 1.0 in temps else len(temps) // 2
     g, summ = S["focus"], S["summary"]
     sft = summ["sft"][g]["entropy_ratio"][t1]["mean"]
+    sft_any = S["any_topic"]["summary"]["sft"][g]["entropy_ratio"][t1]["mean"]
     ref = S["data_ref"][g]
-    below = ref is not None and sft < ref["entropy_ratio"] - 0.02
-    words = [f"SFT keeps {sft:.2f} of the true mode entropy on '{g}'"
-             + (f" (its data: {ref['entropy_ratio']:.2f}) -> {'collapse below the data' if below else 'no collapse below the data'}"
+    below = ref is not None and max(sft, sft_any) < ref["entropy_ratio"] - 0.02
+    pre = summ["pretrained"][g]["entropy_ratio"][t1]["mean"] if "pretrained" in summ else None
+    words = [f"SFT keeps {sft:.2f} (any topic {sft_any:.2f}) of the true mode entropy on '{g}'"
+             + (f", the pretrained model {pre:.2f}" if pre is not None else "")
+             + (f", its data {ref['entropy_ratio']:.2f}: {'collapse below the data' if below else 'no collapse below the data'}"
                 if ref else "")]
     for m, n in CONTROLS.items():
         key = f"{m} - sft"
         if key in S["paired"]:
             d = S["paired"][key][g]["entropy_ratio"][t1]
+            dkl = S["paired"][key][g]["kl_mode"][t1]
             dn = S["paired"].get(f"{m} - {n}", {}).get(g, {}).get("entropy_ratio", [None] * len(temps))[t1]
-            helps = "ci95" in d and d["ci95"][0] > 0 and (dn is None or ("ci95" in dn and dn["ci95"][0] > 0))
+            helps = ("ci95" in d and d["ci95"][0] > 0 and dn is not None and "ci95" in dn and dn["ci95"][0] > 0
+                     and dkl["mean"] <= 0)
             words.append(f"{m} - sft {fmt_ci(d)}" + (f", {m} - {n} {fmt_ci(dn)}" if dn else "")
-                         + f": {'helps' if helps else 'does not help (CI includes 0 or not beyond its null)'}")
+                         + f": {'helps' if helps else 'does not help by the declared rule'}")
     return "verdict: " + "; ".join(words)
 
 
@@ -576,7 +605,9 @@ def verdict(res, regime):
 def plot(res, regime, path):
     """The headline, on the focus group (prompts the model never trained on): (a) one prompt's
     mode distribution, truth next to the data and each model (first seed); (b) how peaked the
-    mode distributions are, averaged over the group and the seeds; (c) the style."""
+    mode distributions are, averaged over the group and the seeds; (c) the style. Models are
+    read 'any topic' (exact_mass): the mode and style picked even in an answer about the wrong
+    topic, since fine-tuning can make most answers to unseen queries ill-formed."""
     import textwrap
 
     import matplotlib
@@ -593,9 +624,9 @@ def plot(res, regime, path):
         srt = np.array([d["sorted"] for d in data])
         rows.append(("data", np.array(data[0]["example"]), srt.mean(0), srt.std(0), None))
     for m in S["names"]:
-        srt = np.array([recs[m, s]["profile"][g]["sorted"] for s in seeds])
-        st = np.array([recs[m, s]["profile"][g]["styles"] for s in seeds])
-        rows.append((m, np.array(recs[m, seeds[0]]["profile"][g]["example"]), srt.mean(0), srt.std(0), st))
+        pr = [recs[m, s]["profile_any_topic"][g] for s in seeds]  # the mode picked, whatever the topic
+        srt, st = np.array([p["sorted"] for p in pr]), np.array([p["styles"] for p in pr])
+        rows.append((m, np.array(pr[0]["example"]), srt.mean(0), srt.std(0), st))
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]})
     w = 0.8 / len(rows)
     colors = plt.cm.tab10.colors
@@ -610,7 +641,7 @@ def plot(res, regime, path):
         ax[2].annotate(f"{own:.3f}", (n, own), ha="center", va="bottom", fontsize=8)
     i, q = meta["regimes"][regime]["groups"][g][0]
     ax[0].set_xticks(range(M), [f"true p = {p:.2f}" for p in truth])
-    ax[0].set(ylabel="P(mode | prompt), exact, T = 1",
+    ax[0].set(ylabel="P(mode | prompt), exact, T = 1, any topic",
               title=f"one '{g}' prompt (persona {i}, query {q}; seed {seeds[0]})")
     ax[0].legend(fontsize=8)
     ax[1].set_xticks(range(M), [f"its {r + 1}{'st' if r == 0 else 'nd' if r == 1 else 'rd' if r == 2 else 'th'} mode"
@@ -722,6 +753,8 @@ def derive(res):
     meta = res["meta"]
     for regime in meta["regimes"]:
         S = summarise(res["records"], regime, meta["regimes"][regime]["methods"], meta["temps"], meta["seeds"])
+        S["any_topic"] = summarise(res["records"], regime, meta["regimes"][regime]["methods"], meta["temps"],
+                                   meta["seeds"], key="groups_any_topic")
         groups = S["groups"]
         S["focus"] = FOCUS[regime] if FOCUS[regime] in groups else groups[0]
         S["data_ref"] = {}
