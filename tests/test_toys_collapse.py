@@ -124,7 +124,7 @@ def test_bad_flags_exit_2_before_work(argv, capsys):
 
 def test_script_smoke(tmp_path, encoder, one_thread):
     out = tmp_path / "collapse.json"
-    res = collapse.main(["--regime", "pretrain", "--methods", "sft,sfr_ours,null,mtp,anchor", "--seeds", "2",
+    res = collapse.main(["--regime", "pretrain", "--methods", "sft,sfr_ours,null_ours,mtp,anchor", "--seeds", "2",
                          "--s0", "3", "--steps", "3", "--pre_steps", "3", "--personas", "3", "--modes", "2",
                          "--queries", "3", "--ft_personas", "2", "--train_queries", "1", "--pre_per_pair", "2",
                          "--temps", "0.7,1.0", "--n_samples", "2", "--out", str(out)], encoder=encoder)
@@ -132,7 +132,7 @@ def test_script_smoke(tmp_path, encoder, one_thread):
     assert (tmp_path / "collapse.png").stat().st_size > 10_000
     assert saved["meta"]["seeds"] == [3, 4]
     names = [r["method"] for r in saved["records"] if r["seed"] == 3]
-    assert names == ["pretrained", "pretrained_anchor", "sft", "sfr_ours", "null", "mtp", "anchor"]
+    assert names == ["pretrained", "pretrained_anchor", "sft", "sfr_ours", "null_ours", "mtp", "anchor"]
     rec = {(r["method"], r["seed"]): r for r in saved["records"]}
     assert rec["sft", 3]["init"] == rec["sfr_ours", 3]["init"] == "pretrained"
     assert rec["sft", 3]["aux_grad_share"] == 0.0 and 0 < rec["sfr_ours", 3]["aux_grad_share"] < 1
@@ -143,5 +143,24 @@ def test_script_smoke(tmp_path, encoder, one_thread):
                 assert all(0 <= v <= 1 + 1e-9 for v in r["groups"][g][k]), (k, r["groups"][g][k])
     assert set(rec["sft", 3]["groups_any_topic"]) == {"heldout"}
     S = res["regimes"]["pretrain"]
-    assert {"sfr_ours - sft", "sfr_ours - null", "sft - pretrained"} <= set(S["paired"])
+    assert {"sfr_ours - sft", "sfr_ours - null_ours", "sft - pretrained"} <= set(S["paired"])
     assert S["focus"] == "heldout" and "verdict:" in collapse.headline(res, "pretrain")
+
+
+def test_add_to_merges_only_identical_reruns():
+    def run(method, value, counts=(1, 2)):
+        rec = {"regime": "heldout", "method": method, "seed": 0, "groups": {"heldout": {"entropy_ratio": [value]}}}
+        meta = {"regimes": {"heldout": {"methods": [method]}}, "parts": [{"wall_s": 1.0}], "method_configs": {}}
+        return {"meta": meta, "records": [rec], "data": {"heldout": {"0": {"counts": list(counts)}}}}
+    old = run("sft", 0.5)
+    new = run("mtp", 0.7)
+    new["records"].append(run("sft", 0.5)["records"][0])  # sft rerun: the same numbers
+    merged = collapse.merge(old, new)
+    assert merged["meta"]["regimes"]["heldout"]["methods"] == ["sft", "mtp"]
+    assert len(merged["records"]) == 2 and merged["meta"]["wall_s"] == 2.0
+    bad = run("mtp", 0.7)
+    bad["records"].append(run("sft", 0.6)["records"][0])  # sft rerun disagrees: a different code path
+    with pytest.raises(ValueError, match="differs"):
+        collapse.merge(run("sft", 0.5), bad)
+    with pytest.raises(ValueError, match="other training data"):
+        collapse.merge(run("sft", 0.5), run("mtp", 0.7, counts=(2, 1)))

@@ -40,6 +40,7 @@ Writes results/collapse.json / .png (--full) or results/collapse_quick.json / .p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -60,28 +61,34 @@ from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # n
 
 # ----------------------------------------------------------------------------- methods: the one place
 
-# sfr as the authors run it. Until sfr.Config has recipe="authors", this is today's flow loss with
-# unit-norm MiniLM targets on every position, and the row is labelled sfr_ours (see README).
-SFR = dict(aux="flow", target_scale="unit", fm_positions=0)
-SFR_NAME = "sfr_ours"
+# sfr is SFR as the authors run it: sfr.Config(recipe="authors") (their positions, targets, head, EMA
+# teacher, loss gate; see README), with k / stride / min_suffix set for these 10-word responses (their
+# template's 256 / 32 / 16 suit responses of hundreds of tokens). sfr_ours is this repository's flow
+# loss (unit-norm MiniLM targets, the head on every position); sfr_std the same with standardised
+# targets, so sfr_ours vs sfr_std isolates the target scale. Each has its own null (shuffled targets).
+HAS_RECIPE = "recipe" in {f.name for f in dataclasses.fields(sfr.Config)}  # False before the recipe landed
+SFR = dict(recipe="authors", k=8, stride=1, min_suffix=1)
+SFR_OURS = dict(aux="flow", target_scale="unit", fm_positions=0)
 METHODS = {
     "sft": dict(aux="none"),
     "mtp": dict(aux="mtp", mtp_k=4),
-    SFR_NAME: SFR,
-    "sfr_std": {**SFR, "target_scale": "std"},
-    "null": {**SFR, "null_targets": True},  # the same loss on targets that carry no information
-    "null_std": {**SFR, "target_scale": "std", "null_targets": True},
+    **({"sfr": SFR, "null": {**SFR, "null_targets": True}} if HAS_RECIPE else {}),
+    "sfr_ours": SFR_OURS,
+    "null_ours": {**SFR_OURS, "null_targets": True},  # the same loss on targets that carry no information
+    "sfr_std": {**SFR_OURS, "target_scale": "std"},
+    "null_std": {**SFR_OURS, "target_scale": "std", "null_targets": True},
     "mse": dict(aux="mse", fm_positions=0),
     "anchor": dict(aux="none"),  # + "<modeM>" before each response (see make_data)
 }
-CONTROLS = {SFR_NAME: "null", "sfr_std": "null_std"}  # each SFR variant against its own null
+CONTROLS = {"sfr": "null", "sfr_ours": "null_ours", "sfr_std": "null_std"}  # each SFR variant against its null
+SFR_NAME = "sfr" if HAS_RECIPE else "sfr_ours"  # the quick look's SFR
 
 # ----------------------------------------------------------------------------- the declared grid
 
 TEMPS = [0.5, 0.7, 1.0, 1.3, 1.6]
-ALL = ["sft", "mtp", SFR_NAME, "sfr_std", "null", "null_std", "mse"]
+ALL = ["sft", "mtp", "sfr", "null", "sfr_ours", "null_ours", "sfr_std", "null_std", "mse"]
 GRID = {"pretrain": ALL + ["anchor"], "heldout": ALL, "longrange": ALL, "imbalance": ALL}  # --full: 5 seeds
-QUICK = dict(regime="pretrain", methods=["sft", SFR_NAME, "null"], seeds=2, temps=[0.7, 1.0, 1.3])
+QUICK = dict(regime="pretrain", methods=["sft", SFR_NAME, CONTROLS[SFR_NAME]], seeds=2, temps=[0.7, 1.0, 1.3])
 
 # Each regime's defaults; every one is a flag (a flag given on the command line wins).
 REGIMES = {
@@ -89,17 +96,18 @@ REGIMES = {
                      pre_per_pair=8, pre_steps=600, steps=150, rare=0),
     "heldout": dict(personas=8, modes=4, queries=16, span=4, n_per_pair=1, train_queries=8, ft_personas=0,
                     pre_per_pair=0, pre_steps=0, steps=600, rare=0),
-    "longrange": dict(personas=8, modes=4, queries=4, span=16, n_per_pair=4, train_queries=4, ft_personas=0,
+    "longrange": dict(personas=8, modes=4, queries=4, span=16, n_per_pair=4, train_queries=0, ft_personas=0,
                       pre_per_pair=0, pre_steps=0, steps=600, rare=0),
-    "imbalance": dict(personas=8, modes=4, queries=4, span=4, n_per_pair=8, train_queries=4, ft_personas=0,
+    "imbalance": dict(personas=8, modes=4, queries=4, span=4, n_per_pair=8, train_queries=0, ft_personas=0,
                       pre_per_pair=0, pre_steps=0, steps=600, rare=2),
 }
+MODEL_KEYS = ("n_layer", "n_embd", "n_head", "batch_size", "lr", "lam", "k", "n_samples")
 KNOB_HELP = {
     "personas": "personas P", "modes": "modes M", "queries": "queries Q",
     "span": "shared generic words G between the prompt and the mode / style words",
     "n_per_pair": "training examples per trained persona x query pair",
     "train_queries": "queries each persona trains on (a rotated window; pretrain: queries 0..n-1 of the "
-                     "fine-tuned personas); the rest are held out",
+                     "fine-tuned personas; 0 = all); the rest are held out",
     "ft_personas": "pretrain: personas 0..n-1 are fine-tuned on", "pre_per_pair": "pretrain: examples per pair",
     "pre_steps": "pretrain: steps of cross-entropy pretraining", "steps": "(fine-tuning) steps of every method",
     "rare": "imbalance: examples of the rare persona 0, in all",
@@ -167,12 +175,13 @@ def plan(regime, a):
     """Which (persona, query) pairs train, how many examples each, and the evaluation groups.
     Returns {"pre": {(i, q): n} (pretrain only), "ft": {(i, q): n}, "groups": {name: [(i, q)]}}."""
     P, Q = a.personas, a.queries
-    window = lambda i: [(i + j) % Q for j in range(a.train_queries)]  # noqa: E731  (rotated: every query seen)
+    n_train = a.train_queries or Q
+    window = lambda i: [(i + j) % Q for j in range(n_train)]  # noqa: E731  (rotated: every query seen)
     pairs = [(i, q) for i in range(P) for q in range(Q)]
     if regime == "pretrain":
         F = range(a.ft_personas)
-        ft = {(i, q): a.n_per_pair for i in F for q in range(a.train_queries)}
-        groups = {"seen": list(ft), "heldout": [(i, q) for i in F for q in range(a.train_queries, Q)],
+        ft = {(i, q): a.n_per_pair for i in F for q in range(n_train)}
+        groups = {"seen": list(ft), "heldout": [(i, q) for i in F for q in range(n_train, Q)],
                   "other": [(i, q) for i in range(a.ft_personas, P) for q in range(Q)]}
         return {"pre": {pq: a.pre_per_pair for pq in pairs}, "ft": ft, "groups": _nonempty(groups)}
     ft = {(i, q): a.n_per_pair for i in range(P) for q in window(i)}
@@ -690,15 +699,22 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="json path; '' = results/collapse.json (--full) or collapse_quick.json")
     p.add_argument("--no_fig", action="store_true")
     p.add_argument("--replot", default="", help="redraw tables and figure from a saved json; trains nothing")
+    p.add_argument("--exclude", default="", help="comma list of methods to leave out of the grid's")
+    p.add_argument("--add_to", default="", help="a saved json of the same grid (regimes, knobs, seeds, T, model): "
+                   "train only --methods and merge them into it; a method run in both must give the same numbers")
     a = p.parse_args(argv)
     if a.regime and a.regime not in REGIMES:
         p.error(f"--regime {a.regime!r}: choose from {list(REGIMES)}")
     a.regimes = [a.regime] if a.regime else (list(REGIMES) if a.full else [QUICK["regime"]])
     methods = a.methods.split(",") if a.methods else None
-    bad = [m for m in methods or [] if m not in METHODS]
+    exclude = a.exclude.split(",") if a.exclude else []
+    bad = [m for m in (methods or []) + exclude if m not in METHODS and m not in ("sfr", "null")]
     if bad:
-        p.error(f"--methods: unknown {bad}; choose from {list(METHODS)}")
-    a.methods = {r: methods or (GRID[r] if a.full else QUICK["methods"]) for r in a.regimes}
+        p.error(f"--methods / --exclude: unknown {bad}; choose from {list(METHODS)}")
+    if any(m not in METHODS for m in methods or []):
+        p.error("--methods sfr / null need sfr.Config(recipe='authors'), which this sfr.py does not have")
+    a.methods = {r: [m for m in methods or (GRID[r] if a.full else QUICK["methods"]) if m in METHODS and m not in exclude]
+                 for r in a.regimes}
     try:
         a.temps = [float(t) for t in a.temps.split(",")] if a.temps else (TEMPS if a.full else QUICK["temps"])
     except ValueError:
@@ -723,15 +739,26 @@ def parse_args(argv=None):
             p.error(f"regime {r}: {msg}")
         a.knobs[r] = kn
     a.out = a.out or str(ROOT / "results" / ("collapse.json" if a.full else "collapse_quick.json"))
+    if a.add_to:
+        try:
+            prev = json.loads(Path(a.add_to).read_text())["meta"]
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--add_to {a.add_to}: not a saved collapse json ({e})")
+        mine = {"seeds": a.seeds, "temps": a.temps, "model": {k: getattr(a, k) for k in MODEL_KEYS},
+                "knobs": a.knobs}
+        theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": prev["model"],
+                  "knobs": {r: prev["regimes"][r]["knobs"] for r in a.regimes if r in prev["regimes"]}}
+        if mine != theirs:
+            p.error(f"--add_to {a.add_to}: a different grid (seeds, temperatures, model or regime knobs)")
     return a
 
 
 def check_knobs(regime, kn):
     """The first knob value the regime cannot use, as one line; None if all are fine."""
-    for k in ("personas", "modes", "queries", "n_per_pair", "train_queries", "steps"):
+    for k in ("personas", "modes", "queries", "n_per_pair", "steps"):
         if kn[k] < 1:
             return f"--{k} {kn[k]}: must be >= 1"
-    for k in ("span", "rare", "ft_personas", "pre_per_pair", "pre_steps"):
+    for k in ("span", "rare", "ft_personas", "pre_per_pair", "pre_steps", "train_queries"):
         if kn[k] < 0:
             return f"--{k} {kn[k]}: must be >= 0"
     if kn["train_queries"] > kn["queries"]:
@@ -787,6 +814,29 @@ def finish(res, path, figure=True):
     return res
 
 
+def merge(old, new):
+    """new's records added to old's (--add_to). The data must be the same, and a (regime, method,
+    seed) in both must give the same numbers: the two runs are then one grid."""
+    for r, by_seed in new["data"].items():
+        for s, d in by_seed.items():
+            if old["data"].get(r, {}).get(s, {}).get("counts") != d["counts"]:
+                raise ValueError(f"--add_to: regime {r} seed {s} has other training data than the saved run")
+    key = lambda x: (x["regime"], x["method"], x["seed"])  # noqa: E731
+    olds = {key(x): x for x in old["records"]}
+    for x in new["records"]:
+        if key(x) in olds and olds[key(x)]["groups"] != x["groups"]:
+            raise ValueError(f"--add_to: {key(x)} differs from the saved run: not the same code path")
+    news = {key(x) for x in new["records"]}
+    old["records"] = [x for x in old["records"] if key(x) not in news] + new["records"]
+    for r, m in new["meta"]["regimes"].items():
+        both = set(old["meta"]["regimes"][r]["methods"]) | set(m["methods"])
+        old["meta"]["regimes"][r]["methods"] = [x for x in METHODS if x in both]  # sft first, METHODS' order
+    old["meta"]["parts"] = old["meta"].get("parts", []) + new["meta"]["parts"]
+    old["meta"]["method_configs"] = {**old["meta"].get("method_configs", {}), **new["meta"]["method_configs"]}
+    old["meta"]["wall_s"] = sum(p["wall_s"] for p in old["meta"]["parts"])
+    return old
+
+
 def main(argv=None, encoder=None):
     t_start = time.time()
     a = parse_args(argv)
@@ -797,7 +847,8 @@ def main(argv=None, encoder=None):
         return res
     torch.set_num_threads(a.threads)
     label = "full grid" if a.full else "QUICK look (not the declared grid; run --full)"
-    print(f"collapse toy, {label}; sfr is '{SFR_NAME}' = {SFR}; seeds {a.seeds}; T {a.temps}")
+    print(f"collapse toy, {label}; seeds {a.seeds}; T {a.temps}; methods: "
+          + "; ".join(f"{m} = {METHODS[m]}" for m in dict.fromkeys(x for r in a.regimes for x in a.methods[r])))
     jobs, metas = [], {}
     for r in a.regimes:
         ns = argparse.Namespace(**{**vars(a), **a.knobs[r]})
@@ -825,11 +876,16 @@ def main(argv=None, encoder=None):
     meta = {"command": "python toy/collapse.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "label": label, "wall_s": wall, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "sfr_py_sha256": hashlib.sha256(Path(sfr.__file__).read_bytes()).hexdigest(),
-            "sfr_method": {"name": SFR_NAME, "config": SFR}, "threads": a.threads, "workers": a.workers,
+            "method_configs": {m: METHODS[m] for r in a.regimes for m in a.methods[r]},
+            "threads": a.threads, "workers": a.workers,
             "seeds": a.seeds, "temps": a.temps, "regimes": metas,
-            "model": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "batch_size", "lr", "lam", "k")}}
+            "model": {k: getattr(a, k) for k in MODEL_KEYS}}
+    meta["parts"] = [{k: meta[k] for k in ("command", "sfr_py_sha256", "wall_s", "method_configs")}]
+    res = {"meta": meta, "records": records, "data": data}
+    if a.add_to:
+        res = merge(json.loads(Path(a.add_to).read_text()), res)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    res = finish({"meta": meta, "records": records, "data": data}, a.out, figure=not a.no_fig)
+    res = finish(res, a.out, figure=not a.no_fig)
     for r in a.regimes:
         print("\n" + (res["regimes"][r]["table"] if a.full else headline(res, r)))
     print(f"\nwall time {wall:.0f}s on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
