@@ -62,12 +62,12 @@ from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # n
 # ----------------------------------------------------------------------------- methods: the one place
 
 # sfr is SFR as the authors run it: sfr.Config(recipe="authors") (their positions, targets, head, EMA
-# teacher, loss gate; see README), with k / stride / min_suffix set for these 10-word responses (their
+# teacher, loss gate; see README), with k / stride / min_suffix = 8 / 1 / 1 for these 10-word responses (their
 # template's 256 / 32 / 16 suit responses of hundreds of tokens). sfr_ours is this repository's flow
 # loss (unit-norm MiniLM targets, the head on every position); sfr_std the same with standardised
 # targets, so sfr_ours vs sfr_std isolates the target scale. Each has its own null (shuffled targets).
 HAS_RECIPE = "recipe" in {f.name for f in dataclasses.fields(sfr.Config)}  # False before the recipe landed
-SFR = dict(recipe="authors", k=8, stride=1, min_suffix=1)
+SFR = dict(recipe="authors", stride=1, min_suffix=1)  # k comes from --k (8), as for every method
 SFR_OURS = dict(aux="flow", target_scale="unit", fm_positions=0)
 METHODS = {
     "sft": dict(aux="none"),
@@ -101,6 +101,7 @@ REGIMES = {
     "imbalance": dict(personas=8, modes=4, queries=4, span=4, n_per_pair=8, train_queries=0, ft_personas=0,
                       pre_per_pair=0, pre_steps=0, steps=600, rare=2),
 }
+ANY_TOPIC_MAX = 256  # the any-topic read costs Q times the legal one: only where (headline prompts) x Q <= this
 MODEL_KEYS = ("n_layer", "n_embd", "n_head", "batch_size", "lr", "lam", "k", "n_samples")
 KNOB_HELP = {
     "personas": "personas P", "modes": "modes M", "queries": "queries Q",
@@ -385,15 +386,17 @@ def run_job(regime, a, methods, seed, encoder=None):
     def evaluate_model(method, bb, anchor, extra):
         mass = exact_mass(task, bb, tok, a.temps, anchor)
         focus = FOCUS[regime] if FOCUS[regime] in pl["groups"] else next(iter(pl["groups"]))
-        mass_any = exact_mass(task, bb, tok, a.temps, anchor, any_topic=True, pairs=pl["groups"][focus])
+        any_topic = len(pl["groups"][focus]) * task.n_queries <= ANY_TOPIC_MAX
+        mass_any = exact_mass(task, bb, tok, a.temps, anchor, any_topic=True, pairs=pl["groups"][focus]) \
+            if any_topic else None
         t1 = a.temps.index(1.0) if 1.0 in a.temps else len(a.temps) // 2
         rec = {"regime": regime, "method": method, "seed": seed, **extra,
                "groups": {g: group_metrics(task, mass, prs, counts) for g, prs in pl["groups"].items()},
                # added after the grid was declared, on the headline group only (it costs Q times the
                # work): the quick look's well-formedness on held-out queries fell to ~0
-               "groups_any_topic": {focus: group_metrics(task, mass_any, pl["groups"][focus], counts)},
+               "groups_any_topic": {focus: group_metrics(task, mass_any, pl["groups"][focus], counts)} if any_topic else {},
                "profile": {g: profile(task, mass, prs, t1) for g, prs in pl["groups"].items()},
-               "profile_any_topic": {focus: profile(task, mass_any, pl["groups"][focus], t1)},
+               "profile_any_topic": {focus: profile(task, mass_any, pl["groups"][focus], t1)} if any_topic else {},
                "cs_self_bleu1": cross_style_self_bleu(task, bb, tok, a.n_samples, 1000 + seed, anchor)}
         records.append(rec)
         g = rec["groups"][FOCUS[regime] if FOCUS[regime] in rec["groups"] else next(iter(rec["groups"]))]
@@ -439,6 +442,11 @@ def target_variance(examples):
 
 
 _ENCODER = None
+
+
+def _indexed_job(job):
+    n, args = job
+    return n, run_job(*args)
 
 
 def _init_worker(threads):
@@ -545,15 +553,16 @@ def tables(res, regime):
     out = [f"## regime {regime}: {json.dumps(meta['regimes'][regime]['knobs'])}"]
     for g in S["groups"]:
         out += group_block(S, res, regime, g, t1, "given a legal answer (declared)")
-    for g in S["any_topic"]["groups"]:
+    for g in (S["any_topic"] or {"groups": []})["groups"]:
         out += group_block(S["any_topic"], res, regime, g, t1, "any topic (added after the declaration)")
     g = S["focus"]
     out += ["", f"### temperature sweep, group {g} (mean over seeds): entropy_ratio / fidelity / well_formed; "
                 "then entropy_ratio, any topic", "",
             "| method | " + " | ".join(f"T={T}" for T in temps) + " |", "|---" * (1 + len(temps)) + "|"]
-    anyt = S["any_topic"]["summary"]
+    anyt = S["any_topic"]["summary"] if S["any_topic"] else None
+    at = lambda m, t: f"{anyt[m][g]['entropy_ratio'][t]['mean']:.3f}" if anyt else "–"  # noqa: E731
     out += [f"| {m} | " + " | ".join(f"{summ[m][g]['entropy_ratio'][t]['mean']:.3f} / {summ[m][g]['fidelity'][t]['mean']:.3f}"
-                                     f" / {summ[m][g]['well_formed'][t]['mean']:.3f}; {anyt[m][g]['entropy_ratio'][t]['mean']:.3f}"
+                                     f" / {summ[m][g]['well_formed'][t]['mean']:.3f}; {at(m, t)}"
                                      for t in range(len(temps))) + " |" for m in names]
     out += ["", "### mechanism (end of training) and cross-style Self-BLEU-1 (sampled, T = 1; truth "
                 f"{res['regimes'][regime]['true_cs_sb1']:.3f})", "",
@@ -567,15 +576,17 @@ def headline(res, regime):
     """The quick table (5 columns) and the one-line verdict, both from the numbers."""
     S, temps = res["regimes"][regime], res["meta"]["temps"]
     t1 = temps.index(1.0) if 1.0 in temps else len(temps) // 2
-    g, summ, anyt = S["focus"], S["summary"], S["any_topic"]["summary"]
+    g, summ = S["focus"], S["summary"]
+    anyt = S["any_topic"]["summary"] if S["any_topic"] else None
+    at = lambda m, k: f"{anyt[m][g][k][t1]['mean']:.3f}" if anyt else "–"  # noqa: E731
     lines = [f"{regime} regime, group '{g}', T = {temps[t1]}, mean over {len(res['meta']['seeds'])} seeds",
              "", "| model | entropy ratio, legal answers | entropy ratio, any topic | mode KL, any topic | well-formed |",
              "|---" * 5 + "|", "| truth | 1.000 | 1.000 | 0.000 | 1.000 |"]
     ref = S["data_ref"][g]
     if ref:
         lines.append(f"| data | {ref['entropy_ratio']:.3f} | {ref['entropy_ratio']:.3f} | {kl(ref)} | 1.000 |")
-    lines += [f"| {m} | {summ[m][g]['entropy_ratio'][t1]['mean']:.3f} | {anyt[m][g]['entropy_ratio'][t1]['mean']:.3f} | "
-              f"{anyt[m][g]['kl_mode'][t1]['mean']:.3f} | {summ[m][g]['well_formed'][t1]['mean']:.3f} |" for m in S["names"]]
+    lines += [f"| {m} | {summ[m][g]['entropy_ratio'][t1]['mean']:.3f} | {at(m, 'entropy_ratio')} | "
+              f"{at(m, 'kl_mode')} | {summ[m][g]['well_formed'][t1]['mean']:.3f} |" for m in S["names"]]
     return "\n".join(lines) + "\n\n" + verdict(res, regime)
 
 
@@ -587,11 +598,12 @@ def verdict(res, regime):
     t1 = temps.index(1.0) if 1.0 in temps else len(temps) // 2
     g, summ = S["focus"], S["summary"]
     sft = summ["sft"][g]["entropy_ratio"][t1]["mean"]
-    sft_any = S["any_topic"]["summary"]["sft"][g]["entropy_ratio"][t1]["mean"]
+    sft_any = S["any_topic"]["summary"]["sft"][g]["entropy_ratio"][t1]["mean"] if S["any_topic"] else sft
     ref = S["data_ref"][g]
     below = ref is not None and max(sft, sft_any) < ref["entropy_ratio"] - 0.02
     pre = summ["pretrained"][g]["entropy_ratio"][t1]["mean"] if "pretrained" in summ else None
-    words = [f"SFT keeps {sft:.2f} (any topic {sft_any:.2f}) of the true mode entropy on '{g}'"
+    words = [f"SFT keeps {sft:.2f}" + (f" (any topic {sft_any:.2f})" if S["any_topic"] else "")
+             + f" of the true mode entropy on '{g}'"
              + (f", the pretrained model {pre:.2f}" if pre is not None else "")
              + (f", its data {ref['entropy_ratio']:.2f}: {'collapse below the data' if below else 'no collapse below the data'}"
                 if ref else "")]
@@ -633,7 +645,7 @@ def plot(res, regime, path):
         srt = np.array([d["sorted"] for d in data])
         rows.append(("data", np.array(data[0]["example"]), srt.mean(0), srt.std(0), None))
     for m in S["names"]:
-        pr = [recs[m, s]["profile_any_topic"][g] for s in seeds]  # the mode picked, whatever the topic
+        pr = [recs[m, s]["profile_any_topic"].get(g) or recs[m, s]["profile"][g] for s in seeds]  # any topic if read
         srt, st = np.array([p["sorted"] for p in pr]), np.array([p["styles"] for p in pr])
         rows.append((m, np.array(pr[0]["example"]), srt.mean(0), srt.std(0), st))
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]})
@@ -650,7 +662,8 @@ def plot(res, regime, path):
         ax[2].annotate(f"{own:.3f}", (n, own), ha="center", va="bottom", fontsize=8)
     i, q = meta["regimes"][regime]["groups"][g][0]
     ax[0].set_xticks(range(M), [f"true p = {p:.2f}" for p in truth])
-    ax[0].set(ylabel="P(mode | prompt), exact, T = 1, any topic",
+    read = "any topic" if S["any_topic"] else "legal answers"
+    ax[0].set(ylabel=f"P(mode | prompt), exact, T = 1, {read}",
               title=f"one '{g}' prompt (persona {i}, query {q}; seed {seeds[0]})")
     ax[0].legend(fontsize=8)
     ax[1].set_xticks(range(M), [f"its {r + 1}{'st' if r == 0 else 'nd' if r == 1 else 'rd' if r == 2 else 'th'} mode"
@@ -678,7 +691,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true", help="run the declared GRID (every regime, 5 seeds)")
-    p.add_argument("--regime", default="", help=f"one of {list(REGIMES)}; '' = quick: {QUICK['regime']}, full: all")
+    p.add_argument("--regime", default="", help=f"comma list from {list(REGIMES)}; '' = quick: {QUICK['regime']}, "
+                   "full: all")
     p.add_argument("--methods", default="", help=f"comma list from {list(METHODS)}; '' = the grid's")
     p.add_argument("--seeds", type=int, default=0, help="number of seeds n (quick 2, full 5)")
     p.add_argument("--s0", type=int, default=0, help="first seed: seeds are s0 .. s0+n-1")
@@ -699,13 +713,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="json path; '' = results/collapse.json (--full) or collapse_quick.json")
     p.add_argument("--no_fig", action="store_true")
     p.add_argument("--replot", default="", help="redraw tables and figure from a saved json; trains nothing")
+    p.add_argument("--merge", default="", help="with --add_to OLD: merge this saved json into OLD (same checks), "
+                   "training nothing; the result goes to --out")
     p.add_argument("--exclude", default="", help="comma list of methods to leave out of the grid's")
     p.add_argument("--add_to", default="", help="a saved json of the same grid (regimes, knobs, seeds, T, model): "
                    "train only --methods and merge them into it; a method run in both must give the same numbers")
     a = p.parse_args(argv)
-    if a.regime and a.regime not in REGIMES:
-        p.error(f"--regime {a.regime!r}: choose from {list(REGIMES)}")
-    a.regimes = [a.regime] if a.regime else (list(REGIMES) if a.full else [QUICK["regime"]])
+    a.regimes = a.regime.split(",") if a.regime else (list(REGIMES) if a.full else [QUICK["regime"]])
+    if any(r not in REGIMES for r in a.regimes):
+        p.error(f"--regime {a.regime!r}: choose from {list(REGIMES)} (a comma list)")
+    if a.merge and not a.add_to:
+        p.error("--merge needs --add_to")
     methods = a.methods.split(",") if a.methods else None
     exclude = a.exclude.split(",") if a.exclude else []
     bad = [m for m in (methods or []) + exclude if m not in METHODS and m not in ("sfr", "null")]
@@ -780,8 +798,9 @@ def derive(res):
     meta = res["meta"]
     for regime in meta["regimes"]:
         S = summarise(res["records"], regime, meta["regimes"][regime]["methods"], meta["temps"], meta["seeds"])
+        has_any = all(r["groups_any_topic"] for r in res["records"] if r["regime"] == regime)
         S["any_topic"] = summarise(res["records"], regime, meta["regimes"][regime]["methods"], meta["temps"],
-                                   meta["seeds"], key="groups_any_topic")
+                                   meta["seeds"], key="groups_any_topic") if has_any else None
         groups = S["groups"]
         S["focus"] = FOCUS[regime] if FOCUS[regime] in groups else groups[0]
         S["data_ref"] = {}
@@ -840,12 +859,17 @@ def merge(old, new):
 def main(argv=None, encoder=None):
     t_start = time.time()
     a = parse_args(argv)
+    if a.merge:
+        res = finish(merge(json.loads(Path(a.add_to).read_text()), json.loads(Path(a.merge).read_text())), a.out)
+        print("\n\n".join(res["regimes"][r]["table"] for r in res["meta"]["regimes"]))
+        return res
     if a.replot:
         res = finish(json.loads(Path(a.replot).read_text()), a.replot)
         for r in res["meta"]["regimes"]:
             print(res["regimes"][r]["table"] + "\n")
         return res
     torch.set_num_threads(a.threads)
+    sfr_sha = hashlib.sha256(Path(sfr.__file__).read_bytes()).hexdigest()  # the code this run imported
     label = "full grid" if a.full else "QUICK look (not the declared grid; run --full)"
     print(f"collapse toy, {label}; seeds {a.seeds}; T {a.temps}; methods: "
           + "; ".join(f"{m} = {METHODS[m]}" for m in dict.fromkeys(x for r in a.regimes for x in a.methods[r])))
@@ -861,13 +885,24 @@ def main(argv=None, encoder=None):
         print(f"{r}: {a.knobs[r]} -> {metas[r]['ft_examples']} fine-tuning examples; groups "
               + ", ".join(f"{g} {len(v)} prompts" for g, v in pl["groups"].items()))
         jobs += [(r, ns, a.methods[r], s) for s in a.seeds]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    log = Path(a.out + ".jobs.jsonl")  # each finished (regime, seed) as it lands, kept if the run is stopped
+    log.write_text("")
+    outs = [None] * len(jobs)
     if a.workers > 1:
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(a.workers, initializer=_init_worker, initargs=(a.threads,)) as pool:
-            outs = pool.starmap(run_job, jobs, chunksize=1)
+        pool = mp.get_context("spawn").Pool(a.workers, initializer=_init_worker, initargs=(a.threads,))
+        done = pool.imap_unordered(_indexed_job, list(enumerate(jobs)))
     else:
         encoder = encoder or sfr.SegmentEncoder("minilm")
-        outs = [run_job(*j, encoder=encoder) for j in jobs]
+        done = ((n, run_job(*j, encoder=encoder)) for n, j in enumerate(jobs))
+    for n, out in done:
+        outs[n] = out
+        with log.open("a") as f:
+            f.write(json.dumps({"job": n, "regime": jobs[n][0], "seed": jobs[n][3], "out": out}) + "\n")
+    if a.workers > 1:
+        pool.close()
+        pool.join()
     records = [r for recs, _ in outs for r in recs]
     data = {}
     for (r, _, _, s), (_, d) in zip(jobs, outs):
@@ -875,7 +910,7 @@ def main(argv=None, encoder=None):
     wall = time.time() - t_start
     meta = {"command": "python toy/collapse.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "label": label, "wall_s": wall, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "sfr_py_sha256": hashlib.sha256(Path(sfr.__file__).read_bytes()).hexdigest(),
+            "sfr_py_sha256": sfr_sha,
             "method_configs": {m: METHODS[m] for r in a.regimes for m in a.methods[r]},
             "threads": a.threads, "workers": a.workers,
             "seeds": a.seeds, "temps": a.temps, "regimes": metas,
@@ -884,8 +919,8 @@ def main(argv=None, encoder=None):
     res = {"meta": meta, "records": records, "data": data}
     if a.add_to:
         res = merge(json.loads(Path(a.add_to).read_text()), res)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     res = finish(res, a.out, figure=not a.no_fig)
+    log.unlink()
     for r in a.regimes:
         print("\n" + (res["regimes"][r]["table"] if a.full else headline(res, r)))
     print(f"\nwall time {wall:.0f}s on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
