@@ -715,6 +715,8 @@ def parse_args(argv=None):
     p.add_argument("--replot", default="", help="redraw tables and figure from a saved json; trains nothing")
     p.add_argument("--merge", default="", help="with --add_to OLD: merge this saved json into OLD (same checks), "
                    "training nothing; the result goes to --out")
+    p.add_argument("--from_jobs", default="", help="build the results of a stopped run (same flags) from its "
+                   "<out>.jobs.jsonl, training nothing; regimes with unfinished seeds are left out")
     p.add_argument("--exclude", default="", help="comma list of methods to leave out of the grid's")
     p.add_argument("--add_to", default="", help="a saved json of the same grid (regimes, knobs, seeds, T, model): "
                    "train only --methods and merge them into it; a method run in both must give the same numbers")
@@ -887,15 +889,27 @@ def main(argv=None, encoder=None):
         jobs += [(r, ns, a.methods[r], s) for s in a.seeds]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     log = Path(a.out + ".jobs.jsonl")  # each finished (regime, seed) as it lands, kept if the run is stopped
-    log.write_text("")
     outs = [None] * len(jobs)
-    if a.workers > 1:
+    if a.from_jobs:  # a stopped run: keep the regimes whose every seed finished, say which were dropped
+        for line in Path(a.from_jobs).read_text().splitlines():
+            x = json.loads(line)
+            outs[x["job"]] = x["out"]
+        missing = {jobs[n][0] for n, o in enumerate(outs) if o is None}
+        print(f"--from_jobs: regimes with unfinished seeds, left out: {sorted(missing) or 'none'}")
+        keep = [n for n, j in enumerate(jobs) if j[0] not in missing]
+        jobs, outs = [jobs[n] for n in keep], [outs[n] for n in keep]
+        metas = {r: m for r, m in metas.items() if r not in missing}
+        a.regimes = [r for r in a.regimes if r not in missing]
+        done = iter(())
+    elif a.workers > 1:
         import multiprocessing as mp
         pool = mp.get_context("spawn").Pool(a.workers, initializer=_init_worker, initargs=(a.threads,))
         done = pool.imap_unordered(_indexed_job, list(enumerate(jobs)))
     else:
         encoder = encoder or sfr.SegmentEncoder("minilm")
         done = ((n, run_job(*j, encoder=encoder)) for n, j in enumerate(jobs))
+    if not a.from_jobs:
+        log.write_text("")
     for n, out in done:
         outs[n] = out
         with log.open("a") as f:
@@ -920,7 +934,8 @@ def main(argv=None, encoder=None):
     if a.add_to:
         res = merge(json.loads(Path(a.add_to).read_text()), res)
     res = finish(res, a.out, figure=not a.no_fig)
-    log.unlink()
+    if not a.from_jobs:
+        log.unlink()
     for r in a.regimes:
         print("\n" + (res["regimes"][r]["table"] if a.full else headline(res, r)))
     print(f"\nwall time {wall:.0f}s on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
