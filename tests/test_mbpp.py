@@ -1,21 +1,16 @@
-"""Tests for reproduce_mbpp.py: data, prompt format, sandbox, pass@k, evaluation, CLI.
+"""Tests for reproduce_mbpp.py: data, prompt format, pass@k, evaluation, CLI (the sandbox: test_sandbox.py).
 
 Offline and CPU-only. The MBPP file is read from ../shared/data/mbpp.jsonl next to
 the repository (never committed); tests that need it skip when it is absent.
-Sandbox tests that must pass only by spoofing use a *wrong* solution, so a pass
-would mean the verdict was forged. SFR_LONG_TESTS=1 runs the leak test with 1000
-checks instead of 200.
 """
 
 import functools
 import http.server
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that plain `pytest` works as well as `python -m pytest`
 
 import reproduce_mbpp as rm  # noqa: E402
+import sandbox  # noqa: E402
 
 MBPP = Path(__file__).resolve().parents[1].parent / "shared/data/mbpp.jsonl"
 needs_mbpp = pytest.mark.skipif(not MBPP.exists(), reason=f"{MBPP} not present")
 
-# A problem whose correct solution is `double`; WRONG fails its tests.
-TESTS = ["assert double(2) == 4", "assert double(5) == 10"]
-RIGHT = "def double(x):\n    return 2 * x\n"
-WRONG = "def double(x):\n    return x\n"
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +31,6 @@ def records():
     if not MBPP.exists():
         pytest.skip(f"{MBPP} not present")
     return rm.load_mbpp(MBPP)
-
-
-def run(program, tests=TESTS, timeout=5.0, **kw):
-    return rm.run_program(program, tests, timeout, **kw)
 
 
 def record(task_id=1, **fields):
@@ -181,438 +169,6 @@ def test_extract_code(completion, code):
 
 
 # ---------------------------------------------------------------------------
-# 3. Sandbox: verdicts
-# ---------------------------------------------------------------------------
-
-def test_correct_program_passes_and_wrong_fails():
-    assert run(RIGHT).status == "passed"
-    wrong = run(WRONG)
-    assert wrong.status == "failed" and "double(2) == 4" in wrong.detail
-    assert rm.check_program(RIGHT, TESTS, 5.0) is True
-    assert rm.check_program(WRONG, TESTS, 5.0) is False
-
-
-def test_setup_code_runs_between_program_and_tests():
-    program = "class Box:\n    def __init__(self, v):\n        self.v = v\ndef get(b):\n    return b.v\n"
-    assert run(program, ["assert get(box) == 3"], setup_code="box = Box(3)").passed
-    assert not run(program, ["assert get(box) == 3"]).passed
-
-
-@pytest.mark.parametrize("program, status, words", [
-    ("def double(x) return x", "error", "SyntaxError"),
-    ("def double(x):\n    raise KeyError('k')", "error", "KeyError"),
-    ("x = input()\n" + RIGHT, "error", "EOFError"),                  # stdin is empty
-    ("def double(n):\n    return double(n + 1)", "error", "RecursionError"),
-])
-def test_errors_are_clean_failures(program, status, words):
-    result = run(program)
-    assert result.status == status and words in result.detail
-
-
-def test_resource_limits_are_set_inside():
-    tests = ["import resource",
-             "assert resource.getrlimit(resource.RLIMIT_AS) == (1 << 30, 1 << 30)",
-             "assert resource.getrlimit(resource.RLIMIT_CPU) == (4, 5)",
-             "assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == 16 << 20",
-             "assert resource.getrlimit(resource.RLIMIT_NPROC) == (0, 0)",
-             "import os; assert os.getcwd().startswith('/') and 'sfr-sandbox-' in os.getcwd()"]
-    result = run("", tests, timeout=2.5)
-    assert result.passed, result.detail
-
-
-def test_infinite_loop_times_out_quickly():
-    start = time.monotonic()
-    result = run("while True:\n    pass\n" + RIGHT, timeout=1.0)
-    assert result.status == "timeout" and time.monotonic() - start < 3.0
-
-
-def test_sleeping_forever_times_out():
-    result = run("import time\ntime.sleep(1000)\n" + RIGHT, timeout=1.0)
-    assert result.status == "timeout" and result.wall_time < 3.0
-
-
-@pytest.mark.parametrize("program", [
-    "x = [0] * (1 << 34)\n" + RIGHT,                                   # one huge request
-    "a = []\nwhile True:\n    a.append(bytearray(16 << 20))\n" + RIGHT,  # growing until the limit
-])
-def test_memory_bomb_fails_cleanly(program):
-    result = run(program, timeout=20.0, limits=rm.Limits(memory_bytes=128 << 20))
-    assert result.status == "error" and "MemoryError" in result.detail
-
-
-def test_deep_recursion_with_raised_limit_fails_cleanly():
-    program = "import sys\nsys.setrecursionlimit(10**7)\ndef double(n):\n    return double(n + 1)\n"
-    result = run(program, timeout=10.0, limits=rm.Limits(memory_bytes=96 << 20))
-    assert result.status in ("error", "killed") and not result.passed
-
-
-def test_output_flood_is_cut_off():
-    result = run("while True:\n    print('x' * 10000)\n" + RIGHT, timeout=10.0)
-    assert result.status == "killed" and "output" in result.detail
-    assert len(result.output) <= rm.Limits().output_bytes and result.wall_time < 5.0
-
-
-def test_output_is_captured():
-    result = run("print('hello from the sandbox')\n" + RIGHT)
-    assert result.passed and result.output == "hello from the sandbox\n"
-
-
-# Each would forge a pass if the defence named in its key were missing: it finds
-# the secret the audit hook holds, then writes "PASS <secret>" to every fd.
-_WRITE_PASS = """
-import os
-def claim(secret):
-    for fd in range(3, 256):
-        try:
-            os.write(fd, b'PASS\\t' + secret + b'\\n')
-        except OSError:
-            pass
-"""
-EXPLOITS = {
-    "gc": _WRITE_PASS + """
-import gc
-for o in gc.get_objects():
-    if getattr(o, '__name__', '') == 'hook' and getattr(o, '__closure__', None):
-        cells = dict(zip(o.__code__.co_freevars, (c.cell_contents for c in o.__closure__)))
-        claim(cells['nonce'])
-""",
-    "tb_frame": _WRITE_PASS + """
-try:
-    open('/etc/sfr-no-such-file', 'w')
-except Exception as e:
-    tb = e.__traceback__
-    while tb is not None:
-        if 'nonce' in tb.tb_frame.f_locals:
-            claim(tb.tb_frame.f_locals['nonce'])
-        tb = tb.tb_next
-""",
-    # no secret needed: trace the harness's own frame and empty its list of tests
-    "settrace": """
-import sys
-caught = []
-sys.settrace(lambda frame, event, arg: caught.append(frame))
-(lambda: None)()
-def emptied(frame, event, arg):
-    if 'tests' in frame.f_locals:
-        frame.f_locals['tests'] = ()
-    return emptied
-harness = caught[0].f_back
-while harness is not None and 'tests' not in harness.f_locals:
-    harness = harness.f_back
-harness.f_trace, harness.f_trace_lines = emptied, True
-sys.settrace(lambda *a: None)
-""",
-    "/proc/self/mem": _WRITE_PASS + """
-import re
-found = set()
-with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
-    for line in maps:
-        span, perms = line.split()[:2]
-        lo, hi = (int(x, 16) for x in span.split('-'))
-        if 'r' in perms and hi - lo < 1 << 28:
-            try:
-                mem.seek(lo)
-                found.update(re.findall(rb'(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])', mem.read(hi - lo)))
-            except (OSError, ValueError, OverflowError):
-                pass
-for secret in found:
-    claim(secret)
-""",
-}
-
-
-# ---------------------------------------------------------------------------
-# 3. Sandbox: the verdict cannot be forged (each program has the WRONG solution)
-# ---------------------------------------------------------------------------
-
-FORGERIES = {
-    "sys.exit(0)": "import sys\nsys.exit(0)",
-    "SystemExit(0)": "raise SystemExit(0)",
-    "os._exit(0)": "import os\nos._exit(0)",
-    "print a marker": "print('PASS')\nprint('passed')\nprint('ok')",
-    "guess on every fd": "import os\nfor fd in range(256):\n    try:\n"
-                         "        os.write(fd, b'PASS\\t' + b'0' * 32 + b'\\n')\n    except OSError:\n        pass",
-    "atexit os._exit": "import atexit, os\natexit.register(os._exit, 0)",
-    "atexit sys.exit": "import atexit, sys\natexit.register(sys.exit, 0)",
-    "rebind harness globals": "import __main__\n__main__.enumerate = lambda x: iter(())\n"
-                              "__main__.BaseException = KeyError\n__main__._sandbox_child = None",
-    "rebind builtins": "import builtins\nbuiltins.exec = lambda *a, **k: None\n"
-                       "builtins.compile = lambda *a, **k: None\nbuiltins.AssertionError = KeyError",
-    "replace __builtins__": "__builtins__ = {}",
-    "raise the pass event": "import sys\nsys.audit('sfr.sandbox.passed')",
-    "raise start then pass": "import sys\nsys.audit('sfr.sandbox.start')\nsys.audit('sfr.sandbox.passed')",
-    **{f"exploit via {name}": program for name, program in EXPLOITS.items()},
-}
-
-
-@pytest.mark.parametrize("program", FORGERIES.values(), ids=FORGERIES.keys())
-def test_verdict_cannot_be_forged(program):
-    result = run(program + "\n" + WRONG)
-    assert not result.passed, result
-
-
-REFUSED = {  # each followed by the RIGHT solution: only the refusal can make it fail
-    "sys._getframe": "import sys\nsys._getframe(1)",
-    "inspect.stack": "import inspect\ninspect.stack()",
-    "tb_frame": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    e.__traceback__.tb_frame",
-    "gi_frame": "def g():\n    yield\ng().gi_frame",
-    "gc.get_referrers": "import gc\ngc.get_referrers(gc)",
-    "sys.setprofile": "import sys\nsys.setprofile(lambda *a: None)",
-    "raise a resource limit": "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (100, 100))",
-    "/proc/self/mem": "open('/proc/self/mem', 'rb')",
-    "/dev/fd/../mem": "open('/dev/fd/../mem', 'rb')",
-    "read /etc/passwd": "open('/etc/passwd').read()",
-    "directory fd outside": "import os\nos.open(os.path.dirname(os.__file__), os.O_RDONLY)",
-    "ctypes": "import ctypes",
-    "signal": "import signal",
-    "re-import posix": "import sys\ndel sys.modules['posix']\nimport posix",
-    "chdir": "import os\nos.chdir('/')",
-    # '..' is refused even when it stays inside: io.open does not report dir_fd,
-    # and only a path without '..' means the same thing relative to any directory
-    "'..' inside": "import os\nos.mkdir('d')\nopen('d/../f', 'w')",
-    "hard link": "import os\nopen('a', 'w').close()\nos.link('a', 'b')",
-}
-
-
-@pytest.mark.parametrize("program", REFUSED.values(), ids=REFUSED.keys())
-def test_introspection_and_escapes_are_refused(program):
-    result = run(program + "\n" + RIGHT)
-    assert result.status == "refused", result
-
-
-def test_program_cannot_add_audit_hooks():
-    # sys.addaudithook swallows the refusal (any Exception) and just does not add the hook
-    program = ("import sys\nseen = []\nsys.addaudithook(lambda event, args: seen.append(event))\n"
-               "open('x', 'w').close()\nassert seen == [], 'the hook was added'\n")
-    result = run(program + RIGHT)
-    assert result.passed, result
-
-
-def test_hook_resolves_symlinks_like_the_kernel(tmp_path):
-    # Called directly (not installed): a symlink inside a readable directory that
-    # points at /proc/self must not make /proc/self/mem readable.
-    sandbox, readable = tmp_path / "sandbox", tmp_path / "readable"
-    sandbox.mkdir()
-    readable.mkdir()
-    (readable / "escape").symlink_to("/proc/self")
-    (readable / "fine.txt").write_text("x")
-    policy = dict(rm._POLICY, allow_processes=False, read_only_paths=[str(readable)])
-    hook = rm._make_sandbox_hook(b"0" * 32, -1, str(sandbox), policy)
-    hook("open", (str(readable / "fine.txt"), "r", os.O_RDONLY))  # allowed: no exception
-    hook("open", ("inside.txt", "w", os.O_WRONLY | os.O_CREAT))
-    for path, mode, flags in [(str(readable / "escape" / "mem"), "r", os.O_RDONLY),
-                              (str(readable / "fine.txt"), "w", os.O_WRONLY),
-                              (str(sandbox / ".." / "readable" / "x"), "w", os.O_WRONLY | os.O_CREAT)]:
-        with pytest.raises(PermissionError, match="sandbox"):
-            hook("open", (path, mode, flags))
-    with pytest.raises(PermissionError, match="only the harness"):
-        hook("sfr.sandbox.passed", ())
-
-
-def test_builtins_are_restored_before_the_tests():
-    # A program that makes `sorted` lie would pass `sorted(...) == ...` tests.
-    tests = ["assert sorted(double(3)) == [1, 2, 3]"]
-    lying = "import builtins\nbuiltins.sorted = lambda x: [1, 2, 3]\n" + WRONG
-    assert not run(lying, tests).passed
-    # ...or patch them from inside the function the first test calls
-    later = ("import builtins\ndef double(x):\n    builtins.sorted = lambda x: [1, 2, 3]\n"
-             "    return 0\n")
-    assert not run(later, ["assert double(1) == 0"] + tests).passed
-    assert run("def double(x):\n    return [3, 1, 2]\n", tests).passed  # the test itself is passable
-
-
-# ---------------------------------------------------------------------------
-# 3. Sandbox: file system, network, processes
-# ---------------------------------------------------------------------------
-
-@pytest.fixture
-def outside():
-    """A path in /tmp, outside any sandbox directory, that must not come to exist."""
-    path = Path("/tmp") / f"sfr-test-outside-{secrets.token_hex(6)}"
-    yield path
-    if path.is_dir():
-        path.rmdir()
-    elif path.exists():
-        path.unlink()
-
-
-@pytest.mark.parametrize("attempt", [
-    "open({p!r}, 'w').write('x')",
-    "import os\nos.close(os.open({p!r}, os.O_WRONLY | os.O_CREAT))",
-    "import pathlib\npathlib.Path({p!r}).write_text('x')",
-    "import os\nos.mkdir({p!r})",
-    "import shutil\nopen('mine', 'w').write('x')\nshutil.copy('mine', {p!r})",
-    "import os\nopen('mine', 'w').write('x')\nos.rename('mine', {p!r})",
-    "import os\nopen('../' + os.path.basename({p!r}), 'w').write('x')",
-    "import os\nos.symlink({p!r}, 'link')\nopen('link', 'w').write('x')",
-    "import sqlite3",
-])
-def test_writing_outside_its_directory_is_refused(outside, attempt):
-    result = run(attempt.format(p=str(outside)) + "\n" + RIGHT)
-    assert result.status == "refused", result
-    assert not outside.exists()
-
-
-@pytest.mark.parametrize("attempt", [
-    "import os\nos.remove({s!r})",
-    "import os\nos.unlink({s!r})",
-    "import shutil\nshutil.rmtree({d!r})",
-    "import os\nos.rename({s!r}, 'mine')",
-    "import os\nos.truncate({s!r}, 0)",
-    "open({s!r}, 'w')",
-    "import os\nos.chmod({s!r}, 0)",
-])
-def test_deleting_or_changing_files_outside_is_refused(tmp_path, attempt):
-    sentinel = tmp_path / "keep" / "sentinel.txt"
-    sentinel.parent.mkdir()
-    sentinel.write_text("still here")
-    result = run(attempt.format(s=str(sentinel), d=str(sentinel.parent)) + "\n" + RIGHT)
-    assert result.status == "refused", result
-    assert sentinel.read_text() == "still here" and oct(sentinel.stat().st_mode)[-3:] != "000"
-
-
-def test_its_own_directory_is_writable():
-    program = ("import os, tempfile, shutil\n"
-               "os.mkdir('d')\nopen('d/data.txt', 'w').write('2')\n"
-               "os.rename('d/data.txt', 'd/factor.txt')\n"
-               "FACTOR = int(open('d/factor.txt').read())\n"
-               "fd, tmp = tempfile.mkstemp()\nos.close(fd)\nos.remove(tmp)\n"
-               "shutil.rmtree('d')\n"
-               "def double(x):\n    return FACTOR * x\n")
-    result = run(program)
-    assert result.passed, result
-
-
-@pytest.mark.parametrize("attempt", [
-    "import socket",
-    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9')",
-    "import os\nos.system('true')",
-    "import subprocess",
-    "import os\nos.posix_spawn('/bin/true', ['true'], {{}})",
-    "import os\nos.fork()",
-    "import os\nos.execv('/bin/true', ['true'])",
-    "import os\nos.kill(1, 0)",
-    "import os\nos.mkfifo({p!r})",  # unaudited: removed from posix before the program runs
-])
-def test_network_and_processes_are_refused(outside, attempt):
-    result = run(attempt.format(p=str(outside)) + "\n" + RIGHT)
-    assert not result.passed and result.status in ("refused", "error"), result
-    assert not outside.exists()
-
-
-def test_killing_its_parent_does_not_hurt_the_harness():
-    # Run the harness in a throwaway process: if the refusal ever broke, that
-    # process would die instead of the test runner.
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import reproduce_mbpp as rm\n"
-              f"for prog in ('import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)',\n"
-              f"             'import os, signal\\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)',\n"
-              f"             'import os, signal\\nos.kill(os.getppid(), signal.SIGSTOP)'):\n"
-              f"    print(rm.run_program(prog + '\\n' + {RIGHT!r}, {TESTS!r}, 5.0).status)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [b"refused", b"refused", b"refused"]
-
-
-def _dead(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state in ("Z", "X")
-
-
-containment = pytest.mark.parametrize("mode", ["cgroup", "proc sweep"])
-
-
-@pytest.fixture
-def contained(mode, monkeypatch):
-    """Run with the given containment; the sweep is what runs without root."""
-    if mode == "cgroup":
-        if not rm._Cgroup.bases():
-            pytest.skip("no writable cgroup hierarchy here")
-    else:
-        monkeypatch.setattr(rm._Cgroup, "_bases", [])
-    return mode
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-@containment
-def test_daemon_that_outlives_the_program_is_killed(contained):
-    # double fork + setsid: reparented to init, in a new session and process group
-    program = ("import os, time\nr, w = os.pipe()\n"
-               "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-               "        os.write(w, str(os.getpid()).encode())\n        time.sleep(120)\n"
-               "    os._exit(0)\n"
-               "print(os.read(r, 20).decode(), flush=True)\n" + RIGHT)
-    result = run(program, allow_processes=True)
-    assert result.passed, result  # processes were allowed, and the daemon did start...
-    daemon = int(result.output)
-    assert _dead(daemon)          # ...and it is dead now
-    assert rm.sandbox_processes() == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-@containment
-def test_fork_loop_is_contained_and_cleaned_up(contained):
-    # Bounded (50) so that a broken containment cannot take the machine down.
-    program = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        pid = os.fork()\n"
-               "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(120)\n"
-               "        os._exit(0)\n    n += 1\nprint(n, flush=True)\n" + RIGHT)
-    result = run(program, allow_processes=True)
-    assert result.passed, result
-    forked = int(result.output)
-    if contained == "cgroup":  # pids.max counts the interpreter and its watchdog thread too
-        assert forked <= rm.Limits().max_tasks - 2
-    else:
-        assert forked == 50
-    assert rm.sandbox_processes() == []
-
-
-def test_fork_is_refused_by_default():
-    result = run("import os\nwhile True:\n    os.fork()\n" + RIGHT)
-    assert result.status == "refused" and "fork" in result.detail
-    assert rm.sandbox_processes() == []
-
-
-# ---------------------------------------------------------------------------
-# 3. Sandbox: many checks, no leaks, parallel order
-# ---------------------------------------------------------------------------
-
-def _children_of_me() -> list[int]:
-    me = str(os.getpid())
-    kids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            except OSError:
-                continue
-            if ppid == me:
-                kids.append(int(pid))
-    return kids
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
-def test_many_checks_leak_nothing():
-    n = 1000 if os.environ.get("SFR_LONG_TESTS") else 200
-    programs = [RIGHT, WRONG, "def double(x):\n    raise ValueError(x)\n", "import os\nos._exit(3)"]
-    expected = ["passed", "failed", "error", "error"]
-    jobs = [(programs[i % 4], TESTS, "") for i in range(n)]
-    cgroups = {b: set(os.listdir(b)) for b in rm._Cgroup.bases()}
-    sandboxes = set(Path(rm.tempfile.gettempdir()).glob("sfr-sandbox-*"))
-    fds = len(os.listdir("/proc/self/fd"))
-    start = time.monotonic()
-    results = rm.run_checks(jobs, 5.0)
-    rate = n / (time.monotonic() - start)
-    assert [r.status for r in results] == [expected[i % 4] for i in range(n)]  # in input order
-    assert len(os.listdir("/proc/self/fd")) == fds
-    assert rm.sandbox_processes() == [] and _children_of_me() == []
-    assert set(Path(rm.tempfile.gettempdir()).glob("sfr-sandbox-*")) == sandboxes
-    assert {b: set(os.listdir(b)) for b in rm._Cgroup.bases()} == cgroups
-    print(f"{n} checks, {rate:.1f} checks/s")
-
-
-# ---------------------------------------------------------------------------
 # 4. pass@k
 # ---------------------------------------------------------------------------
 
@@ -703,8 +259,8 @@ def test_evaluate_resumes_from_the_store(tmp_path, monkeypatch):
     recs = [record(1), record(2), record(3)]
     first = rm.evaluate_samples(recs, {1: SAMPLES[:2], 2: SAMPLES[3:4]}, 5.0, store=store)
     calls = []
-    real = rm.run_program
-    monkeypatch.setattr(rm, "run_program", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = sandbox.run_program
+    monkeypatch.setattr(sandbox, "run_program", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     second = rm.evaluate_samples(recs, {1: SAMPLES[:2], 2: SAMPLES[3:4], 3: SAMPLES[:1]}, 5.0,
                                  store=rm.ResultStore(tmp_path / "r.jsonl"))
     assert len(calls) == 1  # only problem 3 ran
@@ -719,7 +275,7 @@ def test_evaluate_resumes_from_the_store(tmp_path, monkeypatch):
 def test_every_option_is_explained_in_help():
     parser = rm.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"download", "check-references", "evaluate", "run"}
+    assert set(subparsers) == {"download", "check_references", "evaluate", "run"}
     for name, sub in subparsers.items():
         text = sub.format_help()
         for action in sub._actions:
@@ -730,8 +286,8 @@ def test_every_option_is_explained_in_help():
 
 @needs_mbpp
 def test_check_references_cli_on_the_prompt_split(capsys):
-    assert rm.main(["check-references", "--mbpp", str(MBPP), "--splits", "prompt",
-                    "--no-progress"]) == 0
+    assert rm.main(["check_references", "--mbpp", str(MBPP), "--splits", "prompt",
+                    "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "| prompt | 10 | 10 |" in out and "failing task_ids (0): []" in out and "checks/s" in out
 
@@ -743,7 +299,7 @@ def test_evaluate_cli(tmp_path, records, capsys):
         for completion in (rm.format_response(records[10]), "```python\npass\n```"):
             f.write(json.dumps({"task_id": 11, "completion": completion}) + "\n")
     assert rm.main(["evaluate", "--mbpp", str(MBPP), "--samples", str(samples), "--results",
-                    str(tmp_path / "results.jsonl"), "--no-progress"]) == 0
+                    str(tmp_path / "results.jsonl"), "--no_progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["pass@1"] == pytest.approx(0.5) and summary["problems"] == 1
     assert rm.ResultStore(tmp_path / "results.jsonl").get(11)["c"] == 1
@@ -754,3 +310,91 @@ def test_import_does_not_pull_in_torch():
                            "print('torch' in sys.modules, 'numpy' in sys.modules)"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input costs nothing: one line naming the flag, file or line, exit 2
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["check_references", "--memory_mb", "-5"], "--memory_mb"),   # was: no memory limit at all
+    (["check_references", "--memory_mb", "0"], "--memory_mb"),
+    (["check_references", "--timeout", "0"], "--timeout"),        # was: 0/10 references pass
+    (["check_references", "--timeout", "-1"], "--timeout"),
+    (["check_references", "--timeout", "nan"], "--timeout"),      # was: a traceback
+    (["evaluate", "--samples", "s.jsonl", "--timeout", "inf"], "--timeout"),
+    (["check_references", "--workers", "0"], "--workers"),
+    (["run", "--temperatures", "-0.5"], "--temperatures"),        # was: sampled and reported
+    (["run", "--temperatures", "0.8", "nan"], "--temperatures"),  # was: a crash after training
+    (["run", "--n", "0"], "--n"),                                 # was: a crash after training
+    (["run", "--max_new_tokens", "0"], "--max_new_tokens"),
+    (["run", "--lora_dropout", "1.5"], "--lora_dropout"),
+    (["check_references", "--memory-mb", "512"], "--memory-mb"),  # the old kebab-case spelling
+])
+def test_bad_flags_are_refused_before_any_work(argv, flag, capsys, monkeypatch):
+    started = []
+    for name in ("_cmd_check_references", "_cmd_evaluate", "_cmd_run"):
+        monkeypatch.setattr(rm, name, lambda args: started.append(args) or 0)
+    with pytest.raises(SystemExit) as exit_:
+        rm.main(argv[:1] + ["--mbpp", "m.jsonl"] + argv[1:])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and started == []
+    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, err
+
+
+def _main_error(argv, capsys) -> str:
+    assert rm.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    err = "\n".join(lines)  # the note says the file is not the recorded copy of MBPP
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_non_utf8_mbpp_file_names_file_and_line(tmp_path, capsys):
+    mbpp = tmp_path / "mbpp.jsonl"
+    line = json.dumps(record(1)).encode()
+    mbpp.write_bytes(line + b"\n" + line.replace(b"Add", b"Add \xff") + b"\n")
+    err = _main_error(["check_references", "--mbpp", str(mbpp), "--no_progress"], capsys)
+    assert f"{mbpp}:2: not UTF-8 (byte 0xff" in err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"task_id": 1, "completion": "x"}\n{"task_id": 1, "completion": \n', ":2: not valid JSON"),
+    (b'{"task_id": 1}\n', ":1: missing field 'completion'"),
+    (b'{"completion": "x"}\n', ":1: missing field 'task_id'"),
+    (b'\n\n{"task_id": "1", "completion": "x"}\n', ":3: field 'task_id' must be int"),
+    (b'[1, 2]\n', ":1: expected a JSON object"),
+    (b'{"task_id": 1, "completion": "\xe9"}\n', ":1: not UTF-8"),
+    (b'{"task_id": 99, "completion": "x"}\n', "task_ids not in"),
+])
+def test_a_bad_samples_file_names_file_and_line(tmp_path, capsys, content, words):
+    mbpp, samples = tmp_path / "mbpp.jsonl", tmp_path / "samples.jsonl"
+    mbpp.write_text(json.dumps(record(1)) + "\n")
+    samples.write_bytes(content)
+    err = _main_error(["evaluate", "--mbpp", str(mbpp), "--samples", str(samples), "--no_progress"], capsys)
+    assert words in err and str(samples) in err
+
+
+def test_a_download_that_fails_is_one_line(tmp_path, capsys):
+    err = _main_error(["download", "--url", "http://127.0.0.1:9/mbpp.jsonl", "--dest",
+                       str(tmp_path / "m.jsonl")], capsys)
+    assert "--url http://127.0.0.1:9/mbpp.jsonl" in err and not (tmp_path / "m.jsonl").exists()
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    err = _main_error(["check_references", "--mbpp", str(tmp_path / "nope.jsonl")], capsys)
+    assert "nope.jsonl: no such file" in err
+
+
+@pytest.mark.parametrize("command", [[], ["download"], ["check_references"], ["evaluate"], ["run"]])
+def test_every_help_is_harmless(command, tmp_path):
+    # prints and exits 0: no download, no training, no file written, torch not imported
+    script = ("import runpy, sys; sys.argv = ['reproduce_mbpp.py'] + sys.argv[1:]\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "try:\n    runpy.run_path(sys.argv[0] if False else "
+              f"{str(REPO / 'reproduce_mbpp.py')!r}, run_name='__main__')\n"
+              "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, *command, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("exit 0 False"), done.stdout + done.stderr
+    assert "usage:" in done.stdout and list(tmp_path.iterdir()) == []

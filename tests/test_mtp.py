@@ -31,6 +31,28 @@ def test_fdfm_equals_mtp_loss_and_gradients(seed):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("gap", [46.0, 200.0, 700.0])
+def test_fdfm_equals_cross_entropy_for_a_confidently_wrong_head(gap):
+    """Float64, V = 100, the head puts logit `gap` on a wrong token: -log q(y) ~ gap. Forming
+    pi + (q - pi) literally cancels to 0 there (708.4 with zero gradient at gap 46); through log q
+    the loss and its gradient are the cross-entropy's to ~1e-12."""
+    V, N = 100, 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64)
+    y = torch.randint(1, V, (N, 1), generator=g)
+    logits[:, 0] += gap  # all the mass on token 0, never the target
+    pi = torch.full((V,), 1.0 / V, dtype=torch.float64)
+    tau = torch.rand(N, generator=g, dtype=torch.float64)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fd = sfr.fdfm_loss(torch.eye(N, dtype=torch.float64), [lambda h: h @ a], y, torch.ones(N, 1, dtype=torch.bool),
+                       tau, pi)[0]
+    ce = F.cross_entropy(b, y[:, 0], reduction="sum")
+    assert ce.item() > gap * N * 0.9
+    assert abs(fd.item() - ce.item()) <= 1e-12 * ce.item()
+    ga, gb = torch.autograd.grad(fd, a)[0], torch.autograd.grad(ce, b)[0]
+    assert (ga - gb).abs().max() <= 1e-12 * gb.abs().max()
+
+
 def test_fdfm_loss_does_not_depend_on_tau_but_does_on_targets():
     g = torch.Generator().manual_seed(0)
     _, params, heads, y, valid, tau, pi = random_problem(g, D64)

@@ -9,6 +9,9 @@ head `sfr.py` offers, trained with the same optimiser and steps on the same (h, 
     point     sfr.fm_token_loss with z0 = 0              flow from a point mass (MTP's source,
                                                          DESIGN Sec. 3, restriction 3)
     gaussian  sfr.fm_token_loss with z0 ~ N(0, I)        SFR's flow (Proposition A.2)
+    authors   gaussian as the authors run it: recipe='authors' (their head, 1024 x 3, unit-norm
+              targets, the EMA teacher 0.999 blended into the head before each optimiser step);
+              the gate and the warm-up act on a backbone, which this toy has not
 
 Flow convention (sfr.py's): tau = 0 is the source, tau = 1 is data, z_tau = tau z1 +
 (1 - tau) z0, u = z1 - z0, and the Euler sampler integrates dz/dtau = v from 0 to 1.
@@ -33,6 +36,10 @@ it lies within radius * D of it, else to 'none'. 'covered' = every mode gets at 
 cover * its true weight of the samples; mass per mode against the weights; energy
 distance (Szekely) between the samples and as many fresh true samples, divided by D.
 
+Declared before the first run with the 'authors' row: with the teacher's 0.999 blend the head
+moves ~1000x slower, so in the same 600 steps it stays near its zero-initialised output and
+covers fewer modes than 'gaussian' (its samples stay close to the N(0, I) source).
+
 Run:  python toy/bimodal_head.py            (~1 min on a 2-core CPU: d = 2, 16, 2 seeds)
       python toy/bimodal_head.py --full     (d = 2, 16, 384, 3 seeds, + what the Gaussian head needs at 384-d; ~15 min)
       python toy/bimodal_head.py --help
@@ -40,6 +47,7 @@ Run:  python toy/bimodal_head.py            (~1 min on a 2-core CPU: d = 2, 16, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -54,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
 
-HEADS = ("mse", "cosine", "point", "gaussian")
+HEADS = ("mse", "cosine", "point", "gaussian", "authors")
 ENCODER_DIM = 384  # all-MiniLM-L6-v2
 
 # ----------------------------------------------------------------------------- the task
@@ -148,7 +156,7 @@ def head_loss(kind, head, h, z1, g):
         return sfr.regression_token_loss(head, h, z1, kind).mean()
     tau = torch.rand(h.size(0), generator=g)  # one tau per sample (per sequence in sfr.py)
     # the only difference between the two flows: the source z0 (point mass at 0 vs N(0, I))
-    z0 = torch.randn(z1.shape, generator=g) if kind == "gaussian" else torch.zeros_like(z1)
+    z0 = torch.randn(z1.shape, generator=g) if kind in ("gaussian", "authors") else torch.zeros_like(z1)
     return sfr.fm_token_loss(head, h, z1, tau, z0).mean()
 
 
@@ -159,8 +167,9 @@ def train_head(kind, task, cfg):
     h_all, z1_all = task["h"][task["train_ctx"]], task["train_z1"]
     mean, std = sfr.target_stats(z1_all, cfg.target_scale)
     z1_all = (z1_all - mean) / std
-    head = sfr.FlowHead(task["d"], h_all.size(1), cfg.head_width, cfg.head_layers)
+    head = sfr.FlowHead(task["d"], h_all.size(1), cfg.head_width, cfg.head_layers, arch=cfg.head_arch)
     opt, sched = sfr.make_optimizer(cfg, head)
+    teacher = copy.deepcopy(head).requires_grad_(False) if cfg.ema_teacher else None
     g_batch = torch.Generator().manual_seed(cfg.seed)
     g_flow = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
@@ -169,6 +178,8 @@ def train_head(kind, task, cfg):
         loss = head_loss(kind, head, h_all[idx], z1_all[idx], g_flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if teacher is not None:  # their order: blend into the head after backward, before the optimiser
+            sfr.teacher_blend(teacher, head, cfg.ema)
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         sched.step()
@@ -181,7 +192,7 @@ def train_head(kind, task, cfg):
 def sample(kind, head, scale, h, cfg, g):
     """(N, d) samples in the original (unit-norm) space, one per row of h."""
     mean, std, target_norm = scale
-    if kind == "gaussian":
+    if kind in ("gaussian", "authors"):
         z = sfr.sample_head(head, h, cfg.sample_steps, generator=g)
     elif kind == "point":
         z = sfr.sample_head(head, h, cfg.sample_steps, z0=torch.zeros(h.size(0), head.out.out_features))  # point source
@@ -230,6 +241,9 @@ def run_one(kind, d, a, seed, **over):
     task = make_task(d, a, seed)
     opts = dict(head_width=a.width, head_layers=a.layers, steps=a.steps, target_scale=a.target_scale,
                 sample_steps=a.sample_steps, batch_size=a.batch_size, lr=a.lr, seed=seed)
+    if kind == "authors":  # the preset's head, targets and teacher; the toy's steps, batch and lr
+        opts = dict(recipe="authors", steps=a.steps, sample_steps=a.sample_steps, batch_size=a.batch_size,
+                    lr=a.lr, seed=seed, **a.authors_over)
     opts.update(over)
     cfg = sfr.Config(**opts).validate()
     t0 = time.time()
@@ -239,7 +253,7 @@ def run_one(kind, d, a, seed, **over):
     z = sample(kind, head, scale, task["h"][ctx], cfg, g)
     res = score(task, z, ctx, a, g)
     res.update(head=kind, d=d, seed=seed, loss=loss, seconds=time.time() - t0,
-               **{k: opts[k] for k in ("head_width", "steps", "target_scale", "sample_steps")})
+               **{k: getattr(cfg, k) for k in ("head_width", "steps", "target_scale", "sample_steps")})
     return res, (task, z, ctx)
 
 
@@ -302,7 +316,7 @@ def figure(path, panels, summary, sweep, a, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = ["truth"] + list(HEADS)
+    names = ["truth"] + [h for h in HEADS if h in a.heads]
     dims = sorted(panels)
     n_rows = len(dims) + 1
     fig = plt.figure(figsize=(3.0 * len(names), 2.9 * n_rows), constrained_layout=True)
@@ -377,6 +391,18 @@ def figure(path, panels, summary, sweep, a, title):
 # ----------------------------------------------------------------------------- command line
 
 
+def overrides(text):
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'}, each value parsed as its sfr.Config field's type."""
+    types = {f.name: type(getattr(sfr.Config(), f.name)) for f in sfr.dataclasses.fields(sfr.Config)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        if k not in types:
+            raise argparse.ArgumentTypeError(f"{k!r} is not an sfr.Config field")
+        out[k] = v.lower() in ("1", "true", "yes") if types[k] is bool else types[k](v)
+    return out
+
+
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     floats = lambda s: [float(x) for x in s.split(",") if x]
@@ -402,6 +428,9 @@ def parse_args(argv=None):
                         "Config.target_scale). 'std' by default here so that the main grid isolates the "
                         "source: with 'unit' the gaussian head already fails at d=16 (see the sweep)")
     p.add_argument("--sample_steps", type=int, default=32, help="Euler steps of the flow samplers")
+    p.add_argument("--authors_over", type=overrides, default={},
+                   help="sfr.Config fields for the 'authors' row, to take one difference away: "
+                        "e.g. ema_teacher=false or ema_teacher=false,target_scale=std")
     p.add_argument("--n_ctx", type=int, default=16, help="contexts (each its own h and modes; <= 32 with minilm)")
     p.add_argument("--d_h", type=int, default=64, help="dimension of the context feature h ~ N(0, I)")
     p.add_argument("--weights", type=floats, default=[0.7, 0.3],

@@ -23,13 +23,21 @@ Every method trains from the same backbone initialisation, on the same data in t
 same order, for the same steps (checked at start-up; see `check_same_init`):
     sft      cross-entropy only (aux='none')
     mtp      multi-token prediction, K = 4 heads, lambda = 1 (when sfr.py has aux='mtp')
-    sfr      SFR as the authors run it (aux='flow', unit-norm MiniLM targets)
-    sfr_std  SFR with per-dim standardised targets (target_scale='std')
-    mse      the authors' deterministic ablation (aux='mse')
-    null     SFR on targets shuffled across the training set (sfr.shuffle_targets)
-    null_std the same with standardised targets: the control for sfr_std
+    sfr      SFR as the authors run it: recipe='authors' (their code's positions, targets, head
+             1024 x 3, gate 1.5 and EMA teacher 0.999 of their template), at the toy's k = 8
+             words with stride 1 and min_suffix 1 (their s = k / 8 and min = k / 16 at k = 256)
+    sfr_ours SFR with recipe='ours' (aux='flow', unit-norm MiniLM targets, head 256, no stabilisers)
+    sfr_std  sfr_ours with per-dim standardised targets (target_scale='std')
+    mse      the deterministic ablation (aux='mse', recipe='ours')
+    null     sfr on targets shuffled across the training set (sfr.shuffle_targets)
+    null_ours, null_std  the same controls for sfr_ours and sfr_std
     anchor   annotation-anchored: "<modeM>" precedes each response; at inference the
              annotation is sampled first, and the metrics strip it (aux='none')
+
+Declared before the recipe='authors' rerun of the grid: (H1) sfr (authors) moves mode KL and
+entropy ratio no more than its null control (sfr - null CIs include 0), as sfr_ours did;
+(H2) with the EMA teacher holding the head near its zero-initialised output, sfr's aux share
+of the backbone gradient is no larger than sfr_ours'.
 
 Run:  python toy/persona.py            quick look, ~1-2 min on a 2-core CPU, labelled quick
       python toy/persona.py --full     the declared grid (GRID below), every cell reported
@@ -63,22 +71,30 @@ import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
 # Every cell of methods x seeds x temperatures is trained / evaluated and written to the JSON.
 
 TEMPS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
-ALL_METHODS = ["sft", "mtp", "sfr", "sfr_std", "mse", "null", "null_std", "anchor"]
+ALL_METHODS = ["sft", "mtp", "sfr", "sfr_ours", "sfr_std", "mse", "null", "null_ours", "null_std", "anchor"]
 GRID = dict(methods=ALL_METHODS, seeds=5, temps=TEMPS, steps=800)  # --full
 QUICK = dict(methods=["sft", "sfr", "sfr_std"], seeds=2, temps=[0.6, 1.0, 1.4], steps=200)
 
-# Config overrides per method, on top of the shared Config (see make_config).
+# recipe='authors' with their template's stabilisers and head; k is the toy's (--k), and stride and
+# min_suffix scale their s = k / 8, min = k / 16 (k = 256) down to k = 8 words: 1 and 1.
+# lambda is --lam for every method (default 1, their template's).
+AUTHORS = {**{k: v for k, v in sfr.RECIPES["authors"].items() if k not in ("k", "lam")}, "recipe": "authors",
+           "stride": 1, "min_suffix": 1}
+# Config overrides per method, on top of the shared Config (see make_config); they win over it.
 METHODS = {
     "sft": dict(aux="none"),
     "mtp": dict(aux="mtp", mtp_k=4),
-    "sfr": dict(aux="flow", target_scale="unit"),
+    "sfr": dict(AUTHORS, aux="flow"),
+    "sfr_ours": dict(aux="flow", target_scale="unit"),
     "sfr_std": dict(aux="flow", target_scale="std"),
     "mse": dict(aux="mse"),
-    "null": dict(aux="flow", target_scale="unit"),  # + shuffled targets
+    "null": dict(AUTHORS, aux="flow"),  # + shuffled targets
+    "null_ours": dict(aux="flow", target_scale="unit"),  # + shuffled targets: the control for sfr_ours
     "null_std": dict(aux="flow", target_scale="std"),  # + shuffled targets: the control for sfr_std
     "anchor": dict(aux="none"),  # + annotation before each response
 }
-DATASET = {"anchor": "anchor", "null": "null", "null_std": "null"}  # which training set; default plain
+# which training set; default plain (recipe='ours' targets)
+DATASET = {"anchor": "anchor", "sfr": "authors", "null": "null_authors", "null_ours": "null", "null_std": "null"}
 EXACT = ["well_formed", "fidelity", "kl_mode", "entropy_ratio", "coverage", "kl_data", "kl_data_persona"]
 SAMPLED = ["coverage_sampled", "distinct2", "vendi", "cs_self_bleu1"]
 MECH = ["shuffle_gap", "aux_grad_share"]
@@ -293,11 +309,11 @@ def make_config(args, method, seed, out_dir):
     over = dict(METHODS[method])
     if method == "mtp":
         over = {k: v for k, v in over.items() if k != "mtp_k" or hasattr(sfr.Config, "mtp_k")}
-    return sfr.Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, steps=args.steps,
-                      lam=args.lam, k=args.k, head_width=args.head_width, fm_positions=args.fm_positions,
-                      batch_size=args.batch_size,
-                      lr=args.lr, eval_every=max(1, args.steps // 4), ckpt_every=0, seed=seed,
-                      out_dir=out_dir, **over)
+    shared = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, steps=args.steps,
+                  lam=args.lam, k=args.k, head_width=args.head_width, fm_positions=args.fm_positions,
+                  batch_size=args.batch_size, lr=args.lr, eval_every=max(1, args.steps // 4), ckpt_every=0,
+                  seed=seed, out_dir=out_dir)
+    return sfr.Config(**{**shared, **over})
 
 
 def available_methods(methods):
@@ -308,8 +324,9 @@ def available_methods(methods):
 
 
 def datasets(task, args, seed, encoder):
-    """Train / eval Examples for one seed: the plain set with MiniLM targets (shared by every
-    method but anchor and null), its target-shuffled copy, and the annotated set."""
+    """Train / eval Examples for one seed: the plain set with MiniLM targets (recipe='ours'),
+    the same with the authors' targets and positions, their target-shuffled copies, and the
+    annotated set."""
     rng = np.random.default_rng(seed)
     train = task.sample(args.n_per_persona, rng)
     evals = task.sample(max(1, args.n_eval // task.n_personas), rng)
@@ -320,13 +337,18 @@ def datasets(task, args, seed, encoder):
     ev = sfr.prepare(pair(evals), args.tok, cfg, encoder)
     null = copy.deepcopy(plain)
     sfr.shuffle_targets(null, seed)
+    cfg_a = sfr.Config(**{**AUTHORS, "k": args.k, "aux": "flow"})
+    authors, authors_ev = (sfr.prepare(pair(xs), args.tok, cfg_a, encoder) for xs in (train, evals))
+    null_a = copy.deepcopy(authors)
+    sfr.shuffle_targets(null_a, seed)
     cfg_none = sfr.Config(aux="none")
     anch = sfr.prepare(pair(train, True), args.tok, cfg_none)
     anch_ev = sfr.prepare(pair(evals, True), args.tok, cfg_none)
     counts = np.zeros((task.n_personas, task.n_queries, task.n_modes))
     for _, _, (i, q, m) in train:
         counts[i, q, m] += 1
-    return {"plain": (plain, ev), "null": (null, ev), "anchor": (anch, anch_ev), "counts": counts}
+    return {"plain": (plain, ev), "null": (null, ev), "authors": (authors, authors_ev),
+            "null_authors": (null_a, authors_ev), "anchor": (anch, anch_ev), "counts": counts}
 
 
 def run_cell(task, args, method, seed, data, encoder):
@@ -408,7 +430,8 @@ def check_same_init(args, methods, data):
 # ----------------------------------------------------------------------------- aggregation
 
 
-CONTROLS = {"sfr": "null", "sfr_std": "null_std"}  # the same loss on targets that carry no information
+# the same loss on targets that carry no information
+CONTROLS = {"sfr": "null", "sfr_ours": "null_ours", "sfr_std": "null_std"}
 
 
 def summarise(cells, mechs, methods, temps, seeds):
@@ -591,7 +614,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lam", type=float, default=1.0, help="lambda of every auxiliary loss")
     p.add_argument("--k", type=int, default=8, help="future segment length (words) of the MiniLM targets")
-    p.add_argument("--head_width", type=int, default=256)
+    p.add_argument("--head_width", type=int, default=256, help="flow head width of the recipe='ours' rows "
+                   "(sfr: the authors' 1024)")
     p.add_argument("--fm_positions", type=int, default=0,
                    help="positions per sequence the flow head sees each step (sfr Config.fm_positions); "
                         "0 = every valid position, as the authors run it")
