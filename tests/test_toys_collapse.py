@@ -150,7 +150,8 @@ def test_script_smoke(tmp_path, encoder, one_thread):
 def test_add_to_merges_only_identical_reruns():
     def run(method, value, counts=(1, 2)):
         rec = {"regime": "heldout", "method": method, "seed": 0, "groups": {"heldout": {"entropy_ratio": [value]}}}
-        meta = {"regimes": {"heldout": {"methods": [method]}}, "parts": [{"wall_s": 1.0}], "method_configs": {}}
+        meta = {"regimes": {"heldout": {"methods": [method]}}, "parts": [{"wall_s": 1.0}], "method_configs": {},
+                "seeds": [0], "temps": [1.0]}
         return {"meta": meta, "records": [rec], "data": {"heldout": {"0": {"counts": list(counts)}}}}
     old = run("sft", 0.5)
     new = run("mtp", 0.7)

@@ -838,9 +838,11 @@ def finish(res, path, figure=True):
 def merge(old, new):
     """new's records added to old's (--add_to). The data must be the same, and a (regime, method,
     seed) in both must give the same numbers: the two runs are then one grid."""
+    if old["meta"]["seeds"] != new["meta"]["seeds"] or old["meta"]["temps"] != new["meta"]["temps"]:
+        raise ValueError("--add_to: the two runs have other seeds or temperatures")
     for r, by_seed in new["data"].items():
         for s, d in by_seed.items():
-            if old["data"].get(r, {}).get(s, {}).get("counts") != d["counts"]:
+            if r in old["data"] and old["data"][r].get(s, {}).get("counts") != d["counts"]:
                 raise ValueError(f"--add_to: regime {r} seed {s} has other training data than the saved run")
     key = lambda x: (x["regime"], x["method"], x["seed"])  # noqa: E731
     olds = {key(x): x for x in old["records"]}
@@ -850,6 +852,9 @@ def merge(old, new):
     news = {key(x) for x in new["records"]}
     old["records"] = [x for x in old["records"] if key(x) not in news] + new["records"]
     for r, m in new["meta"]["regimes"].items():
+        if r not in old["meta"]["regimes"]:  # a regime only the new part ran
+            old["meta"]["regimes"][r], old["data"][r] = m, new["data"][r]
+            continue
         both = set(old["meta"]["regimes"][r]["methods"]) | set(m["methods"])
         old["meta"]["regimes"][r]["methods"] = [x for x in METHODS if x in both]  # sft first, METHODS' order
     old["meta"]["parts"] = old["meta"].get("parts", []) + new["meta"]["parts"]
@@ -891,9 +896,11 @@ def main(argv=None, encoder=None):
     log = Path(a.out + ".jobs.jsonl")  # each finished (regime, seed) as it lands, kept if the run is stopped
     outs = [None] * len(jobs)
     if a.from_jobs:  # a stopped run: keep the regimes whose every seed finished, say which were dropped
+        index = {(j[0], j[3]): n for n, j in enumerate(jobs)}  # by (regime, seed): --seeds may be fewer now
         for line in Path(a.from_jobs).read_text().splitlines():
             x = json.loads(line)
-            outs[x["job"]] = x["out"]
+            if (x["regime"], x["seed"]) in index:
+                outs[index[x["regime"], x["seed"]]] = x["out"]
         missing = {jobs[n][0] for n, o in enumerate(outs) if o is None}
         print(f"--from_jobs: regimes with unfinished seeds, left out: {sorted(missing) or 'none'}")
         keep = [n for n, j in enumerate(jobs) if j[0] not in missing]
