@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "toy"))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import sfr_metrics  # noqa: E402  (self-BLEU)
 from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # noqa: E402
 
 # ----------------------------------------------------------------------------- methods: the one place
@@ -332,7 +333,7 @@ def data_profile(task, pairs, data_counts):
 
 @torch.no_grad()
 def cross_style_self_bleu(task, backbone, tok, n, seed, anchor=False):
-    """Sampled at T = 1: for each query and sample index, sfr.self_bleu(max_n=1) across the P
+    """Sampled at T = 1: for each query and sample index, sfr_metrics.self_bleu(max_n=1) across the P
     personas' answers (the paper's CS-SB1; lower = more diverse across styles)."""
     prompts = [tok.encode(task.prompt(i, q)) for i in range(task.n_personas) for q in range(task.n_queries)]
     idx = torch.tensor(prompts).repeat_interleave(n, 0)  # every prompt has the same length
@@ -344,7 +345,7 @@ def cross_style_self_bleu(task, backbone, tok, n, seed, anchor=False):
         i, q = divmod(r // n, task.n_queries)
         words = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row).split()
         texts[i, q, r % n] = " ".join(words[1:] if anchor and words and words[0].startswith("<mode") else words)
-    return float(np.mean([sfr.self_bleu([texts[i, q, s] for i in range(task.n_personas)], max_n=1)
+    return float(np.mean([sfr_metrics.self_bleu([texts[i, q, s] for i in range(task.n_personas)], max_n=1)
                           for q in range(task.n_queries) for s in range(n)]))
 
 
@@ -820,7 +821,7 @@ def derive(res):
 def true_cs_self_bleu(task, n, seed):
     """Cross-style Self-BLEU-1 of samples from the truth (the reference)."""
     rng = np.random.default_rng(seed)
-    return float(np.mean([sfr.self_bleu([task.response(i, q, int(rng.choice(task.n_modes, p=task.probs[i])))
+    return float(np.mean([sfr_metrics.self_bleu([task.response(i, q, int(rng.choice(task.n_modes, p=task.probs[i])))
                                          for i in range(task.n_personas)], max_n=1)
                           for q in range(task.n_queries) for _ in range(n)]))
 
