@@ -380,6 +380,10 @@ def smollm2_folder(cache: str | None = None, log=print) -> Path:
 
 
 if __name__ == "__main__":
+    USAGE = "usage: python sfr_hf.py smollm2   (prints the converted SmolLM2 folder, converting it once)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        sys.exit(print(USAGE))  # --help is not an error
     if sys.argv[1:] != ["smollm2"]:
-        sys.exit("usage: python sfr_hf.py smollm2   (prints the converted SmolLM2 folder, converting it once)")
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
     print(smollm2_folder(log=lambda s: print(s, file=sys.stderr)))

@@ -664,7 +664,7 @@ def test_bleu_hand_cases():
 
 
 def test_bleu_and_self_bleu_match_sacrebleu():
-    """sacrebleu's sentence BLEU equals sfr.bleu with whitespace tokens (tokenize='none'), no
+    """sacrebleu's sentence BLEU equals sfr_metrics.bleu with whitespace tokens (tokenize='none'), no
     smoothing and effective_order=False (a hypothesis without n-grams of some order scores 0)."""
     from sacrebleu.metrics import BLEU
     import random
