@@ -91,6 +91,31 @@ class ChecksumMismatchError(UsageError):
     """A downloaded file whose sha256 is not the expected one."""
 
 
+def _jsonl_objects(path, error, label=""):
+    """(where, lineno, record) for every non-blank line of a jsonl file that is a JSON object; a file
+    that cannot be read, a line that is not UTF-8, not JSON or not an object raises
+    error(message) naming the file and the 1-based line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{label}{path}: {e.strerror or e}") from None
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise error(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        yield where, lineno, rec
+
+
 def load_mbpp(path: str | os.PathLike) -> list[dict]:
     """Read an MBPP jsonl file, one problem a line, and validate every record.
 
@@ -99,24 +124,7 @@ def load_mbpp(path: str | os.PathLike) -> list[dict]:
     1-based line number and the field.
     """
     records, seen = [], {}
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise MBPPFormatError(f"{path}: {e.strerror or e}") from None
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise MBPPFormatError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MBPPFormatError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise MBPPFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for where, lineno, rec in _jsonl_objects(path, MBPPFormatError):
         for field, (ok, expected) in _FIELDS.items():
             if field not in rec:
                 raise MBPPFormatError(f"{where}: missing field '{field}'")
@@ -498,24 +506,7 @@ def load_samples(path: str) -> dict[int, list[str]]:
     """Read a samples file: one ``{"task_id": int, "completion": str}`` a line, several
     lines per task for pass@k. Anything else raises ``UsageError`` naming file and line."""
     samples: dict[int, list[str]] = {}
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UsageError(f"--samples {path}: {e.strerror or e}") from None
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for where, _, rec in _jsonl_objects(path, UsageError, label="--samples "):
         for field, kind in (("task_id", int), ("completion", str)):
             if field not in rec:
                 raise UsageError(f"{where}: missing field '{field}'")
