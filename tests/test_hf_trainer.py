@@ -106,9 +106,9 @@ def test_loss_equals_sfr_py_on_the_same_batch(tiny, encoder, tmp_path, monkeypat
     loss = trainer.compute_loss(trainer.model, inputs)
 
     cfg = dataclasses.replace(SFR_CFG, backbone=str(folder))
-    ref_tok = sfr.HFTokenizer(str(folder))
+    ref_tok = sfr_hf.HFTokenizer(str(folder))
     examples = sfr.prepare(batch_pairs, ref_tok, cfg, encoder)
-    ref = sfr.SFRModel(cfg, sfr.HFBackbone(str(folder)), encoder.dim).train()
+    ref = sfr.SFRModel(cfg, sfr_hf.HFBackbone(str(folder)), encoder.dim).train()
     ref.head.load_state_dict(trainer.model.sfr_head.state_dict())
     batch = sfr.collate(examples, ids, ref_tok.pad_id, ref_tok.eos_id, encoder.dim)
     out = ref(batch, step=0)

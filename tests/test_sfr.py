@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import sfr_hf  # noqa: F401  (the Hugging Face backbone tests)
 import sfr_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,7 +522,7 @@ def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_p
     from transformers import AutoModelForCausalLM
     cfg = tiny(tmp_path, backbone=str(tiny_hf), steps=2)
     model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
-    assert isinstance(model.backbone, sfr.HFBackbone) and model.head is not None
+    assert isinstance(model.backbone, sfr_hf.HFBackbone) and model.head is not None
     path = sfr.export(model, str(tmp_path / "export"), demo.tok)
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     original = AutoModelForCausalLM.from_pretrained(tiny_hf)
@@ -538,8 +539,8 @@ def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_p
 
 def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
     idx = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(2))
-    mid = sfr.HFBackbone(str(tiny_hf), layer=1).eval()
-    last = sfr.HFBackbone(str(tiny_hf), layer=-1).eval()
+    mid = sfr_hf.HFBackbone(str(tiny_hf), layer=1).eval()
+    last = sfr_hf.HFBackbone(str(tiny_hf), layer=-1).eval()
     with torch.no_grad():
         ref = mid.hf(input_ids=idx, output_hidden_states=True)
         assert torch.equal(mid(idx)[1], ref.hidden_states[1])
