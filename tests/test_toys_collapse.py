@@ -165,3 +165,18 @@ def test_add_to_merges_only_identical_reruns():
         collapse.merge(run("sft", 0.5), bad)
     with pytest.raises(ValueError, match="other training data"):
         collapse.merge(run("sft", 0.5), run("mtp", 0.7, counts=(2, 1)))
+
+
+def test_add_to_accepts_a_saved_part_with_fewer_regimes(tmp_path):
+    """A part that ran one regime is a valid --add_to target for a --full merge that adds others;
+    a regime both have must still have the same knobs."""
+    a = collapse.parse_args(["--full"])
+    meta = {"seeds": a.seeds, "temps": a.temps, "model": {k: getattr(a, k) for k in collapse.MODEL_KEYS},
+            "regimes": {"pretrain": {"knobs": a.knobs["pretrain"]}}}
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"meta": meta}))
+    collapse.parse_args(["--full", "--merge", str(part), "--add_to", str(part)])  # no error
+    meta["regimes"]["pretrain"]["knobs"] = {**a.knobs["pretrain"], "steps": 1}
+    part.write_text(json.dumps({"meta": meta}))
+    with pytest.raises(SystemExit):
+        collapse.parse_args(["--full", "--merge", str(part), "--add_to", str(part)])

@@ -766,7 +766,7 @@ def parse_args(argv=None):
         except (OSError, ValueError, KeyError) as e:
             p.error(f"--add_to {a.add_to}: not a saved collapse json ({e})")
         mine = {"seeds": a.seeds, "temps": a.temps, "model": {k: getattr(a, k) for k in MODEL_KEYS},
-                "knobs": a.knobs}
+                "knobs": {r: kn for r, kn in a.knobs.items() if r in prev["regimes"]}}  # a new regime is fine
         theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": prev["model"],
                   "knobs": {r: prev["regimes"][r]["knobs"] for r in a.regimes if r in prev["regimes"]}}
         if mine != theirs:
