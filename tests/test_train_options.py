@@ -250,3 +250,16 @@ def test_sfr_py_alone_refuses_a_folder_backbone_in_one_line(llama, tmp_path, mon
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "a Hugging Face folder trains through sfr_hf.py" in err
+
+
+def test_sfr_hf_help_lists_every_field_and_the_smollm2_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sfr_hf.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: sfr_hf.py")
+    assert all(f"--{f.name}" in out for f in sfr.dataclasses.fields(sfr.Config))
+    assert "python sfr_hf.py smollm2" in out and list(tmp_path.iterdir()) == []  # ran nothing
+    with pytest.raises(SystemExit) as e:
+        sfr_hf.main(["--grad_checkpointing=maybe"])
+    assert e.value.code == 2
