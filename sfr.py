@@ -10,8 +10,9 @@ embedding of the next k response tokens, given the backbone's hidden state h_t:
 The head (and the encoder) are thrown away after training: the exported model is a
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
 ablations; future-segment targets; the built-in GPT; batches; the model that ties them
-together; the single-process training loop; the MTP reduction (MTP heads and F_Delta-FM);
-sampling; then the inputs (the built-in tokenizer, jsonl files); export; command line.
+together; the single-process training loop (train() first, then its parts); the MTP
+reduction (MTP heads and F_Delta-FM); sampling; then the plumbing: checkpoints and logs, the
+inputs (the built-in tokenizer, jsonl files), export, the command line.
 Beside this file, each importing it (it imports none of them): sfr_hf.py (Hugging Face
 models as the backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the
 torchrun and accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to
@@ -807,497 +808,7 @@ class SFRModel(nn.Module):
         return (w * loss).sum(), w.sum()  # L_FM = sum(w * loss) / max(1, sum(w)) over the batch
 
 # ----------------------------------------------------------------------------- training loop
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a detached tensor over processes (identity for one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
-def batch_ids(step, n, batch_size, seed, rank=0, world=1):
-    """The example ids of this step's global batch, and this process's share of them.
-    A fixed permutation per epoch, so the data position is a function of the step."""
-    per_epoch = max(1, n // batch_size)
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    ids = perm[i * batch_size:(i + 1) * batch_size] if n >= batch_size else perm
-    return ids[rank::world]
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def total_loss(out, lam, world=1, with_ar=True):
-    """Normalise the sums over the global batch. DDP averages gradients over processes,
-    so each process's share is multiplied by `world` to recover the global mean.
-    with_ar=False: lambda * L_aux alone (the authors' frozen head warm-up)."""
-    ar_n = all_sum(out["ar_n"].detach()).clamp_min(1)
-    terms = {"ar": out["ar_sum"] / ar_n * world}
-    if "aux_sum" in out:
-        aux_n = all_sum(out["aux_n"].detach()).clamp_min(1)  # max(1, sum(w)), as the authors
-        terms["aux"] = out["aux_sum"] / aux_n * world
-    loss = (terms["ar"] if with_ar else 0.0) + lam * terms.get("aux", 0.0)
-    return loss, {k: all_sum(v.detach()).item() / world for k, v in terms.items()}
-
-
-def make_optimizer(cfg, model):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    # fused: one kernel for all parameters; on CPU the default is a Python loop over tensors,
-    # which costs more than the tiny default model's forward pass (toy/cost.py)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=True)
-
-    def lr_lambda(step):
-        if step < cfg.lr_warmup:
-            return (step + 1) / cfg.lr_warmup
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        frac = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
-def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
-               scaler=None):
-    """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
-    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
-    the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
-    ema_teacher, blended into model.head between backward and the optimiser step. Raises
-    TrainingDiverged on a non-finite loss term or gradient, before the weights change.
-    cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
-    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
-    scaler: cfg.dtype='fp16''s loss scaler; a step whose gradient overflows is skipped by it."""
-    # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
-    frozen = cfg.warmup_freeze and step < cfg.head_warmup
-    model.grad_box["frozen"] = frozen
-    lam = lam_at(cfg, step)
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    amp = torch.autocast(torch.device(cfg.device).type, half or torch.bfloat16, enabled=half is not None)
-    if cfg.grad_accum == 1:
-        with amp:
-            out = (ddp or model)(batch, step)
-    else:  # (B / grad_accum, T) each, padded to the batch's T
-        micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
-                                          for f in dataclasses.fields(Batch)))]
-        with torch.no_grad(), torch.random.fork_rng(), amp:
-            outs = [model(m, step) for m in micro]
-            out = {k: sum(o[k] for o in outs) for k in outs[0]}
-        reshard(model)
-    loss, terms = total_loss(out, lam, world, with_ar=not frozen)
-    bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
-    if bad:
-        raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
-    # how much of L_FM's gradient reaches the backbone: 0 during head warm-up and on gated
-    # steps. Every rank takes the same decision (terms are global), and no requires_grad flips.
-    scale = 0.0 if step < cfg.head_warmup else 1.0
-    if cfg.gate and "aux" in terms:
-        scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
-    model.grad_box["scale"] = scale
-    opt.zero_grad(set_to_none=True)
-
-    def backward(loss):  # fp16: the loss scaled up, so that small gradients do not underflow
-        (loss if scaler is None else scaler.scale(loss)).backward()
-    if cfg.grad_accum == 1:
-        backward(loss)
-    else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
-        counts = {k: v for k, v in out.items() if k.endswith("_n")}
-        for m in micro:
-            with amp:
-                out_m = {**(ddp or model)(m, step), **counts}
-            backward(total_loss(out_m, lam, world, not frozen)[0])
-    if teacher is not None and step >= cfg.head_warmup:
-        teacher_blend(teacher, model.head, cfg.ema)
-    if scaler is not None:
-        scaler.unscale_(opt)  # the clip and the norm see the true gradient
-    clip = cfg.grad_clip or float("inf")
-    gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
-    if not math.isfinite(gnorm) and scaler is None:  # fp16: an overflow, the scaler skips the step
-        raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} "
-                               f"(loss terms {terms})")
-    if scaler is None:
-        opt.step()
-    else:
-        scaler.step(opt)
-        scaler.update()
-    sched.step()
-    return terms, gnorm, gate_avg
-
-
-def gate(cfg, loss, state, scale):
-    """Loss gating: (scale, state). Closes (scale 0) when L_FM is below its running mean / gate
-    ('dynamic') or below gate ('static'). gate_on='current' (ours) reads this step's L_FM, the
-    one whose gradient it cuts; 'previous' (their code decides before the forward) reads the
-    last step's against a mean that already includes it, and never closes on the first step."""
-    d = cfg.gate_decay
-
-    def closes(x, mean):
-        return x < cfg.gate if cfg.gate_mode == "static" else mean >= 1e-10 and x < mean / cfg.gate
-    if cfg.gate_on == "current":
-        state = loss if state is None else d * state + (1 - d) * loss
-        return (0.0 if closes(loss, state) else scale), state
-    if state is not None and closes(state[1], state[0]):
-        scale = 0.0
-    return scale, (loss if state is None else d * state[0] + (1 - d) * loss, loss)
-
-
-@torch.no_grad()
-def teacher_blend(ema, head, decay):
-    """The authors' EMA teacher (their _update_ema_teacher, which HF Trainer runs in
-    training_step, after backward and before optimizer.step(): transformers 5.x
-    Trainer._run_epoch calls training_step, then _clip_grad_norm, then optimizer.step()):
-    ema = d ema + (1 - d) head, then head = ema, so the optimiser moves the head one step away
-    from the EMA each step. Skipped in the head warm-up; their first blend after it still uses
-    the EMA of the initial head (its re-initialisation comes after the blend), which erases
-    most of the warmed-up head."""
-    for pe, p in zip(ema.parameters(), head.parameters()):
-        pe.mul_(decay).add_(p, alpha=1.0 - decay)
-        p.copy_(pe)
-
-
-def update_ema(ema, head, step, cfg):
-    """EMA of the head's weights, for eval only (training is unchanged by it). It starts as a
-    copy of the (warmed-up) head at step head_warmup: ema_teacher (their order) erases the
-    warm-up."""
-    if step == cfg.head_warmup:
-        ema.load_state_dict(head.state_dict())
-    elif step > cfg.head_warmup:
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), head.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
-
-
-@torch.no_grad()
-def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
-    """Mean AR and aux losses on held-out examples (same flow noise at every eval)."""
-    model.eval()
-    ar = aux = ar_n = aux_n = 0.0
-    for i in range(0, min(len(examples), max_batches * cfg.batch_size), cfg.batch_size):
-        ids = list(range(i, min(i + cfg.batch_size, len(examples))))
-        batch = collate([examples[j] for j in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
-        out = model(batch.to(cfg.device), step=-1, head=head)
-        ar, ar_n = ar + out["ar_sum"].item(), ar_n + out["ar_n"].item()
-        if "aux_sum" in out:
-            aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
-    model.train()
-    reshard(model)
-    res = {"eval_ar": ar / max(1, ar_n)}
-    if model.cfg.aux != "none" and aux_n:
-        res["eval_aux"] = aux / max(1, aux_n)
-    return res
-
-
-def diagnostics(model, batch, cfg, step, head=None):
-    """What the aux loss does to the backbone, on one batch:
-    shuffle_gap: the head's loss with h permuted across the batch minus with the true h
-        (same noise and tau); ~0 means the head ignores the backbone's state (flow heads);
-    aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
-        gradient of lambda * L_aux (any aux kind, MTP included)."""
-    head = head or model.head
-    if model.cfg.aux == "none":
-        return {}
-    model.eval()
-    res = {}
-    if head is not None:  # through model(), not model.backbone(): FSDP gathers in model's hooks
-        with torch.no_grad():
-            true = model(batch, step, head=head)
-            shuf = model(batch, step, head=head, shuffle_h=True)
-        gap = (shuf["aux_sum"] - true["aux_sum"]).item()
-        res["shuffle_gap"] = gap / max(1.0, true["aux_n"].item())
-        reshard(model)
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-
-    def backbone_grad_norm(term):  # a forward and backward per term: FSDP gathers no other way
-        model.zero_grad(set_to_none=True)
-        term(model(batch, step, head=head)).backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        return full(torch.nn.utils.get_total_norm(grads)).item()
-    # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
-    scale, frozen = model.grad_box["scale"], model.grad_box["frozen"]
-    model.grad_box.update(scale=1.0, frozen=False)
-    a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
-    lam = lam_at(cfg, step)
-    b = backbone_grad_norm(lambda out: lam * out["aux_sum"] / out["aux_n"].clamp_min(1))
-    model.zero_grad(set_to_none=True)
-    model.grad_box.update(scale=scale, frozen=frozen)
-    res["aux_grad_share"] = b / max(1e-12, a + b)
-    model.train()
-    return res
-
-
-def eval_now(model, eval_set, cfg, tok, step, ema):
-    """Held-out losses and the diagnostics on the first eval batch, with the head eval reads:
-    the EMA head, or under ema_teacher the student (the head their loss reads)."""
-    head = None if cfg.ema_teacher else ema
-    res = evaluate(model, eval_set, cfg, tok, step, head=head)
-    ids = list(range(min(cfg.batch_size, len(eval_set))))
-    batch = collate([eval_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
-    return {**res, **diagnostics(model, batch.to(cfg.device), cfg, step, head=head)}
-
-
-def format_log(rec, elapsed):
-    """One dashboard line: every loss term shown on its own."""
-    keys = ["ar", "aux", "eval_ar", "eval_aux", "shuffle_gap", "aux_grad_share", "lam", "grad_norm"]
-    parts = [f"{k} {rec[k]:.4f}" for k in keys if k in rec]
-    return f"step {rec['step']:5d} | " + " | ".join(parts) + f" | {elapsed:.1f}s"
-
-
-def full(x):
-    """A DTensor (a sharded parameter, gradient or norm) as one whole tensor; others unchanged."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
-def reshard(model):
-    """After a no-grad forward, FSDP keeps the root unit's weights gathered for a backward that
-    does not come: free them (sfr_dist.py). A no-op for one process."""
-    if hasattr(model, "reshard"):
-        model.reshard()
-
-
-def full_state(module, opt=None):
-    """The whole state_dict of a module (of module and optimiser, with opt), sharded or not, on
-    the CPU: keyed by parameter name, so a checkpoint resumes under any number of processes."""
-    from torch.distributed.checkpoint import state_dict as dcp
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: to rank 0 only
-    return dcp.get_model_state_dict(module, options=opts) if opt is None else \
-        dcp.get_optimizer_state_dict(module, opt, options=opts)
-
-
-def load_full_state(module, state, opt=None):
-    """Inverse of full_state: every process passes the whole state and keeps its shard of it."""
-    from torch.distributed.checkpoint import state_dict as dcp
-    opts = dcp.StateDictOptions(full_state_dict=True)
-    if opt is None:
-        dcp.set_model_state_dict(module, state, options=opts)
-    else:
-        dcp.set_optimizer_state_dict(module, opt, state, options=opts)
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temp file, flush it to disk, then rename it over the old checkpoint.
-    A crash at any point leaves either the old or the new checkpoint, never a torn one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checksum(state):
-    """sha256 of a checkpoint's content (every tensor's bytes, every other value's repr),
-    without its own 'sha256' entry: the same before saving and after loading."""
-    h = hashlib.sha256()
-
-    def add(x):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                h.update(repr(k).encode())
-                add(v)
-        elif isinstance(x, (list, tuple)):
-            h.update(f"{type(x).__name__}{len(x)}".encode())
-            for v in x:
-                add(v)
-        elif torch.is_tensor(x):
-            t = x.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(x).encode())
-    add({k: v for k, v in state.items() if k != "sha256"})
-    return h.hexdigest()
-
-
-def load_checkpoint(path):
-    """A checkpoint train() wrote, refused with its path if unreadable or its checksum fails."""
-    try:  # weights_only=False: the RNG states and history are plain Python objects
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn zip, a truncated pickle: all one case for the user
-        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                         "move it away to start over") from None
-    if not isinstance(ck, dict) or ck.get("sha256") != checksum(ck):
-        raise UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away to "
-                         "start over")
-    return ck
-
-
-def rng_state():
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def check_writable(out_dir):
-    """Fail before any work if out_dir cannot hold the checkpoint."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = Path(out_dir) / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"Config.out_dir={out_dir!r}: cannot write there ({e.strerror})") from None
-
-
-# Resuming with changed fields: these are applied (they change where and how often things are
-# written, or, for steps, the length the lr and lambda schedules read at every step); a change to
-# any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
-               "progress")
-
-RESUME_APPLIED = RESUME_FREE + ("steps",)
-
-
-def resume(cfg, path, model, opt, sched, ema, scaler, rank, world, log):
-    """Load a checkpoint into model, opt, sched, ema and the fp16 scaler, and the RNG state:
-    (step, history, gate_avg), or None (with a line saying so) when there is no checkpoint yet."""
-    if not os.path.exists(path):
-        if rank == 0:
-            log(f"resume: no checkpoint at {path} yet, starting at step 0")
-        return None
-    ck = load_checkpoint(path)
-    changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-               if k not in RESUME_APPLIED and getattr(cfg, k, v) != v}
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise UsageError(f"{path}: resuming with changed Config fields ({diff}); only "
-                         f"{', '.join(RESUME_APPLIED)} may change: use a new out_dir")
-    try:
-        load_full_state(model, ck["model"])
-    except RuntimeError as e:
-        raise UsageError(f"{path}: its weights do not fit this model "
-                         f"({str(e).splitlines()[0]})") from None
-    load_full_state(model, ck["opt"], opt)
-    sched.load_state_dict(ck["sched"])
-    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-        g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from this step on
-    if ema is not None:
-        load_full_state(ema, ck["ema"])
-    if scaler is not None:
-        scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
-    if rank == 0:
-        log(f"resumed from {path} at step {ck['step']}")
-    return ck["step"], ck["history"], ck["gate_avg"]
-
-
-class OneProcess:
-    """What train() does differently under several processes, here for one. sfr_dist.py's DDP
-    and FSDP override it (and are the torchrun / accelerate entry point)."""
-    rank, world, sharded = 0, 1, False
-
-    def wrap(self, model, ema, log):
-        """The module a training step calls (FSDP shards model and ema in place; DDP wraps)."""
-        return model
-
-    def gather(self, obj):
-        """[obj of every process]: rank 0 writes each process's RNG state."""
-        return [obj]
-
-    def finish(self, model, ema, new_model):
-        """The (model, ema) train() returns: FSDP gathers the whole ones onto rank 0."""
-        return model, ema
-
-
-def one_process():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("WORLD_SIZE > 1: sfr.py trains one process; for several use torchrun "
-                         "--nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
-    return OneProcess()
-
-
-def new_model(cfg, tok, d_z):
-    return SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)
-
-
-def build(cfg, train_set, tok):
-    """(model, EMA head or None, d_z), seeded, on cfg.device."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
-    model = new_model(cfg, tok, d_z)
-    if cfg.init:  # e.g. reproduce_mbpp.py fine-tunes every method from the same weights
-        try:
-            model.backbone.load_state_dict(torch.load(cfg.init, map_location="cpu"))
-        except (OSError, RuntimeError, EOFError) as e:
-            raise UsageError(f"Config.init={cfg.init!r}: cannot load it into the backbone "
-                             f"({str(e).splitlines()[0]})") from None
-    model.fit_target_scale(train_set)
-    model.to(cfg.device)
-    ema = None
-    if cfg.ema and model.head is not None:  # the EMA of the head, evaluated in its place
-        ema = copy.deepcopy(model.head).requires_grad_(False)
-    return model, ema, d_z
-
-
-def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
-    """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
-    rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
-    if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
-        weights = {"model": full_state(model), "opt": full_state(model, opt),
-                   "ema": full_state(ema) if ema is not None else None}
-    if dist.rank == 0:
-        ck = {**weights, "sched": sched.state_dict(), **loop_state, "rng": rngs,
-              "config": dataclasses.asdict(cfg)}
-        save_checkpoint(path, {**ck, "sha256": checksum(ck)})
-
-
-def append_history(f, recs):
-    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
-    f.writelines(json.dumps(r) + "\n" for r in recs)
-    f.flush()
-
-
-def reporter(cfg):
-    """Config.report_to: report(record) sends a step's terms, report(None) ends the run; None if
-    off. TensorBoard and W&B are imported here only, when asked for."""
-    if not cfg.report_to:
-        return None
-    try:
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        else:
-            import wandb
-            run = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
-    except ImportError as e:
-        raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
-
-    def report(rec):
-        if cfg.report_to == "wandb":
-            return run.finish() if rec is None else run.log(rec, step=rec["step"])
-        if rec is None:
-            return writer.close()
-        for k, v in rec.items():
-            if k != "step":
-                writer.add_scalar(k, v, rec["step"])
-        writer.flush()
-    return report
-
-
-def plot_history(history, path):
-    """Every term of the history against the step, a panel each (eval terms at eval steps),
-    to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
-    from matplotlib.figure import Figure
-    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "step"]
-    fig = Figure(figsize=(7, 1.6 * len(keys)))
-    for ax, k in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
-        ax.plot(*zip(*[(r["step"], r[k]) for r in history if k in r]), ".-", ms=3)
-        ax.set_ylabel(k)
-    ax.set_xlabel("step")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+# train() first, then what it calls; checkpoints and logs have their own section, after sampling.
 
 
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
@@ -1378,6 +889,305 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
+
+
+def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
+               scaler=None):
+    """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
+    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
+    the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
+    ema_teacher, blended into model.head between backward and the optimiser step. Raises
+    TrainingDiverged on a non-finite loss term or gradient, before the weights change.
+    cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
+    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
+    scaler: cfg.dtype='fp16''s loss scaler; a step whose gradient overflows is skipped by it."""
+    # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
+    frozen = cfg.warmup_freeze and step < cfg.head_warmup
+    model.grad_box["frozen"] = frozen
+    lam = lam_at(cfg, step)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    amp = torch.autocast(torch.device(cfg.device).type, half or torch.bfloat16, enabled=half is not None)
+    if cfg.grad_accum == 1:
+        with amp:
+            out = (ddp or model)(batch, step)
+    else:  # (B / grad_accum, T) each, padded to the batch's T
+        micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
+                                          for f in dataclasses.fields(Batch)))]
+        with torch.no_grad(), torch.random.fork_rng(), amp:
+            outs = [model(m, step) for m in micro]
+            out = {k: sum(o[k] for o in outs) for k in outs[0]}
+        reshard(model)
+    loss, terms = total_loss(out, lam, world, with_ar=not frozen)
+    bad = [f"loss term {k!r} is {v}" for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"step {step + 1}: " + ", ".join(bad))
+    # how much of L_FM's gradient reaches the backbone: 0 during head warm-up and on gated
+    # steps. Every rank takes the same decision (terms are global), and no requires_grad flips.
+    scale = 0.0 if step < cfg.head_warmup else 1.0
+    if cfg.gate and "aux" in terms:
+        scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
+    model.grad_box["scale"] = scale
+    opt.zero_grad(set_to_none=True)
+
+    def backward(loss):  # fp16: the loss scaled up, so that small gradients do not underflow
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    if cfg.grad_accum == 1:
+        backward(loss)
+    else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
+        counts = {k: v for k, v in out.items() if k.endswith("_n")}
+        for m in micro:
+            with amp:
+                out_m = {**(ddp or model)(m, step), **counts}
+            backward(total_loss(out_m, lam, world, not frozen)[0])
+    if teacher is not None and step >= cfg.head_warmup:
+        teacher_blend(teacher, model.head, cfg.ema)
+    if scaler is not None:
+        scaler.unscale_(opt)  # the clip and the norm see the true gradient
+    clip = cfg.grad_clip or float("inf")
+    gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
+    if not math.isfinite(gnorm) and scaler is None:  # fp16: an overflow, the scaler skips the step
+        raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} "
+                               f"(loss terms {terms})")
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    sched.step()
+    return terms, gnorm, gate_avg
+
+
+def build(cfg, train_set, tok):
+    """(model, EMA head or None, d_z), seeded, on cfg.device."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    d_z = train_set[0].z1.size(1) if train_set[0].z1 is not None else 1
+    model = new_model(cfg, tok, d_z)
+    if cfg.init:  # e.g. reproduce_mbpp.py fine-tunes every method from the same weights
+        try:
+            model.backbone.load_state_dict(torch.load(cfg.init, map_location="cpu"))
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UsageError(f"Config.init={cfg.init!r}: cannot load it into the backbone "
+                             f"({str(e).splitlines()[0]})") from None
+    model.fit_target_scale(train_set)
+    model.to(cfg.device)
+    ema = None
+    if cfg.ema and model.head is not None:  # the EMA of the head, evaluated in its place
+        ema = copy.deepcopy(model.head).requires_grad_(False)
+    return model, ema, d_z
+
+
+def new_model(cfg, tok, d_z):
+    return SFRModel(cfg, build_backbone(cfg, tok.vocab_size), d_z)
+
+
+def make_optimizer(cfg, model):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # fused: one kernel for all parameters; on CPU the default is a Python loop over tensors,
+    # which costs more than the tiny default model's forward pass (toy/cost.py)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+
+    def lr_lambda(step):
+        if step < cfg.lr_warmup:
+            return (step + 1) / cfg.lr_warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def batch_ids(step, n, batch_size, seed, rank=0, world=1):
+    """The example ids of this step's global batch, and this process's share of them.
+    A fixed permutation per epoch, so the data position is a function of the step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    ids = perm[i * batch_size:(i + 1) * batch_size] if n >= batch_size else perm
+    return ids[rank::world]
+
+
+def total_loss(out, lam, world=1, with_ar=True):
+    """Normalise the sums over the global batch. DDP averages gradients over processes,
+    so each process's share is multiplied by `world` to recover the global mean.
+    with_ar=False: lambda * L_aux alone (the authors' frozen head warm-up)."""
+    ar_n = all_sum(out["ar_n"].detach()).clamp_min(1)
+    terms = {"ar": out["ar_sum"] / ar_n * world}
+    if "aux_sum" in out:
+        aux_n = all_sum(out["aux_n"].detach()).clamp_min(1)  # max(1, sum(w)), as the authors
+        terms["aux"] = out["aux_sum"] / aux_n * world
+    loss = (terms["ar"] if with_ar else 0.0) + lam * terms.get("aux", 0.0)
+    return loss, {k: all_sum(v.detach()).item() / world for k, v in terms.items()}
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a detached tensor over processes (identity for one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def gate(cfg, loss, state, scale):
+    """Loss gating: (scale, state). Closes (scale 0) when L_FM is below its running mean / gate
+    ('dynamic') or below gate ('static'). gate_on='current' (ours) reads this step's L_FM, the
+    one whose gradient it cuts; 'previous' (their code decides before the forward) reads the
+    last step's against a mean that already includes it, and never closes on the first step."""
+    d = cfg.gate_decay
+
+    def closes(x, mean):
+        return x < cfg.gate if cfg.gate_mode == "static" else mean >= 1e-10 and x < mean / cfg.gate
+    if cfg.gate_on == "current":
+        state = loss if state is None else d * state + (1 - d) * loss
+        return (0.0 if closes(loss, state) else scale), state
+    if state is not None and closes(state[1], state[0]):
+        scale = 0.0
+    return scale, (loss if state is None else d * state[0] + (1 - d) * loss, loss)
+
+
+@torch.no_grad()
+def teacher_blend(ema, head, decay):
+    """The authors' EMA teacher (their _update_ema_teacher, which HF Trainer runs in
+    training_step, after backward and before optimizer.step(): transformers 5.x
+    Trainer._run_epoch calls training_step, then _clip_grad_norm, then optimizer.step()):
+    ema = d ema + (1 - d) head, then head = ema, so the optimiser moves the head one step away
+    from the EMA each step. Skipped in the head warm-up; their first blend after it still uses
+    the EMA of the initial head (its re-initialisation comes after the blend), which erases
+    most of the warmed-up head."""
+    for pe, p in zip(ema.parameters(), head.parameters()):
+        pe.mul_(decay).add_(p, alpha=1.0 - decay)
+        p.copy_(pe)
+
+
+def update_ema(ema, head, step, cfg):
+    """EMA of the head's weights, for eval only (training is unchanged by it). It starts as a
+    copy of the (warmed-up) head at step head_warmup: ema_teacher (their order) erases the
+    warm-up."""
+    if step == cfg.head_warmup:
+        ema.load_state_dict(head.state_dict())
+    elif step > cfg.head_warmup:
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), head.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+
+
+def eval_now(model, eval_set, cfg, tok, step, ema):
+    """Held-out losses and the diagnostics on the first eval batch, with the head eval reads:
+    the EMA head, or under ema_teacher the student (the head their loss reads)."""
+    head = None if cfg.ema_teacher else ema
+    res = evaluate(model, eval_set, cfg, tok, step, head=head)
+    ids = list(range(min(cfg.batch_size, len(eval_set))))
+    batch = collate([eval_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
+    return {**res, **diagnostics(model, batch.to(cfg.device), cfg, step, head=head)}
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, tok, step, head=None, max_batches=8):
+    """Mean AR and aux losses on held-out examples (same flow noise at every eval)."""
+    model.eval()
+    ar = aux = ar_n = aux_n = 0.0
+    for i in range(0, min(len(examples), max_batches * cfg.batch_size), cfg.batch_size):
+        ids = list(range(i, min(i + cfg.batch_size, len(examples))))
+        batch = collate([examples[j] for j in ids], ids, tok.pad_id, tok.eos_id, model.d_z)
+        out = model(batch.to(cfg.device), step=-1, head=head)
+        ar, ar_n = ar + out["ar_sum"].item(), ar_n + out["ar_n"].item()
+        if "aux_sum" in out:
+            aux, aux_n = aux + out["aux_sum"].item(), aux_n + out["aux_n"].item()
+    model.train()
+    reshard(model)
+    res = {"eval_ar": ar / max(1, ar_n)}
+    if model.cfg.aux != "none" and aux_n:
+        res["eval_aux"] = aux / max(1, aux_n)
+    return res
+
+
+def diagnostics(model, batch, cfg, step, head=None):
+    """What the aux loss does to the backbone, on one batch:
+    shuffle_gap: the head's loss with h permuted across the batch minus with the true h
+        (same noise and tau); ~0 means the head ignores the backbone's state (flow heads);
+    aux_grad_share: |g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient, g_aux the
+        gradient of lambda * L_aux (any aux kind, MTP included)."""
+    head = head or model.head
+    if model.cfg.aux == "none":
+        return {}
+    model.eval()
+    res = {}
+    if head is not None:  # through model(), not model.backbone(): FSDP gathers in model's hooks
+        with torch.no_grad():
+            true = model(batch, step, head=head)
+            shuf = model(batch, step, head=head, shuffle_h=True)
+        gap = (shuf["aux_sum"] - true["aux_sum"]).item()
+        res["shuffle_gap"] = gap / max(1.0, true["aux_n"].item())
+        reshard(model)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+
+    def backbone_grad_norm(term):  # a forward and backward per term: FSDP gathers no other way
+        model.zero_grad(set_to_none=True)
+        term(model(batch, step, head=head)).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        return full(torch.nn.utils.get_total_norm(grads)).item()
+    # measured with the aux gradient flowing, whatever the last step's warm-up or gate decided
+    scale, frozen = model.grad_box["scale"], model.grad_box["frozen"]
+    model.grad_box.update(scale=1.0, frozen=False)
+    a = backbone_grad_norm(lambda out: out["ar_sum"] / out["ar_n"].clamp_min(1))
+    lam = lam_at(cfg, step)
+    b = backbone_grad_norm(lambda out: lam * out["aux_sum"] / out["aux_n"].clamp_min(1))
+    model.zero_grad(set_to_none=True)
+    model.grad_box.update(scale=scale, frozen=frozen)
+    res["aux_grad_share"] = b / max(1e-12, a + b)
+    model.train()
+    return res
+
+
+def format_log(rec, elapsed):
+    """One dashboard line: every loss term shown on its own."""
+    keys = ["ar", "aux", "eval_ar", "eval_aux", "shuffle_gap", "aux_grad_share", "lam", "grad_norm"]
+    parts = [f"{k} {rec[k]:.4f}" for k in keys if k in rec]
+    return f"step {rec['step']:5d} | " + " | ".join(parts) + f" | {elapsed:.1f}s"
+
+
+class OneProcess:
+    """What train() does differently under several processes, here for one. sfr_dist.py's DDP
+    and FSDP override it (and are the torchrun / accelerate entry point)."""
+    rank, world, sharded = 0, 1, False
+
+    def wrap(self, model, ema, log):
+        """The module a training step calls (FSDP shards model and ema in place; DDP wraps)."""
+        return model
+
+    def gather(self, obj):
+        """[obj of every process]: rank 0 writes each process's RNG state."""
+        return [obj]
+
+    def finish(self, model, ema, new_model):
+        """The (model, ema) train() returns: FSDP gathers the whole ones onto rank 0."""
+        return model, ema
+
+
+def one_process():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("WORLD_SIZE > 1: sfr.py trains one process; for several use torchrun "
+                         "--nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
+    return OneProcess()
+
+
+def full(x):
+    """A DTensor (a sharded parameter, gradient or norm) as one whole tensor; others unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def reshard(model):
+    """After a no-grad forward, FSDP keeps the root unit's weights gathered for a backward that
+    does not come: free them (sfr_dist.py). A no-op for one process."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 # ----------------------------------------------------------------------------- the MTP reduction
 # Paper, App. A: multi-token prediction (MTP, Gloeckle et al. 2024) is a flow-matching loss, and
@@ -1537,6 +1347,201 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
         if eos_id is not None and done.all():
             break
     return idx
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+# Exact resume (train() writes out_dir/ckpt.pt, resume reads it back), history.jsonl, --report_to, loss.png.
+
+
+def check_writable(out_dir):
+    """Fail before any work if out_dir cannot hold the checkpoint."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = Path(out_dir) / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"Config.out_dir={out_dir!r}: cannot write there ({e.strerror})") from None
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, flush it to disk, then rename it over the old checkpoint.
+    A crash at any point leaves either the old or the new checkpoint, never a torn one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint train() wrote, refused with its path if unreadable or its checksum fails."""
+    try:  # weights_only=False: the RNG states and history are plain Python objects
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn zip, a truncated pickle: all one case for the user
+        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                         "move it away to start over") from None
+    if not isinstance(ck, dict) or ck.get("sha256") != checksum(ck):
+        raise UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away to "
+                         "start over")
+    return ck
+
+
+def checksum(state):
+    """sha256 of a checkpoint's content (every tensor's bytes, every other value's repr),
+    without its own 'sha256' entry: the same before saving and after loading."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                add(v)
+        elif torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(x).encode())
+    add({k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def full_state(module, opt=None):
+    """The whole state_dict of a module (of module and optimiser, with opt), sharded or not, on
+    the CPU: keyed by parameter name, so a checkpoint resumes under any number of processes."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: to rank 0 only
+    return dcp.get_model_state_dict(module, options=opts) if opt is None else \
+        dcp.get_optimizer_state_dict(module, opt, options=opts)
+
+
+def load_full_state(module, state, opt=None):
+    """Inverse of full_state: every process passes the whole state and keeps its shard of it."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    opts = dcp.StateDictOptions(full_state_dict=True)
+    if opt is None:
+        dcp.set_model_state_dict(module, state, options=opts)
+    else:
+        dcp.set_optimizer_state_dict(module, opt, state, options=opts)
+
+
+# Resuming with changed fields: these are applied (they change where and how often things are
+# written, or, for steps, the length the lr and lambda schedules read at every step); a change to
+# any other field is refused, since the checkpoint's state was made under the old value.
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
+               "progress")
+
+RESUME_APPLIED = RESUME_FREE + ("steps",)
+
+
+def resume(cfg, path, model, opt, sched, ema, scaler, rank, world, log):
+    """Load a checkpoint into model, opt, sched, ema and the fp16 scaler, and the RNG state:
+    (step, history, gate_avg), or None (with a line saying so) when there is no checkpoint yet."""
+    if not os.path.exists(path):
+        if rank == 0:
+            log(f"resume: no checkpoint at {path} yet, starting at step 0")
+        return None
+    ck = load_checkpoint(path)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+               if k not in RESUME_APPLIED and getattr(cfg, k, v) != v}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise UsageError(f"{path}: resuming with changed Config fields ({diff}); only "
+                         f"{', '.join(RESUME_APPLIED)} may change: use a new out_dir")
+    try:
+        load_full_state(model, ck["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{path}: its weights do not fit this model "
+                         f"({str(e).splitlines()[0]})") from None
+    load_full_state(model, ck["opt"], opt)
+    sched.load_state_dict(ck["sched"])
+    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from this step on
+    if ema is not None:
+        load_full_state(ema, ck["ema"])
+    if scaler is not None:
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
+    if rank == 0:
+        log(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], ck["history"], ck["gate_avg"]
+
+
+def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
+    """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
+    rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
+    if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
+        weights = {"model": full_state(model), "opt": full_state(model, opt),
+                   "ema": full_state(ema) if ema is not None else None}
+    if dist.rank == 0:
+        ck = {**weights, "sched": sched.state_dict(), **loop_state, "rng": rngs,
+              "config": dataclasses.asdict(cfg)}
+        save_checkpoint(path, {**ck, "sha256": checksum(ck)})
+
+
+def append_history(f, recs):
+    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+    f.flush()
+
+
+def reporter(cfg):
+    """Config.report_to: report(record) sends a step's terms, report(None) ends the run; None if
+    off. TensorBoard and W&B are imported here only, when asked for."""
+    if not cfg.report_to:
+        return None
+    try:
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        else:
+            import wandb
+            run = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+    except ImportError as e:
+        raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
+
+    def report(rec):
+        if cfg.report_to == "wandb":
+            return run.finish() if rec is None else run.log(rec, step=rec["step"])
+        if rec is None:
+            return writer.close()
+        for k, v in rec.items():
+            if k != "step":
+                writer.add_scalar(k, v, rec["step"])
+        writer.flush()
+    return report
+
+
+def plot_history(history, path):
+    """Every term of the history against the step, a panel each (eval terms at eval steps),
+    to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
+    from matplotlib.figure import Figure
+    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "step"]
+    fig = Figure(figsize=(7, 1.6 * len(keys)))
+    for ax, k in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
+        ax.plot(*zip(*[(r["step"], r[k]) for r in history if k in r]), ".-", ms=3)
+        ax.set_ylabel(k)
+    ax.set_xlabel("step")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
 
 # ----------------------------------------------------------------------------- inputs: tokenizers, jsonl files
 
