@@ -379,7 +379,10 @@ class HFBackbone(torch.nn.Module):
                                      f"{n_emb}; put the model's tokenizer in the folder, or set "
                                      "hf_from_config to train from scratch")
         if grad_checkpointing:  # each layer's activations recomputed in backward, not kept
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.layer = layer
         text_config = self.hf.config.get_text_config()
         self.d_h, n = text_config.hidden_size, text_config.num_hidden_layers + 1
