@@ -815,9 +815,9 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     """Train backbone + aux head. Returns (model, history).
 
     Resumable: out_dir/ckpt.pt holds the model (heads included), optimiser, lr scheduler,
-    EMA head, gate average, step, history, every process's RNG state and a checksum. The data
-    order, the flow noise and the lambda schedule are pure functions of (seed, step), so the
-    step is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
+    EMA head, gate average, fp16 loss scaler, step, history, every process's RNG state and a
+    checksum. The data order, the flow noise and the lambda schedule are pure functions of
+    (seed, step), so the step is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
     out_dir/history.jsonl gets each step's record as it finishes (a resumed run's equals an
     uninterrupted one's).
     dist: the multi-process operations (sfr_dist.py); None = one process. cfg.batch_size is
