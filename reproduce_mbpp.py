@@ -29,6 +29,8 @@ Commands (the data file is never part of the repository; pass its path)::
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --threads 1          # CPU default, ~20 min
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --smoke              # seconds
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --model PATH [--lora] # HF model, GPU if any
+    python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --model PATH --lora --methods base,none,mtp,sfr
+                                      # + the model untrained; --chat auto: chat-template prompts
 
 MBPP: Austin et al. 2021, "Program Synthesis with Large Language Models",
 https://github.com/google-research/google-research/tree/master/mbpp, released
