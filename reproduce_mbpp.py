@@ -29,6 +29,8 @@ Commands (the data file is never part of the repository; pass its path)::
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --threads 1          # CPU default, ~20 min
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --smoke              # seconds
     python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --model PATH [--lora] # HF model, GPU if any
+    python reproduce_mbpp.py run --mbpp data/mbpp.jsonl --model PATH --lora --methods base,none,mtp,sfr
+                                      # + the model untrained; --chat auto: chat-template prompts
 
 MBPP: Austin et al. 2021, "Program Synthesis with Large Language Models",
 https://github.com/google-research/google-research/tree/master/mbpp, released
@@ -220,6 +222,28 @@ def _clean(code: str) -> str:
 def format_prompt(rec: dict) -> str:
     """The prompt for one problem: ``PROMPT_TEMPLATE`` with its text and first test."""
     return PROMPT_TEMPLATE.format(text=rec["text"].strip(), test=rec["test_list"][0].strip())
+
+
+def chat_prompt(tok, text: str) -> str:
+    """``text`` as the user turn of a Hugging Face tokenizer's chat template, up to the start of
+    the assistant's reply (add_generation_prompt): what an instruct model was trained to answer.
+    ``tok`` is an ``sfr.HFTokenizer`` or a transformers tokenizer."""
+    hf = getattr(tok, "tok", tok)
+    return hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=False)
+
+
+def has_chat_template(tok) -> bool:
+    """Whether ``tok`` (an ``sfr.HFTokenizer``, a transformers tokenizer, or sfr's built-in one) has one."""
+    return bool(getattr(getattr(tok, "tok", tok), "chat_template", None))
+
+
+def prompt_of(rec: dict, tok=None, chat: bool = False) -> str:
+    """The prompt a model sees for one problem, in fine-tuning, sampling and the reference loss:
+    ``format_prompt``, as the user turn of ``tok``'s chat template when ``chat``. The response
+    (``format_response``, then the tokenizer's eos) is then the assistant's turn."""
+    text = format_prompt(rec)
+    return chat_prompt(tok, text) if chat else text
 
 
 def format_response(rec: dict) -> str:
@@ -716,6 +740,7 @@ METHODS = {  # name -> sfr.Config overrides; every other field is shared by all 
                        ladder_target="embedding"),
 }
 
+BASE = "base"  # not a fine-tuning: the --model weights as they are, evaluated like every method
 DATA_FIELDS = ("k", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
 
 
@@ -936,14 +961,14 @@ def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, temp
     return [new[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def reference_loss(model, tok, rec: dict, block: int) -> dict:
-    """Cross-entropy of the reference solution (format_response) given format_prompt, summed
-    over its tokens (eos not counted), with how many tokens and bytes that covers; a response
-    running past the block is scored up to the block's end."""
+def reference_loss(model, tok, rec: dict, block: int, chat: bool = False) -> dict:
+    """Cross-entropy of the reference solution (format_response) given prompt_of(rec, tok, chat),
+    summed over its tokens (eos not counted), with how many tokens and bytes that covers; a
+    response running past the block is scored up to the block's end."""
     import torch
     import torch.nn.functional as F
     import sfr
-    p = _crop_prompt(tok.encode(format_prompt(rec)), block)
+    p = _crop_prompt(tok.encode(prompt_of(rec, tok, chat)), block)
     r = tok.encode(format_response(rec))
     scored = r[:block + 1 - len(p)]
     seq = torch.tensor([p + scored], device=next(model.parameters()).device)
@@ -1023,7 +1048,19 @@ def _settings(args) -> dict:
             "n": args.n if args.n is not None else (5 if smoke else 10),
             "max_new_tokens": args.max_new_tokens or (24 if smoke else 256),
             "train_limit": args.train_limit if args.train_limit is not None else (8 if smoke else 0),
+            "val_problems": getattr(args, "val_problems", None),
             "temperatures": args.temperatures, "seed": args.seed}
+
+
+def _resolve_chat(mode: str, tok, model: str) -> tuple[bool, str]:
+    """--chat auto / on / off against the tokenizer: (whether prompts are chat turns, why)."""
+    has = has_chat_template(tok)
+    if mode == "on" and not has:
+        raise UsageError(f"--chat on: {'the built-in model' if not model else model} has no tokenizer "
+                         "chat template (tokenizer_config.json / chat_template.jinja)")
+    if mode == "auto":
+        return has, ("auto: the tokenizer has a chat template" if has else "auto: no chat template")
+    return mode == "on", f"--chat {mode}"
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -1045,10 +1082,12 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _pairs(records: list[dict], tok, block: int, limit: int = 0) -> tuple[list, int]:
-    """(prompt, response) pairs of format_prompt / format_response, leaving out those whose
-    prompt does not fit the block (sfr.prepare would refuse them); and how many were left out."""
-    pairs = [(format_prompt(r), format_response(r)) for r in records]
+def _pairs(records: list[dict], tok, block: int, limit: int = 0, chat: bool = False) -> tuple[list, int]:
+    """(prompt, response) pairs of prompt_of / format_response, leaving out those whose
+    prompt does not fit the block (sfr.prepare would refuse them); and how many were left out.
+    The loss is on the response only (sfr.collate), with the tokenizer's eos after it: with
+    ``chat``, one user turn and the assistant's answer."""
+    pairs = [(prompt_of(r, tok, chat), format_response(r)) for r in records]
     kept = [(p, r) for p, r in pairs if len(tok.encode(p)) + 1 < block]
     return (kept[:limit] if limit else kept), len(pairs) - len(kept)
 
@@ -1071,10 +1110,15 @@ def _cmd_run(args) -> int:
                              "results/mbpp" if s["builtin"] else f"results/mbpp-{tag}")
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown:
-        raise UsageError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS and m != BASE]
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; known: {BASE}, {', '.join(METHODS)}")
+    if len(set(methods)) < len(methods):
+        raise UsageError(f"--methods {args.methods}: a method is named twice")
+    if BASE in methods and s["builtin"]:
+        raise UsageError(f"--methods: '{BASE}' (no fine-tuning) needs --model; the built-in GPT has no "
+                         "released weights to evaluate as they are")
     records = _load_or_explain(args.mbpp)
     splits = split_mbpp(records)
     test = splits["test"][:s["problems"] or None]
@@ -1084,6 +1128,8 @@ def _cmd_run(args) -> int:
     except ValueError as e:  # a --set value sfr.Config refuses; the message names the field
         raise UsageError(f"--set: {e}") from None
     tok = sfr.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
+    chat, chat_why = _resolve_chat(args.chat, tok, args.model)
+    s["chat"], s["chat_source"] = chat, chat_why
     log = print if _rank() == 0 else (lambda *a: None)
     progress = not args.no_progress
     seconds: dict[str, float] = {}  # this invocation's, per stage
@@ -1107,17 +1153,27 @@ def _cmd_run(args) -> int:
         spent("pretrain", t0)
 
     # 2. fine-tuning, one export per method, all from the same weights, data and order
-    train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"])
-    eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, s["train_limit"] // 2)
+    train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"], chat)
+    val = s["val_problems"] if s["val_problems"] is not None else s["train_limit"] // 2  # 0: all 90
+    eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, val, chat)
+    log(f"prompts: {'the user turn of the chat template' if chat else 'plain text'} ({chat_why})")
     encoders = {}  # one per pooling: 'sfr' (recipe='authors') pools by the mean, 'sfr_ours' as the model
     configs, exports = {}, {}
+    chat_meta = {"chat": True} if chat else {}  # (absent when off: folders of earlier runs still resume)
     for name in methods:
+        if name == BASE:  # nothing to train: the --model folder is the model to evaluate
+            configs[name] = dataclasses.replace(base, out_dir=str(out / name))
+            exports[name] = Path(args.model).resolve()
+            _same_run(out / name, {"method": BASE, "model": str(exports[name]), "block_size": base.block_size,
+                                   **chat_meta})
+            continue
         cfg = sfr.Config(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
                             "out_dir": str(out / name), "resume": True}).validate()
         configs[name] = cfg
         key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
         _same_run(out / name, {"config": key, "model": args.model, "train_examples": len(train_pairs),
-                               "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout] if cfg.lora_r else None})
+                               "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout] if cfg.lora_r else None,
+                               **chat_meta})
         needed = sfr.needs_encoder(cfg) and not (out / name / "export" / "DONE").exists()
         if needed and cfg.pooling not in encoders:
             encoders[cfg.pooling] = sfr.SegmentEncoder(cfg.encoder, device, cache=cfg.cache, pooling=cfg.pooling)
@@ -1143,7 +1199,7 @@ def _cmd_run(args) -> int:
     div_encoder.save()
     wall = time.time() - t_start
     doc = _report_record(args, s, device, methods, configs, results, pre_record, test, dropped,
-                         len(train_pairs), seconds, wall, load_start)
+                         len(train_pairs), seconds, wall, load_start, tok, len(eval_pairs))
     timings["invocations"].append({"command": doc["command"], "wall_seconds": wall, "finished": doc["finished"]})
     _write_json(timings_path, timings)
     doc["stage_seconds_all_invocations"], doc["invocations"] = timings["stages"], timings["invocations"]
@@ -1178,8 +1234,9 @@ def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, enc
 
     block = cfg.block_size
     loss_store = ResultStore(folder / "reference_loss.jsonl")
+    chat = s.get("chat", False)
     for rec in bar([r for r in test if r["task_id"] not in loss_store], f"{name}: reference loss"):
-        loss_store.add(rec["task_id"], reference_loss(loaded(), tok, rec, block))
+        loss_store.add(rec["task_id"], reference_loss(loaded(), tok, rec, block, chat))
     per_temp = {}
     for temp in s["temperatures"]:
         tag = f"T{temp:g}-n{s['n']}-new{s['max_new_tokens']}-seed{s['seed']}"
@@ -1188,7 +1245,7 @@ def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, enc
         if cfg.backbone == "gpt":
             for rec in bar(todo, f"{name}: sampling T={temp:g}"):
                 t0 = time.time()
-                p = _crop_prompt(tok.encode(format_prompt(rec)), block)
+                p = _crop_prompt(tok.encode(prompt_of(rec, tok, chat)), block)
                 g = torch.Generator().manual_seed(_sampling_seed(s["seed"], rec["task_id"], temp))
                 rows = sample_gpt(loaded(), p, s["n"], min(s["max_new_tokens"], block - len(p)), temp,
                                   tok.eos_id, g)
@@ -1198,7 +1255,7 @@ def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, enc
             chunks = [todo[i:i + args.gen_batch] for i in range(0, len(todo), args.gen_batch)]
             for chunk in bar(chunks, f"{name}: sampling T={temp:g} ({args.gen_batch} problems a batch)"):
                 t0 = time.time()
-                prompts = [_crop_prompt(tok.encode(format_prompt(r)), block) for r in chunk]
+                prompts = [_crop_prompt(tok.encode(prompt_of(r, tok, chat)), block) for r in chunk]
                 new = min(s["max_new_tokens"], block - max(len(p) for p in prompts))
                 outs = sample_hf(loaded(), prompts, s["n"], new, temp, tok.eos_id, tok.pad_id,
                                  _sampling_seed(s["seed"], chunk[0]["task_id"], temp))
@@ -1219,7 +1276,8 @@ def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, enc
                                  "sample_seconds": sum(samples.get(r["task_id"])["seconds"] for r in test),
                                  "first_completion": {r["task_id"]: completions[r["task_id"]][0]
                                                       for r in test[:3]}}
-    train = json.loads((folder / "train.json").read_text())
+    train = ({"seconds": 0.0, "history": [{}]} if name == BASE  # not trained
+             else json.loads((folder / "train.json").read_text()))
     params = sum(p.numel() for p in loaded().parameters())
     return {"parameters": params, "loss": {r["task_id"]: loss_store.get(r["task_id"]) for r in test}, "temperatures": per_temp,
             "train": train}
@@ -1246,7 +1304,7 @@ def _paired_difference(loss: dict, base: dict) -> dict:
 
 
 def _report_record(args, s, device, methods, configs, results, pre_record, test, dropped, n_train,
-                   seconds, wall, load_start) -> dict:
+                   seconds, wall, load_start, tok=None, n_val=None) -> dict:
     import torch
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("transformers", "sentence_transformers", "peft", "numpy"):
@@ -1261,7 +1319,9 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
                 "device": device, "torch_threads": torch.get_num_threads(),
                 "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                 "load_average_start": load_start, "load_average_end": _load_average()}
-    base_name = methods[0]
+    # the paired loss differences are against the first fine-tuned method (base, if asked for, is
+    # not a fine-tuning: it is reported against that baseline too)
+    base_name = next((m for m in methods if m != BASE), methods[0])
     doc = {"command": "python reproduce_mbpp.py " + " ".join(args.argv), "wall_seconds": wall,
            "stage_seconds_this_invocation": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "hardware": hardware, "versions": versions, "seed": args.seed,
@@ -1272,14 +1332,23 @@ def _report_record(args, s, device, methods, configs, results, pre_record, test,
                                  "the same for every method"},
            "data": {"mbpp": str(args.mbpp), "sha256": sha256_file(args.mbpp), "license": "CC BY 4.0, Austin et al. 2021",
                     "train_problems": n_train, "train_left_out_prompt_too_long": dropped,
+                    "validation_problems_for_the_last_step_eval": n_val,
                     "test_task_ids": [r["task_id"] for r in test]},
            "model": args.model or "built-in GPT", "lora": {"r": args.lora_r, "alpha": args.lora_alpha,
                                                            "dropout": args.lora_dropout} if args.lora else None,
-           "pretrain": pre_record, "baseline": base_name, "methods": {}}
+           "pretrain": pre_record, "baseline": base_name,
+           "prompt": {"chat": s.get("chat", False), "chat_source": s.get("chat_source", ""),
+                      "example": prompt_of(test[0], tok, s.get("chat", False)) if test else None,
+                      "response_example": (format_response(test[0]) if test else None)},
+           "methods": {}}
     for name in methods:
         res = results[name]
         hist = res["train"]["history"]
-        entry = {"overrides": method_overrides(name), "config": _config_key(configs[name]), "parameters": res["parameters"],
+        trained = name != BASE
+        entry = {"overrides": method_overrides(name) if trained else None,
+                 "config": _config_key(configs[name]) if trained else None,
+                 "trained": trained, "weights": str(Path(args.model).resolve()) if not trained else None,
+                 "parameters": res["parameters"],
                  "train": {"seconds": res["train"]["seconds"], "last_step": hist[-1]},
                  "reference_loss": {**_loss_summary(res["loss"]),
                                     "vs_baseline": _paired_difference(res["loss"], results[base_name]["loss"])},
@@ -1332,8 +1401,9 @@ def markdown_table(doc: dict) -> str:
 
 def _markdown(doc: dict) -> str:
     hw, s = doc["hardware"], doc["sampling"]
-    first = next(iter(doc["methods"].values()))
-    cfg = first["config"]
+    first = next((m for m in doc["methods"].values() if m.get("config")), None)
+    cfg = first["config"] if first else {}
+    any_method = next(iter(doc["methods"].values()))
     ids = doc["data"]["test_task_ids"]
     if doc["model"] == "built-in GPT":
         pre = doc["pretrain"]
@@ -1343,14 +1413,20 @@ def _markdown(doc: dict) -> str:
                  f"standard-library files ({pre['corpus_bytes'] / 1e6:.1f} MB; held-out loss "
                  f"{pre['eval_ar']:.3f} nats/byte)")
     else:
-        model = f"{doc['model']} ({first['parameters'] / 1e6:.0f}M parameters{', LoRA' if doc['lora'] else ''})"
+        model = f"{doc['model']} ({any_method['parameters'] / 1e6:.0f}M parameters{', LoRA' if doc['lora'] else ''})"
     load = hw["load_average_start"]
     lines = [
         "# MBPP: next-token SFT vs MTP vs SFR, same model, data, seed and steps",
         "",
-        f"Model: {model}; then fine-tuned {cfg['steps']} steps of {cfg['batch_size']} per method on "
-        f"{doc['data']['train_problems']} MBPP train problems, from the same weights, in the same order. "
-        f"Evaluated on {len(ids)} test problems (task_ids {ids[0]}-{ids[-1]}), n = {s['n']} samples each, "
+        f"Model: {model}; "
+        + (f"then fine-tuned {cfg['steps']} steps of {cfg['batch_size']} per method on "
+           f"{doc['data']['train_problems']} MBPP train problems, from the same weights, in the same order"
+           if cfg else "not fine-tuned")
+        + (f"; '{BASE}' is those weights as they are, not fine-tuned" if BASE in doc["methods"] and cfg else "")
+        + ". "
+        + ("Prompts: the task as the user turn of the tokenizer's chat template, the solution as the "
+           "assistant's turn. " if doc.get("prompt", {}).get("chat") else "")
+        + f"Evaluated on {len(ids)} test problems (task_ids {ids[0]}-{ids[-1]}), n = {s['n']} samples each, "
         f"at most {s['max_new_tokens']} new tokens. Loss: of the reference solutions of those problems, "
         f"given the prompt; 'vs {doc['baseline']}' is the paired per-problem difference.",
         "",
@@ -1460,12 +1536,16 @@ def _write_report(doc: dict, prefix: str) -> None:
 RUN_HELP = """Train the same model once per method and compare them on MBPP.
 
 Methods (--methods, comma-separated) are sfr.Config overrides; everything else is shared:
+  base          no fine-tuning: the --model weights as they are, sampled and scored like the others
 """ + "\n".join(f"  {name:13s} {', '.join(f'{k}={v!r}' for k, v in kw.items())}" for name, kw in METHODS.items()) + """
 
 Built-in model (default): a byte-level GPT (4 layers, width 128, ~0.9M parameters),
 pretrained on this interpreter's standard library sources (cached in --cache_dir), then
 fine-tuned per method. --model PATH: a local Hugging Face causal LM (GPU if there is one;
 --lora for adapters; multi-GPU training: torchrun --nproc_per_node=N reproduce_mbpp.py run ...).
+--chat (auto by default): with an instruct model, the prompt of fine-tuning, sampling and the
+reference loss is the task as the user turn of the tokenizer's chat template, and the solution
+the assistant's turn (the loss stays on the solution); recorded in the report as "prompt".
 --smoke: the whole pipeline on a 1-layer model, 2 problems, in well under a minute.
 Rerun with the same --out to resume: finished trainings, samples and checks are reused."""
 
@@ -1474,7 +1554,12 @@ def _add_run_parser(sub, common) -> None:
     p = sub.add_parser("run", help="train per method (none / mtp / sfr / ...), sample, run, report",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p)
-    p.add_argument("--methods", default="none,mtp,sfr", help="comma-separated names above (default: %(default)s)")
+    p.add_argument("--methods", default="none,mtp,sfr",
+                   help="comma-separated names above; 'base' (needs --model) is the model as it is, without "
+                        "fine-tuning, with the same sampling seeds (default: %(default)s)")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="prompts as the user turn of the tokenizer's chat template: auto = when --model's "
+                        "tokenizer has one; on refuses a tokenizer without (default: %(default)s)")
     p.add_argument("--model", default="", help="local Hugging Face causal-LM folder (default: the built-in GPT)")
     p.add_argument("--lora", action="store_true", help="--model: train LoRA adapters, merged before export")
     p.add_argument("--lora_r", type=POSITIVE_INT, default=16, help="LoRA rank (default: %(default)s)")
@@ -1497,6 +1582,9 @@ def _add_run_parser(sub, common) -> None:
     p.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None, help="per sample (default: 256)")
     p.add_argument("--gen_batch", type=POSITIVE_INT, default=16, help="--model: problems per generate call (default: 16)")
     p.add_argument("--train_limit", type=COUNT, default=None, help="use only the first N train problems (0 = all)")
+    p.add_argument("--val_problems", type=COUNT, default=None,
+                   help="validation problems for the held-out loss and diagnostics at the last training step "
+                        "(0 = all 90; default: half of --train_limit, all when that is 0)")
     p.add_argument("--seed", type=int, default=0, help="one seed for init, data order, flow noise and sampling")
     p.add_argument("--out", default=None, help="work folder: checkpoints, exports, per-problem stores "
                                                "(default: out/mbpp-builtin, out/mbpp-<model>, out/mbpp-smoke-...)")
