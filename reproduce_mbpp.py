@@ -227,14 +227,14 @@ def format_prompt(rec: dict) -> str:
 def chat_prompt(tok, text: str) -> str:
     """``text`` as the user turn of a Hugging Face tokenizer's chat template, up to the start of
     the assistant's reply (add_generation_prompt): what an instruct model was trained to answer.
-    ``tok`` is an ``sfr.HFTokenizer`` or a transformers tokenizer."""
+    ``tok`` is an ``sfr_hf.HFTokenizer`` or a transformers tokenizer."""
     hf = getattr(tok, "tok", tok)
     return hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                   tokenize=False)
 
 
 def has_chat_template(tok) -> bool:
-    """Whether ``tok`` (an ``sfr.HFTokenizer``, a transformers tokenizer, or sfr's built-in one) has one."""
+    """Whether ``tok`` (an ``sfr_hf.HFTokenizer``, a transformers tokenizer, or sfr's built-in one) has one."""
     return bool(getattr(getattr(tok, "tok", tok), "chat_template", None))
 
 

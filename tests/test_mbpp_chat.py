@@ -52,7 +52,7 @@ def tiny_chat(records, tmp_path_factory):
 
 def test_prompt_of_is_the_user_turn_of_the_template(tiny_chat, records):
     folder, _ = tiny_chat
-    tok = sfr.HFTokenizer(str(folder))
+    tok = sfr_hf.HFTokenizer(str(folder))
     rec = records[10]
     assert R.prompt_of(rec, tok) == R.format_prompt(rec)  # chat off: the plain prompt
     assert R.has_chat_template(tok) and not R.has_chat_template(sfr.Tokenizer("byte"))
@@ -65,7 +65,7 @@ def test_prompt_of_is_the_user_turn_of_the_template(tiny_chat, records):
 def test_reference_loss_with_chat_scores_the_response_after_the_chat_prompt(tiny_chat, records):
     from transformers import AutoModelForCausalLM
     folder, used = tiny_chat
-    tok, model = sfr.HFTokenizer(str(folder)), AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok, model = sfr_hf.HFTokenizer(str(folder)), AutoModelForCausalLM.from_pretrained(folder).eval()
     rec = used[-1]
     p, r = tok.encode(R.prompt_of(rec, tok, chat=True)), tok.encode(R.format_response(rec))
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_base_and_chat_end_to_end(tiny_chat, mbpp_path, tmp_path, monkeypatch):
     assert none["trained"] is True and none["config"]["aux"] == "none"
     # common random numbers: the same seed and prompts for both methods
     assert len(seeds) == 2 and len(set(map(str, seeds.values()))) == 1
-    tok, model = sfr.HFTokenizer(str(folder)), AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok, model = sfr_hf.HFTokenizer(str(folder)), AutoModelForCausalLM.from_pretrained(folder).eval()
     test = used[-2:]
     assert [int(t) for t in base["problems"]] == [r["task_id"] for r in test]
     for rec in test:  # base's reference loss is the untouched folder's, with the chat prompt
