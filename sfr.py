@@ -842,15 +842,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
         if cfg.resume else None
     step, history, gate_avg = state or (0, [], None)
     saved = step if state else None
-    # rewritten from the checkpoint's history, then one line per step: a run killed after its
-    # last checkpoint left lines past it, which would otherwise appear twice after a resume
-    jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank == 0 else os.devnull, "w")
-    append_history(jsonl, history)
-    report = reporter(cfg) if rank == 0 else None
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
-               leave=False, disable=not (progress and cfg.progress and rank == 0))
-    t0 = time.time()
+    run = RunLog(cfg, history, step, rank == 0, log, progress)
     while step < cfg.steps:
         ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
         batch = collate([train_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, d_z)
@@ -866,26 +858,17 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
             update_ema(ema, model.head, step, cfg)
         rec = {"step": step + 1, "lam": lam_at(cfg, step), "grad_norm": gnorm, **terms}
         step += 1
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            rec.update(eval_now(model, eval_set, cfg, tok, step, ema) if eval_set else {})
-            if rank == 0:
-                with bar.external_write_mode():  # the line goes above the bar
-                    log(format_log(rec, time.time() - t0))
+        at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        if at_eval and eval_set:
+            rec.update(eval_now(model, eval_set, cfg, tok, step, ema))
         history.append(rec)
-        append_history(jsonl, [rec])
-        if report:
-            report(rec)
-        bar.update(1)
-        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
+        run.add(rec, dashboard=at_eval)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
             write_checkpoint(ckpt_path, cfg, dist, model, opt, sched, ema,
                              dict(step=step, history=history, gate_avg=gate_avg,
                                   scaler=scaler.state_dict() if scaler else None))
             saved = step
-    bar.close()
-    jsonl.close()
-    if report:
-        report(None)
+    run.close()
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
@@ -1496,6 +1479,38 @@ def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
         ck = {**weights, "sched": sched.state_dict(), **loop_state, "rng": rngs,
               "config": dataclasses.asdict(cfg)}
         save_checkpoint(path, {**ck, "sha256": checksum(ck)})
+
+
+class RunLog:
+    """Where each step's record goes, on rank 0: out_dir/history.jsonl (rewritten from a resumed
+    run's history, then a line per step: a run killed after its last checkpoint left lines past
+    it, which would otherwise appear twice), the dashboard line at eval steps, Config.report_to
+    and the progress bar."""
+
+    def __init__(self, cfg, history, step, rank0, log, progress):
+        self.log, self.t0 = (log if rank0 else None), time.time()
+        self.jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank0 else os.devnull, "w")
+        append_history(self.jsonl, history)
+        self.report = reporter(cfg) if rank0 else None
+        from tqdm import tqdm
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
+                        leave=False, disable=not (progress and cfg.progress and rank0))
+
+    def add(self, rec, dashboard):
+        if dashboard and self.log:
+            with self.bar.external_write_mode():  # the line goes above the bar
+                self.log(format_log(rec, time.time() - self.t0))
+        append_history(self.jsonl, [rec])
+        if self.report:
+            self.report(rec)
+        self.bar.update(1)
+        self.bar.set_postfix_str(" ".join(f"{k}={rec[k]:.3f}" for k in ("ar", "aux") if k in rec))
+
+    def close(self):
+        self.bar.close()
+        self.jsonl.close()
+        if self.report:
+            self.report(None)
 
 
 def append_history(f, recs):
