@@ -85,7 +85,7 @@ class Config:
     block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward: less "
-                                          "memory, about a third more compute")
+                                          "memory, one more forward per block")
     lora_r: int = arg(0, "HF backbone: LoRA adapters of rank r (peft), the base frozen; 0 = off")
     lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -1485,13 +1485,22 @@ class RunLog:
     """Where each step's record goes, on rank 0: out_dir/history.jsonl (rewritten from a resumed
     run's history, then a line per step: a run killed after its last checkpoint left lines past
     it, which would otherwise appear twice), the dashboard line at eval steps, Config.report_to
-    and the progress bar."""
+    (TensorBoard or W&B, imported here only, when asked for) and the progress bar."""
 
     def __init__(self, cfg, history, step, rank0, log, progress):
         self.log, self.t0 = (log if rank0 else None), time.time()
         self.jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank0 else os.devnull, "w")
         append_history(self.jsonl, history)
-        self.report = reporter(cfg) if rank0 else None
+        self.tracker = self.wandb = None
+        try:
+            if rank0 and cfg.report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.tracker = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+            elif rank0 and cfg.report_to == "wandb":
+                import wandb
+                self.wandb = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+        except ImportError as e:
+            raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
         from tqdm import tqdm
         self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
                         leave=False, disable=not (progress and cfg.progress and rank0))
@@ -1501,49 +1510,29 @@ class RunLog:
             with self.bar.external_write_mode():  # the line goes above the bar
                 self.log(format_log(rec, time.time() - self.t0))
         append_history(self.jsonl, [rec])
-        if self.report:
-            self.report(rec)
+        if self.tracker:
+            for k, v in rec.items():
+                if k != "step":
+                    self.tracker.add_scalar(k, v, rec["step"])
+            self.tracker.flush()
+        if self.wandb:
+            self.wandb.log(rec, step=rec["step"])
         self.bar.update(1)
         self.bar.set_postfix_str(" ".join(f"{k}={rec[k]:.3f}" for k in ("ar", "aux") if k in rec))
 
     def close(self):
         self.bar.close()
         self.jsonl.close()
-        if self.report:
-            self.report(None)
+        if self.tracker:
+            self.tracker.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def append_history(f, recs):
     """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
     f.writelines(json.dumps(r) + "\n" for r in recs)
     f.flush()
-
-
-def reporter(cfg):
-    """Config.report_to: report(record) sends a step's terms, report(None) ends the run; None if
-    off. TensorBoard and W&B are imported here only, when asked for."""
-    if not cfg.report_to:
-        return None
-    try:
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        else:
-            import wandb
-            run = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
-    except ImportError as e:
-        raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
-
-    def report(rec):
-        if cfg.report_to == "wandb":
-            return run.finish() if rec is None else run.log(rec, step=rec["step"])
-        if rec is None:
-            return writer.close()
-        for k, v in rec.items():
-            if k != "step":
-                writer.add_scalar(k, v, rec["step"])
-        writer.flush()
-    return report
 
 
 def plot_history(history, path):
@@ -1614,7 +1603,8 @@ class Tokenizer:
 
 # A Hugging Face folder as Config.backbone: sfr_hf.py fills HF when imported (sfr.py never imports
 # it). "backbone": (cfg, vocab_size) -> a module returning (logits, h), as GPT does; "tokenizer":
-# cfg -> the folder's tokenizer or None; "chat": cfg -> None, or messages -> (prompt, response) pairs.
+# cfg -> the folder's tokenizer or None; "chat": cfg -> None (no chat template) or a function
+# (messages, "file:line") -> [(prompt, response), ...].
 HF = {}
 
 
