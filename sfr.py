@@ -883,7 +883,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     TrainingDiverged on a non-finite loss term or gradient, before the weights change.
     cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
     the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
-    scaler: cfg.dtype='fp16''s loss scaler; a step whose gradient overflows is skipped by it."""
+    scaler: the loss scaler of cfg.dtype='fp16'; a step whose gradient overflows is skipped by it."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
