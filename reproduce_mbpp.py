@@ -887,8 +887,9 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progres
     """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
     model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
     reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume). LoRA
-    (cfg.lora_r) is sfr's: sfr.export merges the adapters into the weights."""
+    (cfg.lora_r) is sfr's: train.export merges the adapters into the weights."""
     import sfr
+    import train
     import sfr_dist
     out, export_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "export"
     if (export_dir / "DONE").exists():
@@ -901,7 +902,7 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progres
     model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress,
                                dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
     if _rank() == 0:
-        sfr.export(model, str(export_dir), tok)
+        train.export(model, str(export_dir), tok)
         _write_json(out / "train.json", {"seconds": time.time() - t0, "history": history})
         (export_dir / "DONE").write_text("")
     _barrier()
@@ -909,9 +910,9 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progres
 
 
 def load_for_sampling(export_dir: Path, device: str):
-    """The exported model, as a deployed user would load it (sfr.load_exported)."""
-    import sfr
-    model, _ = sfr.load_exported(str(export_dir))
+    """The exported model, as a deployed user would load it (train.load_exported)."""
+    import train
+    model, _ = train.load_exported(str(export_dir))
     return model.to(device).eval()
 
 
@@ -1067,6 +1068,7 @@ def _parse_sets(items: list[str]) -> dict:
     """--set FIELD=VALUE for any sfr.Config field, typed like the field's default."""
     import dataclasses
     import sfr
+    import train
     defaults = sfr.Config()
     fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(sfr.Config)}
     out = {}
@@ -1076,7 +1078,7 @@ def _parse_sets(items: list[str]) -> dict:
             raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of sfr.Config's fields")
         default = fields[name]
         try:
-            out[name] = sfr._parse_bool(value) if isinstance(default, bool) else type(default)(value)
+            out[name] = train._parse_bool(value) if isinstance(default, bool) else type(default)(value)
         except ValueError as e:
             raise UsageError(f"--set {item!r}: {e}") from None
     return out

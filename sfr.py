@@ -11,12 +11,13 @@ The head (and the encoder) are thrown away after training: the exported model is
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
 ablations; future-segment targets; the built-in GPT; batches; the model that ties them
 together; the single-process training loop (train() first, then its parts); the MTP
-reduction (MTP heads and F_Delta-FM); sampling; then the plumbing: checkpoints and logs, the
-inputs (the built-in tokenizer, jsonl files), export, the command line.
-Beside this file, each importing it (it imports none of them): sfr_hf.py (Hugging Face
-models as the backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the
-torchrun and accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to
-SFR) and sfr_metrics.py (diversity metrics).
+reduction (MTP heads and F_Delta-FM); sampling; then what the loop needs around it: checkpoints
+and logs, the built-in tokenizer and demo set.
+Beside this file, each importing it (it imports none of them): train.py (the command line,
+the jsonl data file, the exported model, the loss plot), sfr_hf.py (Hugging Face models as the
+backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the torchrun and
+accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to SFR) and
+sfr_metrics.py (diversity metrics).
 
 Flow convention, stated once and used everywhere (linear / rectified-flow path):
     tau = 0 is noise, tau = 1 is data;
@@ -24,12 +25,11 @@ Flow convention, stated once and used everywhere (linear / rectified-flow path):
     velocity target u = d z_tau / d tau = z1 - z0;
     the sampler integrates dz/dtau = v(z, tau, h) from tau = 0 (noise) to tau = 1.
 
-Run:  python sfr.py --steps=300          (built-in tiny GPT on a built-in demo set)
-      python sfr.py --help               (every config field, with its help line)
+Run:  python train.py --steps=300        (built-in tiny GPT on a built-in demo set)
+      python train.py --help             (every config field, with its help line)
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import copy
 import dataclasses
@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 class UsageError(ValueError):
-    """Bad input from the user (a field, a file, a line): `python sfr.py` prints it on one line
+    """Bad input from the user (a field, a file, a line): `python train.py` prints it on one line
     and exits 2, as argparse does; anything else keeps its traceback."""
 
 
@@ -1156,7 +1156,7 @@ class OneProcess:
 
 def one_process():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("WORLD_SIZE > 1: sfr.py trains one process; for several use torchrun "
+        raise UsageError("WORLD_SIZE > 1: train.py trains one process; for several use torchrun "
                          "--nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
     return OneProcess()
 
@@ -1534,19 +1534,6 @@ def append_history(f, recs):
     f.writelines(json.dumps(r) + "\n" for r in recs)
     f.flush()
 
-
-def plot_history(history, path):
-    """Every term of the history against the step, a panel each (eval terms at eval steps),
-    to a PNG. matplotlib is imported here only, and pyplot not at all (no backend is set)."""
-    from matplotlib.figure import Figure
-    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "step"]
-    fig = Figure(figsize=(7, 1.6 * len(keys)))
-    for ax, k in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
-        ax.plot(*zip(*[(r["step"], r[k]) for r in history if k in r]), ".-", ms=3)
-        ax.set_ylabel(k)
-    ax.set_xlabel("step")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-
 # ----------------------------------------------------------------------------- inputs: tokenizers, jsonl files
 
 
@@ -1635,150 +1622,5 @@ def demo_pairs(n_per_prompt=6, seed=0):
     return pairs
 
 
-def load_pairs(path: str, chat=None) -> list[tuple[str, str]]:
-    """Read a jsonl of {"prompt": str, "response": str}, or of {"messages": [...]} when chat (an
-    HF["chat"] function) renders them; errors name the file, line and field."""
-    if not path:
-        return demo_pairs()
-    try:
-        raw = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise UsageError(f"Config.data={path!r}: cannot read it ({e.strerror})") from None
-    pairs = []
-    for lineno, line in enumerate(raw, 1):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f'{path}:{lineno}: expected a JSON object with "prompt" and '
-                             f'"response", got {type(rec).__name__}')
-        if "messages" in rec:  # a conversation: one (history, reply) pair per assistant turn
-            if chat is None:
-                raise UsageError(f'{path}:{lineno}: "messages" needs a Hugging Face backbone whose '
-                                 "tokenizer has a chat template (python sfr_hf.py --backbone=FOLDER)")
-            pairs.extend(chat(rec["messages"], f"{path}:{lineno}"))
-            continue
-        for key in ("prompt", "response"):
-            if not isinstance(rec.get(key), str):
-                raise UsageError(f"{path}:{lineno}: field {key!r} missing or not a string")
-        pairs.append((rec["prompt"], rec["response"]))
-    if not pairs:
-        raise UsageError(f"{path}: no examples")
-    return pairs
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def export(model: SFRModel, path: str, tok=None):
-    """Write the deployable model: the backbone alone, without aux heads or encoder.
-    Built-in GPT: a plain state_dict (+ config and tokenizer); a Hugging Face backbone:
-    its own export (sfr_hf.HFBackbone.export: save_pretrained, LoRA merged first)."""
-    os.makedirs(path, exist_ok=True)
-    bb = model.backbone
-    if not isinstance(bb, GPT):
-        return bb.export(path, tok)  # sfr_hf.HFBackbone: save_pretrained
-    torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
-    arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
-                   "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
-    return path
-
-
-def load_exported(path: str):
-    """Load an export: (backbone, tokenizer). HF folders load with plain transformers."""
-    with open(os.path.join(path, "config.json")) as f:
-        meta = json.load(f)
-    if "arch" not in meta:
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(path), None
-    gpt = GPT(Config(**meta["arch"]), meta["vocab_size"])
-    gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
-    tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
-    return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _parse_bool(s):
-    """Strict: a typo such as --resume=ture is an error, not a silent False."""
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def parse_config(argv=None, base: Config | None = None, prog=None, epilog=None) -> Config:
-    """--field=value (or --field value) for every Config field; --help lists them with each
-    field's help line. --recipe first presets the defaults the other flags override."""
-    base = base or Config()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=base.recipe)
-    recipe = pre.parse_known_args(argv)[0].recipe
-    if recipe != base.recipe:  # the preset under the caller's own changes to the defaults
-        own = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)
-               if getattr(base, f.name) != getattr(Config(), f.name)}
-        base = Config(**{**own, "recipe": recipe})
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        default = getattr(base, f.name)
-        kind = _parse_bool if isinstance(default, bool) else type(default)
-        p.add_argument(f"--{f.name}", type=kind, default=default,
-                       help=f.metadata["help"].replace("%", "%%"))
-    return Config(**vars(p.parse_args(argv))).validate()
-
-
-def run(cfg: Config, dist=None, rank0=True):
-    """The command line's run: data, targets, train, then (rank 0) export and one sample."""
-    check_writable(cfg.out_dir)
-    pairs = load_pairs(cfg.data, HF["chat"](cfg) if cfg.backbone != "gpt" else None)
-    random.Random(cfg.seed).shuffle(pairs)
-    n_eval = max(1, int(len(pairs) * cfg.eval_frac))
-    tok = build_tokenizer(cfg, [t for pair in pairs for t in pair])
-    encoder = SegmentEncoder(cfg.encoder, cache=cfg.cache, pooling=cfg.pooling) \
-        if needs_encoder(cfg) else None
-    train_set = prepare(pairs[n_eval:], tok, cfg, encoder)
-    eval_set = prepare(pairs[:n_eval], tok, cfg, encoder)
-    if encoder is not None and rank0:
-        print(f"encoder {cfg.encoder}: {encoder.misses} segments encoded, "
-              f"cache hit rate {encoder.hit_rate:.2f}")
-        encoder.save()
-    model, history = train(cfg, train_set, tok, eval_set, dist=dist)
-    if not rank0:
-        return model, history
-    path = export(model, os.path.join(cfg.out_dir, "export"), tok)
-    print(f"exported the deployable model (no head, no encoder) to {path}")
-    plot_history(history, os.path.join(cfg.out_dir, "loss.png"))
-    print(f"loss plot: {os.path.join(cfg.out_dir, 'loss.png')}")
-    prompt = torch.tensor([train_set[0].prompt])
-    out = generate(model.backbone.eval(), prompt, 16, temperature=1.0, eos_id=tok.eos_id,
-                   generator=torch.Generator().manual_seed(cfg.seed))
-    new = out[0, prompt.size(1):].tolist()
-    print("sample:", tok.decode(prompt[0].tolist()), "->", tok.decode(new))
-    return model, history
-
-
-def main(argv=None, setup=None, prog="sfr.py", epilog=None):
-    """`python sfr.py --field=value ...`; setup(cfg) -> the dist object (sfr_dist.setup).
-    A user error prints one line and exits 2, as argparse does."""
-    try:
-        cfg = parse_config(argv, prog=prog, epilog=epilog)
-        dist = setup(cfg) if setup else one_process()
-        return run(cfg, dist, dist.rank == 0)
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit("sfr.py is the library; its command line is train.py: python train.py --help")

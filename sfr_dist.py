@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 sfr_dist.py --shard=true --steps=300  # FSDP
     accelerate launch --use_fsdp --num_processes=2 sfr_dist.py --steps=300         # FSDP
 
-Every flag is sfr.py's. setup(cfg) joins the process group (gloo on CPU, NCCL on CUDA) and
+Every flag is train.py's. setup(cfg) joins the process group (gloo on CPU, NCCL on CUDA) and
 returns what sfr.train(..., dist=) needs: the rank, the world size and the few operations
 that differ from one process (wrap the model, gather RNG states, gather the whole model at
 the end). cfg.batch_size is the global batch, split across processes; every process
@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import sfr
 import sfr_hf  # noqa: F401  (registers Hugging Face backbones: --backbone=FOLDER)
+import train
 
 
 def _on(flag):
@@ -113,7 +114,7 @@ def shard(model, ema=None):
 
 def main(argv=None):
     try:
-        return sfr.main(argv, setup=setup, prog="sfr_dist.py")
+        return train.main(argv, setup=setup, prog="sfr_dist.py")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

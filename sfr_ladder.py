@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import sfr
+import train
 
 LADDER = {"ladder_source": ("point", "gaussian"), "ladder_field": ("constant", "flow"),
           "ladder_target": ("onehot", "embedding"), "ladder_path": ("straight", "kl"),
@@ -164,4 +165,4 @@ def kl_geodesic_velocity(q, l_tau, tau, beta):
 sfr.AUX["ladder"] = sys.modules[__name__]
 
 if __name__ == "__main__":
-    sfr.main(prog="sfr_ladder.py")
+    train.main(prog="sfr_ladder.py")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import train
 
 IGNORE = -100
 
@@ -40,8 +41,8 @@ def test_preset_and_explicit_fields():
     assert (a.head_width, a.head_layers, a.gate, a.gate_on, a.gate_decay, a.ema, a.ema_teacher, a.warmup_freeze,
             a.fm_positions, a.lam, a.lam_schedule, a.lam_ramp) == \
         (1024, 3, 1.5, "previous", 0.99, 0.999, True, True, 0, 1.0, "constant", 0)
-    assert sfr.parse_config(["--recipe=authors", "--k=8"]) == a
-    assert sfr.parse_config(["--k=8", "--recipe", "authors", "--gate=0"]) == sfr.Config(recipe="authors", k=8, gate=0)
+    assert train.parse_config(["--recipe=authors", "--k=8"]) == a
+    assert train.parse_config(["--k=8", "--recipe", "authors", "--gate=0"]) == sfr.Config(recipe="authors", k=8, gate=0)
     assert sfr.Config(recipe="ours") == sfr.Config()
     with pytest.raises(ValueError, match="Config.recipe"):
         sfr.Config(recipe="theirs")

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import train
 import sfr_hf  # noqa: F401  (the Hugging Face backbone tests)
 import sfr_metrics
 
@@ -477,8 +478,8 @@ def n_params(m):
 def test_export_builtin_gpt_is_the_plain_backbone(demo, tmp_path):
     cfg = tiny(tmp_path, steps=3, dropout=0.1)
     model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
-    path = sfr.export(model, str(tmp_path / "export"), demo.tok)
-    gpt, tok = sfr.load_exported(path)
+    path = train.export(model, str(tmp_path / "export"), demo.tok)
+    gpt, tok = train.load_exported(path)
     assert not any("head" in k and "lm_head" not in k for k in torch.load(Path(path) / "model.pt"))
     assert n_params(gpt) == n_params(model.backbone) < n_params(model)
     assert n_params(gpt) == n_params(sfr.GPT(cfg, demo.tok.vocab_size))
@@ -523,7 +524,7 @@ def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_p
     cfg = tiny(tmp_path, backbone=str(tiny_hf), steps=2)
     model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
     assert isinstance(model.backbone, sfr_hf.HFBackbone) and model.head is not None
-    path = sfr.export(model, str(tmp_path / "export"), demo.tok)
+    path = train.export(model, str(tmp_path / "export"), demo.tok)
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     original = AutoModelForCausalLM.from_pretrained(tiny_hf)
     assert n_params(plain) == n_params(original) == n_params(model.backbone)
@@ -533,7 +534,7 @@ def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_p
         trained = sfr.logits_of(model.backbone.eval(), idx)
         assert torch.equal(plain(idx).logits, trained)
         assert not torch.allclose(original(idx).logits, trained)  # the export holds the trained weights
-    gpt, tok = sfr.load_exported(path)
+    gpt, tok = train.load_exported(path)
     assert tok is None and n_params(gpt) == n_params(plain)
 
 
@@ -755,7 +756,7 @@ def test_bad_config_values_raise_clear_errors(demo, tmp_path):
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         sfr.SFRModel(sfr.Config(aux="foo"), sfr.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
-        sfr.parse_config(["--aux=foo"])
+        train.parse_config(["--aux=foo"])
 
 
 def test_no_response_long_enough_for_a_target(demo):
@@ -781,33 +782,33 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path, lines, where):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl" + where):
-        sfr.load_pairs(str(path))
+        train.load_pairs(str(path))
 
 
 def test_good_jsonl_loads(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text(json.dumps({"prompt": "p", "response": "r s", "extra": 1}) + "\n\n")
-    assert sfr.load_pairs(str(path)) == [("p", "r s")]
+    assert train.load_pairs(str(path)) == [("p", "r s")]
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def test_parse_config():
-    cfg = sfr.parse_config(["--k=4", "--aux", "mse", "--null_targets=true", "--lam=0.5"])
+    cfg = train.parse_config(["--k=4", "--aux", "mse", "--null_targets=true", "--lam=0.5"])
     assert (cfg.k, cfg.aux, cfg.null_targets, cfg.lam) == (4, "mse", True, 0.5)
-    assert sfr.parse_config(["--null_targets=false"]).null_targets is False
+    assert train.parse_config(["--null_targets=false"]).null_targets is False
     with pytest.raises(SystemExit):
-        sfr.parse_config(["--null_targets=ture"])  # a typo is an error, not a silent False
+        train.parse_config(["--null_targets=ture"])  # a typo is an error, not a silent False
     with pytest.raises(SystemExit):
-        sfr.parse_config(["--k=four"])
+        train.parse_config(["--k=four"])
 
 
 def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):
     import dataclasses
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:  # in-process: `python sfr.py --help` runs main the same way
-        sfr.main(["--help"])
+    with pytest.raises(SystemExit) as e:  # in-process: `python train.py --help` runs main the same way
+        train.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and not list(tmp_path.iterdir())  # printed, ran and wrote nothing
     for f in dataclasses.fields(sfr.Config):
@@ -816,14 +817,14 @@ def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bad input costs nothing
-# `python sfr.py` refuses each of these with one line naming the field, file or line, and
+# `python train.py` refuses each of these with one line naming the field, file or line, and
 # exit status 2, before any training (every case here stops before a step is taken).
 
 
 def cli_error(argv, capsys):
-    """sfr.main(argv)'s one-line error; fails if it trained, or exited otherwise."""
+    """train.main(argv)'s one-line error; fails if it trained, or exited otherwise."""
     with pytest.raises(SystemExit) as e:
-        sfr.main(argv)
+        train.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     return err[0]
@@ -839,9 +840,9 @@ def cli_error(argv, capsys):
     ("--lora_r=2", "Config.lora_r=2: LoRA adapts a Hugging Face backbone"), ("--lora_r=-1", "Config.lora_r=-1"),
 ])
 def test_bad_fields_are_one_line_and_exit_2(flag, says, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sfr, "AUX", {})  # as in `python sfr.py`: sfr_ladder.py not imported
+    monkeypatch.setattr(sfr, "AUX", {})  # as in `python train.py`: sfr_ladder.py not imported
     line = cli_error(["--steps=1", flag, f"--out_dir={tmp_path / 'out'}"], capsys)  # steps: if it ran
-    assert says in line and line.startswith("sfr.py: error: "), line
+    assert says in line and line.startswith("train.py: error: "), line
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import sfr
+import train
 import sfr_dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,14 +276,14 @@ def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One 3-step `python sfr.py` run, in process, with --progress=false: (out_dir, its output)."""
+    """One 3-step `python train.py` run, in process, with --progress=false: (out_dir, its output)."""
     import contextlib
     import io
     out_dir, buf = tmp_path_factory.mktemp("cli"), io.StringIO()
     argv = ["--aux=none", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--eval_every=0",
             f"--out_dir={out_dir}", "--progress=false"]
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        sfr.main(argv)
+        train.main(argv)
     return out_dir, buf.getvalue()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sfr
+import train
 import sfr_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, tmp_
             {"role": "user", "content": "tell me about the moon :"},
             {"role": "assistant", "content": "i like the moon"}]
     cfg = tiny(tmp_path, backbone=str(llama))
-    pairs = sfr.load_pairs(write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}]), sfr.HF["chat"](cfg))
+    pairs = train.load_pairs(write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}]), sfr.HF["chat"](cfg))
     hf_tok = AutoTokenizer.from_pretrained(llama)
     assert [r for _, r in pairs] == ["arr the sea be full of gold", "i like the moon"]
     for (prompt, reply), n in zip(pairs, (3, 5)):  # prompt + reply + eos is the template's own text
@@ -223,10 +224,10 @@ def test_bad_chat_data_is_one_line_naming_the_file_and_line(llama, tmp_path):
     for messages, message in cases:
         path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"messages": messages}])
         with pytest.raises(sfr.UsageError, match=f"bad.jsonl:2: {message}"):
-            sfr.load_pairs(path, chat)
+            train.load_pairs(path, chat)
     conv = write_jsonl(tmp_path / "conv.jsonl", [{"messages": [user, {"role": "assistant", "content": "arr"}]}])
     with pytest.raises(sfr.UsageError, match="conv.jsonl:1: \"messages\" needs a Hugging Face backbone"):
-        sfr.load_pairs(conv)  # the built-in tokenizer has no template
+        train.load_pairs(conv)  # the built-in tokenizer has no template
     from transformers import AutoTokenizer
     other = tmp_path / "other"
     sfr_hf.tiny_llama_folder(other, ["<s> user assistant tell me about the sea : arr"])
@@ -234,7 +235,7 @@ def test_bad_chat_data_is_one_line_naming_the_file_and_line(llama, tmp_path):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # no eos after a turn
     tok.save_pretrained(other)
     with pytest.raises(sfr.UsageError, match="does not end an assistant turn with eos"):
-        sfr.load_pairs(conv, sfr.HF["chat"](tiny(tmp_path, backbone=str(other))))
+        train.load_pairs(conv, sfr.HF["chat"](tiny(tmp_path, backbone=str(other))))
 
 
 def test_sfr_hf_command_line_trains_on_chat_data(llama, tmp_path):
@@ -250,7 +251,7 @@ def test_sfr_hf_command_line_trains_on_chat_data(llama, tmp_path):
 def test_sfr_py_alone_refuses_a_folder_backbone_in_one_line(llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sfr, "HF", {})  # as in a process that never imported sfr_hf
     with pytest.raises(SystemExit) as e:
-        sfr.main([f"--backbone={llama}", f"--out_dir={tmp_path}"])
+        train.main([f"--backbone={llama}", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "a Hugging Face folder trains through sfr_hf.py" in err

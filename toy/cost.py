@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import train  # noqa: E402
 
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
 
@@ -159,7 +160,7 @@ def generate_cost(cfg, encoder, repeats):
     tok, examples = demo_setup(cfg, encoder)
     _, model = stepper(cfg, tok, examples, encoder.dim)
     with tempfile.TemporaryDirectory() as d:
-        exported, _ = sfr.load_exported(sfr.export(model, d, tok))
+        exported, _ = train.load_exported(train.export(model, d, tok))
     live = model.backbone.eval()
     exported.eval()
     prompts = torch.tensor([ex.prompt for ex in examples[:8]])
