@@ -816,6 +816,16 @@ def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):
         assert "".join(f.metadata["help"].split()) in "".join(out.split()), f.name  # its whole help line
 
 
+def test_sfr_py_imports_nothing_of_the_project():
+    """The star: sfr.py imports no module of this repository (train.py and the others import it)."""
+    import ast
+    ours = {p.stem for p in ROOT.glob("*.py")} | {"toy", "tests"}
+    tree = ast.parse((ROOT / "sfr.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "train" in ours and not imported & ours, imported & ours
+
+
 # ----------------------------------------------------------------------------- bad input costs nothing
 # `python train.py` refuses each of these with one line naming the field, file or line, and
 # exit status 2, before any training (every case here stops before a step is taken).
