@@ -1,8 +1,9 @@
 """How much memory does sharding save? Per-process memory of SFR training, DDP vs FSDP.
 
 N processes (gloo on the CPU, started with the environment torchrun gives its workers) train
-the same built-in GPT with its flow head for a few steps, once wrapped in DDP (each process holds everything) and once sharded with FSDP
-(sfr.Config.shard, what `accelerate launch --use_fsdp` turns on). Each process reports:
+the same built-in GPT with its flow head for a few steps, once wrapped in DDP (each process
+holds everything) and once sharded with FSDP (sfr.Config.shard, what `accelerate launch
+--use_fsdp` turns on). Each process reports:
 
   state  bytes of the parameters, gradients and AdamW state it holds after the last step,
          read off the tensors (under FSDP: its shards; the model's buffers are not counted);
