@@ -883,6 +883,65 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
 
 # --- 8b. fine-tuning, once per method ----------------------------------------
 
+def encoder_cache(cache: str, pooling: str) -> str:
+    """The target cache of one pooling: sfr.SegmentEncoder keeps one encoder's table per file
+    (tagged with it), so the 'model' and 'mean' poolings each get their own file; sharing
+    one, each would overwrite the other's and never hit."""
+    return cache if pooling == "model" or not cache else str(Path(cache).with_suffix(f".{pooling}.pt"))
+
+
+class LazyEncoder:
+    """sfr.SegmentEncoder(name, device, cache, pooling), built on the first text that its
+    cache does not hold: a run whose targets (and samples) are all cached imports no
+    sentence_transformers and loads no model. Until then it answers from the cache file as
+    SegmentEncoder does (same tag: `tag`, checked against SegmentEncoder's name by a test);
+    afterwards it is that SegmentEncoder, hits and misses carried over."""
+
+    def __init__(self, name="minilm", device="cpu", cache="", pooling="model"):
+        import torch
+        self.args, self.real = (name, device, cache, pooling), None
+        self.tag = name if pooling == "model" else f"{name}+{pooling}"
+        saved = torch.load(cache) if cache and Path(cache).exists() else {}
+        self.table = saved["table"] if saved.get("encoder") == self.tag else {}
+        self._hits = 0
+
+    def _load(self):
+        if self.real is None:
+            import sfr
+            self.real = sfr.SegmentEncoder(*self.args)
+            self.real.hits += self._hits
+        return self.real
+
+    @property
+    def hits(self):
+        return self.real.hits if self.real is not None else self._hits
+
+    @property
+    def misses(self):
+        return self.real.misses if self.real is not None else 0
+
+    @property
+    def dim(self):
+        if self.real is None and self.table:
+            return len(next(iter(self.table.values())))
+        return self._load().dim
+
+    def encode(self, texts, **kw):
+        if self.real is None and all(t in self.table for t in texts) and texts:
+            import torch
+            self._hits += len(texts)
+            return torch.stack([self.table[t] for t in texts])
+        return self._load().encode(texts, **kw)
+
+    @property
+    def hit_rate(self):
+        return self.real.hit_rate if self.real is not None else float(self._hits > 0)
+
+    def save(self):
+        if self.real is not None:  # otherwise nothing was added to the file's table
+            self.real.save()
+
+
 def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progress=True) -> Path:
     """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
     model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
@@ -1178,7 +1237,7 @@ def _cmd_run(args) -> int:
                                **chat_meta})
         needed = sfr.needs_encoder(cfg) and not (out / name / "export" / "DONE").exists()
         if needed and cfg.pooling not in encoders:
-            encoders[cfg.pooling] = sfr.SegmentEncoder(cfg.encoder, device, cache=cfg.cache, pooling=cfg.pooling)
+            encoders[cfg.pooling] = LazyEncoder(cfg.encoder, device, encoder_cache(cfg.cache, cfg.pooling), cfg.pooling)
         encoder = encoders.get(cfg.pooling) if sfr.needs_encoder(cfg) else None
         t0 = time.time()
         log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
@@ -1191,7 +1250,7 @@ def _cmd_run(args) -> int:
         return 0
 
     # 3. evaluation: reference loss, samples, sandbox, diversity; each problem stored as done
-    div_encoder = sfr.SegmentEncoder(base.encoder, device, cache=base.cache)
+    div_encoder = LazyEncoder(base.encoder, device, encoder_cache(base.cache, "model"))  # as the model pools
     results = {}
     for name in methods:
         t0 = time.time()
@@ -1305,15 +1364,28 @@ def _paired_difference(loss: dict, base: dict) -> dict:
     return {"mean": statistics.fmean(d), "se": se, "problems": len(d)}
 
 
+def _version(pkg: str) -> str | None:
+    """pkg's version: the imported module's, or else its installed metadata's, which is the
+    same string without the import (sentence_transformers and peft take seconds to import,
+    and a run whose targets are all cached needs neither); None if it is not installed."""
+    if pkg in sys.modules:
+        return getattr(sys.modules[pkg], "__version__", None)
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            return __import__(pkg).__version__
+        except ImportError:
+            return None
+
+
 def _report_record(args, s, device, methods, configs, results, pre_record, test, dropped, n_train,
                    seconds, wall, load_start, tok=None, n_val=None) -> dict:
     import torch
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("transformers", "sentence_transformers", "peft", "numpy"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except ImportError:
-            versions[pkg] = None
+        versions[pkg] = _version(pkg)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()

@@ -272,10 +272,15 @@ def test_hf_smoke_full_finetune(tiny_hf, mbpp_path, tmp_path):
 @pytest.mark.parametrize("sets", [[], ["--set", "shard=true"]], ids=["ddp", "fsdp"])
 def test_torchrun_two_processes_train_what_one_does(smoke, mbpp_path, tmp_path, sets):
     """Under torchrun every rank trains (DDP or FSDP, the global batch split in two) and
-    rank 0 evaluates: the same reference losses as the one-process run."""
+    rank 0 evaluates: the same reference losses as the one-process run. Pretraining runs
+    under torchrun too; the MiniLM targets come from the one-process run's cache (the same
+    numbers the encoder gives; a rank would load MiniLM only on a miss)."""
     import subprocess
     import sys
-    _, doc = smoke
+    src, doc = smoke
+    (tmp_path / "cache").mkdir()
+    for targets in (src / "cache").glob("minilm-targets*.pt"):
+        shutil.copy(targets, tmp_path / "cache")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reproduce_mbpp.py",
          "run", "--mbpp", str(mbpp_path), "--smoke", "--threads", "1", "--no_progress", "--workers", "2",
@@ -289,3 +294,28 @@ def test_torchrun_two_processes_train_what_one_does(smoke, mbpp_path, tmp_path, 
         for tid, prob in m["problems"].items():
             assert two["methods"][name]["problems"][tid]["reference_loss"]["nats"] == \
                 pytest.approx(prob["reference_loss"]["nats"], rel=1e-4)
+
+
+def test_lazy_encoder_answers_from_its_cache_and_loads_the_model_on_a_miss(encoder, tmp_path, monkeypatch):
+    import sentence_transformers
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: encoder.model)
+    for pooling in ("model", "mean"):  # the tag it reads a cache file by is SegmentEncoder's
+        assert R.LazyEncoder("minilm", pooling=pooling).tag == sfr.SegmentEncoder("minilm", pooling=pooling).name
+    cache = str(tmp_path / "targets.pt")
+    writer = R.LazyEncoder("minilm", cache=cache)
+    first = writer.encode(["alpha beta", "gamma"])
+    writer.save()
+    assert writer.real is not None and torch.equal(first, encoder.encode(["alpha beta", "gamma"]))
+    assert R.encoder_cache(cache, "model") == cache != R.encoder_cache(cache, "mean")
+    assert R.LazyEncoder("minilm", cache=R.encoder_cache(cache, "mean"), pooling="mean").table == {}
+
+    real = sfr.SegmentEncoder
+    monkeypatch.setattr(sfr, "SegmentEncoder", lambda *a, **k: pytest.fail("loaded the model on a cache hit"))
+    lazy = R.LazyEncoder("minilm", cache=cache)
+    assert torch.equal(lazy.encode(["gamma", "alpha beta"]), first[[1, 0]]) and lazy.dim == encoder.dim
+    lazy.save()  # nothing new: no model, no write
+    assert (lazy.hits, lazy.misses, lazy.real) == (2, 0, None)
+    monkeypatch.setattr(sfr, "SegmentEncoder", real)
+    got = lazy.encode(["gamma", "delta"])
+    assert torch.equal(got[1], encoder.encode(["delta"])[0]) and torch.equal(got[0], first[1])
+    assert (lazy.hits, lazy.misses, lazy.hit_rate) == (3, 1, 0.75) and lazy.real is not None

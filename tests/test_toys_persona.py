@@ -54,7 +54,7 @@ def test_exact_tempered_probabilities_match_sfr_generate(T):
 
 def test_script_smoke(tmp_path, encoder):
     out = tmp_path / "persona.json"
-    res = persona.main(["--methods", "sft,sfr,anchor", "--seeds", "2", "--steps", "10", "--personas", "2",
+    res = persona.main(["--methods", "sft,sfr,anchor", "--seeds", "2", "--steps", "3", "--personas", "2",
                         "--modes", "2", "--queries", "2", "--n_per_persona", "4", "--n_eval", "8",
                         "--temps", "0.5,1.0", "--n_samples", "2", "--out", str(out)], encoder=encoder)
     saved = json.loads(out.read_text())

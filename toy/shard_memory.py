@@ -1,8 +1,9 @@
 """How much memory does sharding save? Per-process memory of SFR training, DDP vs FSDP.
 
-N processes (torchrun, gloo on the CPU) train the same built-in GPT with its flow head for a
-few steps, once wrapped in DDP (each process holds everything) and once sharded with FSDP
-(sfr.Config.shard, what `accelerate launch --use_fsdp` turns on). Each process reports:
+N processes (gloo on the CPU, started with the environment torchrun gives its workers) train
+the same built-in GPT with its flow head for a few steps, once wrapped in DDP (each process
+holds everything) and once sharded with FSDP (sfr.Config.shard, what `accelerate launch
+--use_fsdp` turns on). Each process reports:
 
   state  bytes of the parameters, gradients and AdamW state it holds after the last step,
          read off the tensors (under FSDP: its shards; the model's buffers are not counted);
@@ -80,6 +81,36 @@ def child(args):
     torch.distributed.destroy_process_group()
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd, env, nproc, mode, timeout=600):
+    """Run cmd as ranks 0 .. nproc-1 of one process group on this machine: the environment
+    torchrun --standalone gives its workers (env:// rendezvous), without the launcher's own
+    interpreter and agent, which cost more than the tiny runs the test makes."""
+    env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc))
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
+    outs, deadline = [], time.time() + timeout
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+    except subprocess.TimeoutExpired:
+        outs.append(f"timed out after {timeout} s (a rank waiting on a collective?)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{mode} run failed:\n" + "\n".join(o[-3000:] for o in outs))
+
+
 def main(args):
     t0 = time.time()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")  # freed tensors leave the RSS
@@ -87,11 +118,9 @@ def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
             print(f"{mode}: {args.nproc} processes, {args.steps} steps ...", flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   __file__, f"--child={mode}", f"--out={tmp}"] + [f"--{k}={getattr(args, k)}" for k in SHAPE_ARGS]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise RuntimeError(f"{mode} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            cmd = [sys.executable, __file__, f"--child={mode}", f"--out={tmp}"] + \
+                [f"--{k}={getattr(args, k)}" for k in SHAPE_ARGS]
+            launch(cmd, env, args.nproc, mode)
             res[mode] = [json.loads((Path(tmp) / f"{mode}_{r}.json").read_text()) for r in range(args.nproc)]
     n_params = res["ddp"][0]["n_params"]
     mean = lambda mode, key: sum(r[key] for r in res[mode]) / len(res[mode])  # noqa: E731
