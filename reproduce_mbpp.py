@@ -846,6 +846,7 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     import sysconfig
     import sfr
     import sfr_dist
+    import train
     files = stdlib_sources()
     root = Path(sysconfig.get_paths()["stdlib"])
     corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
@@ -861,7 +862,7 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     # collate ends each with <eos> too; at 1 target in block_size, a harmless artefact.
     windows = corpus_windows([f for f in files if f not in held_out], n_train, cfg.block_size - 1, cfg.seed)
     eval_windows = corpus_windows(sorted(held_out), 64, cfg.block_size - 1, cfg.seed)
-    tok = sfr.Tokenizer("byte")
+    tok = train.Tokenizer("byte")
     train_set = sfr.prepare([("", w) for w in windows], tok, cfg)
     eval_set = sfr.prepare([("", w) for w in eval_windows], tok, cfg)
     work = cache_dir / f"pretrain-{key}"
@@ -1159,6 +1160,7 @@ def _cmd_run(args) -> int:
     import torch
     import sfr
     import sfr_hf  # noqa: F401  (registers --model's Hugging Face backbone with sfr)
+    import train
     t_start, load_start = time.time(), _load_average()
     _limits_from(args)  # a sandbox that cannot run is refused before any training
     s = _settings(args)
@@ -1188,7 +1190,7 @@ def _cmd_run(args) -> int:
                           cache=str(cache_dir / "minilm-targets.pt")).validate()
     except ValueError as e:  # a --set value sfr.Config refuses; the message names the field
         raise UsageError(f"--set: {e}") from None
-    tok = sfr.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
+    tok = train.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
     chat, chat_why = _resolve_chat(args.chat, tok, args.model)
     s["chat"], s["chat_source"] = chat, chat_why
     log = print if _rank() == 0 else (lambda *a: None)

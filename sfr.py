@@ -11,10 +11,11 @@ The head (and the encoder) are thrown away after training: the exported model is
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
 ablations; future-segment targets; the built-in GPT; batches; the model that ties them
 together; the single-process training loop (train() first, then its parts); the MTP
-reduction (MTP heads and F_Delta-FM); sampling; then what the loop needs around it: checkpoints
-and logs, the built-in tokenizer and demo set.
+reduction (MTP heads and F_Delta-FM); sampling; then what the loop keeps of a run: checkpoints
+and logs. A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size.
 Beside this file, each importing it (it imports none of them): train.py (the command line,
-the jsonl data file, the exported model, the loss plot), sfr_hf.py (Hugging Face models as the
+the built-in tokenizers and demo set, the jsonl data file, the exported model, the loss plot),
+sfr_hf.py (Hugging Face models as the
 backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the torchrun and
 accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to SFR) and
 sfr_metrics.py (diversity metrics).
@@ -136,7 +137,7 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "resumable checkpoint every N steps; 0 = only at the end")
-    out_dir: str = arg("out", "ckpt.pt, export/, history.jsonl, loss.png (checked writable first)")
+    out_dir: str = arg("out", "ckpt.pt, history.jsonl; train.py adds export/, loss.png (checked writable first)")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
     report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term as "
@@ -642,6 +643,17 @@ class GPT(nn.Module):
             hidden.append(x)
         hidden[-1] = self.ln_f(x)  # as in HF models, the last hidden state is the normalised one
         return self.lm_head(hidden[-1]), hidden[self.layer]
+
+
+# A Hugging Face folder as Config.backbone: sfr_hf.py fills HF when imported (sfr.py never imports
+# it). "backbone": (cfg, vocab_size) -> a module returning (logits, h), as GPT does; train.py reads
+# the other two: "tokenizer": cfg -> the folder's tokenizer or None; "chat": cfg -> None (no chat
+# template) or a function (messages, "file:line") -> [(prompt, response), ...].
+HF = {}
+
+
+def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
+    return GPT(cfg, vocab_size) if cfg.backbone == "gpt" else HF["backbone"](cfg, vocab_size)
 
 # ----------------------------------------------------------------------------- batches
 
@@ -1332,7 +1344,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
     return idx
 
 # ----------------------------------------------------------------------------- checkpoints and logs
-# Exact resume (train() writes out_dir/ckpt.pt, resume reads it back), history.jsonl, --report_to, loss.png.
+# Exact resume (train() writes out_dir/ckpt.pt, resume reads it back), history.jsonl, --report_to.
 
 
 def check_writable(out_dir):
@@ -1533,93 +1545,6 @@ def append_history(f, recs):
     """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
     f.writelines(json.dumps(r) + "\n" for r in recs)
     f.flush()
-
-# ----------------------------------------------------------------------------- inputs: tokenizers, jsonl files
-
-
-class Tokenizer:
-    """A small reversible tokenizer for the built-in backbone: words, characters or bytes.
-
-    Ids 0 and 1 are <pad> and <eos>; 'word' and 'char' build their vocabulary from texts.
-    """
-
-    def __init__(self, level: str, vocab: list[str] | None = None):
-        self.level = level
-        if level == "byte":
-            vocab = [f"<{i}>" for i in range(256)]
-        self.itos = ["<pad>", "<eos>"] + list(vocab or [])
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
-        self.pad_id, self.eos_id = 0, 1
-
-    @classmethod
-    def from_texts(cls, texts, level="word"):
-        if level == "byte":
-            return cls("byte")
-        return cls(level, sorted({p for t in texts for p in cls._split(t, level)}))
-
-    @staticmethod
-    def _split(text, level):
-        return text.split() if level == "word" else list(text)
-
-    @property
-    def vocab_size(self):
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        if self.level == "byte":
-            return [b + 2 for b in text.encode("utf-8")]
-        unknown = [p for p in self._split(text, self.level) if p not in self.stoi]
-        if unknown:
-            raise ValueError(f"Tokenizer({self.level}): {unknown[:5]} not in the vocabulary "
-                             "built from the data")
-        return [self.stoi[p] for p in self._split(text, self.level)]
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) > 1]  # drop pad and eos
-        if self.level == "byte":
-            return bytes(i - 2 for i in ids).decode("utf-8", errors="replace")
-        return (" " if self.level == "word" else "").join(self.itos[i] for i in ids)
-
-    def state_dict(self):
-        return {"level": self.level, "itos": self.itos[2:] if self.level != "byte" else []}
-
-    @classmethod
-    def from_state_dict(cls, d):
-        return cls(d["level"], d["itos"])
-
-
-# A Hugging Face folder as Config.backbone: sfr_hf.py fills HF when imported (sfr.py never imports
-# it). "backbone": (cfg, vocab_size) -> a module returning (logits, h), as GPT does; "tokenizer":
-# cfg -> the folder's tokenizer or None; "chat": cfg -> None (no chat template) or a function
-# (messages, "file:line") -> [(prompt, response), ...].
-HF = {}
-
-
-def build_tokenizer(cfg: Config, texts):
-    """The backbone folder's own tokenizer (sfr_hf.py) if it has one, else the built-in one."""
-    tok = HF["tokenizer"](cfg) if cfg.backbone != "gpt" else None
-    return tok or Tokenizer.from_texts(texts, cfg.tokenizer)
-
-
-def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
-    return GPT(cfg, vocab_size) if cfg.backbone == "gpt" else HF["backbone"](cfg, vocab_size)
-
-
-def demo_pairs(n_per_prompt=6, seed=0):
-    """The built-in demo set: each prompt has several equally valid continuations in
-    different styles, the multi-modal situation SFR is about. Deterministic."""
-    rng = random.Random(seed)
-    topics = ["the sea", "the city", "the forest", "the moon"]
-    styles = [("poet", "{t} sings softly under silver light and calm winds"),
-              ("pirate", "arr {t} be full of gold and danger matey"),
-              ("scientist", "{t} is a system of measurable forces and cycles"),
-              ("child", "i like {t} because it is big and fun")]
-    pairs = []
-    for t in topics:
-        for _ in range(n_per_prompt):
-            name, template = rng.choice(styles)
-            pairs.append((f"tell me about {t} :", template.format(t=t)))
-    return pairs
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ def tiny_llama_folder(path, texts, d=32, n_layer=2, seed=0):
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer behind sfr.Tokenizer's encode / decode / eos_id interface."""
+    """A Hugging Face tokenizer behind train.Tokenizer's encode / decode / pad_id / eos_id interface."""
 
     def __init__(self, path):
         from transformers import AutoTokenizer

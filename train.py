@@ -5,11 +5,11 @@
     python train.py --help             every Config field, with its help line
 
 sfr.py is the method and its training loop, a library that imports nothing of this project;
-this file is what turns it into a program: the jsonl data file, the exported model (the backbone
-alone: the head and the encoder are thrown away after training, so the deployed model costs
-nothing extra), the loss plot, and --field=value flags for every sfr.Config field. A Hugging Face
-folder as the backbone trains through sfr_hf.py, several processes through sfr_dist.py; both run
-this command line.
+this file is what turns it into a program: the built-in tokenizers and demo set, the jsonl data
+file, the exported model (the backbone alone: the head and the encoder are thrown away after
+training, so the deployed model costs nothing extra), the loss plot, and --field=value flags
+for every sfr.Config field. A Hugging Face folder as the backbone trains through sfr_hf.py,
+several processes through sfr_dist.py; both run this command line.
 """
 from __future__ import annotations
 
@@ -25,6 +25,83 @@ import torch
 
 import sfr
 
+# ----------------------------------------------------------------------------- the built-in tokenizers and demo set
+
+
+class Tokenizer:
+    """A small reversible tokenizer for the built-in backbone: words, characters or bytes.
+
+    Ids 0 and 1 are <pad> and <eos>; 'word' and 'char' build their vocabulary from texts.
+    """
+
+    def __init__(self, level: str, vocab: list[str] | None = None):
+        self.level = level
+        if level == "byte":
+            vocab = [f"<{i}>" for i in range(256)]
+        self.itos = ["<pad>", "<eos>"] + list(vocab or [])
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.eos_id = 0, 1
+
+    @classmethod
+    def from_texts(cls, texts, level="word"):
+        if level == "byte":
+            return cls("byte")
+        return cls(level, sorted({p for t in texts for p in cls._split(t, level)}))
+
+    @staticmethod
+    def _split(text, level):
+        return text.split() if level == "word" else list(text)
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        if self.level == "byte":
+            return [b + 2 for b in text.encode("utf-8")]
+        unknown = [p for p in self._split(text, self.level) if p not in self.stoi]
+        if unknown:
+            raise ValueError(f"Tokenizer({self.level}): {unknown[:5]} not in the vocabulary "
+                             "built from the data")
+        return [self.stoi[p] for p in self._split(text, self.level)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) > 1]  # drop pad and eos
+        if self.level == "byte":
+            return bytes(i - 2 for i in ids).decode("utf-8", errors="replace")
+        return (" " if self.level == "word" else "").join(self.itos[i] for i in ids)
+
+    def state_dict(self):
+        return {"level": self.level, "itos": self.itos[2:] if self.level != "byte" else []}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        return cls(d["level"], d["itos"])
+
+
+def build_tokenizer(cfg: sfr.Config, texts):
+    """The backbone folder's own tokenizer (sfr_hf.py) if it has one, else the built-in one."""
+    tok = sfr.HF["tokenizer"](cfg) if cfg.backbone != "gpt" else None
+    return tok or Tokenizer.from_texts(texts, cfg.tokenizer)
+
+
+def demo_pairs(n_per_prompt=6, seed=0):
+    """The built-in demo set: each prompt has several equally valid continuations in
+    different styles, the multi-modal situation SFR is about. Deterministic."""
+    rng = random.Random(seed)
+    topics = ["the sea", "the city", "the forest", "the moon"]
+    styles = [("poet", "{t} sings softly under silver light and calm winds"),
+              ("pirate", "arr {t} be full of gold and danger matey"),
+              ("scientist", "{t} is a system of measurable forces and cycles"),
+              ("child", "i like {t} because it is big and fun")]
+    pairs = []
+    for t in topics:
+        for _ in range(n_per_prompt):
+            name, template = rng.choice(styles)
+            pairs.append((f"tell me about {t} :", template.format(t=t)))
+    return pairs
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -32,7 +109,7 @@ def load_pairs(path: str, chat=None) -> list[tuple[str, str]]:
     """Read a jsonl of {"prompt": str, "response": str}, or of {"messages": [...]} when chat (an
     sfr.HF["chat"] function) renders them; errors name the file, line and field."""
     if not path:
-        return sfr.demo_pairs()
+        return demo_pairs()
     try:
         raw = Path(path).read_bytes().splitlines()
     except OSError as e:
@@ -92,7 +169,7 @@ def export(model: sfr.SFRModel, path: str, tok=None):
     arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
-                   "tokenizer": tok.state_dict() if isinstance(tok, sfr.Tokenizer) else None}, f)
+                   "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
     return path
 
 
@@ -105,7 +182,7 @@ def load_exported(path: str):
         return AutoModelForCausalLM.from_pretrained(path), None
     gpt = sfr.GPT(sfr.Config(**meta["arch"]), meta["vocab_size"])
     gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
-    tok = sfr.Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
+    tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
     return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off
 
 # ----------------------------------------------------------------------------- command line
@@ -147,7 +224,7 @@ def run(cfg: sfr.Config, dist=None, rank0=True):
     pairs = load_pairs(cfg.data, sfr.HF["chat"](cfg) if cfg.backbone != "gpt" else None)
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))
-    tok = sfr.build_tokenizer(cfg, [t for pair in pairs for t in pair])
+    tok = build_tokenizer(cfg, [t for pair in pairs for t in pair])
     encoder = sfr.SegmentEncoder(cfg.encoder, cache=cfg.cache, pooling=cfg.pooling) \
         if sfr.needs_encoder(cfg) else None
     train_set = sfr.prepare(pairs[n_eval:], tok, cfg, encoder)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sfr  # noqa: E402
+import train  # noqa: E402
 import sfr_dist  # noqa: E402
 
 
@@ -34,8 +35,8 @@ class StandInEncoder:
 
 def demo_data(cfg, no_target_rank=None):
     # responses cut to different lengths, so a batch's padding depends on who else is in it
-    pairs = [(q, " ".join(r.split()[:4 + i % 7])) for i, (q, r) in enumerate(sfr.demo_pairs())]
-    tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p], cfg.tokenizer)
+    pairs = [(q, " ".join(r.split()[:4 + i % 7])) for i, (q, r) in enumerate(train.demo_pairs())]
+    tok = train.Tokenizer.from_texts([t for p in pairs for t in p], cfg.tokenizer)
     examples = sfr.prepare(pairs, tok, cfg, StandInEncoder())
     if no_target_rank is not None:
         for i in sfr.batch_ids(0, len(examples), cfg.batch_size, cfg.seed, no_target_rank, 2).tolist():

@@ -75,7 +75,7 @@ def their_targets(labels, k, stride, min_suffix, decode, encode, d):
 
 
 def batch_of(pairs, cfg, enc=HashEncoder()):
-    tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p])
+    tok = train.Tokenizer.from_texts([t for p in pairs for t in p])
     exs = sfr.prepare(pairs, tok, cfg, enc)
     return tok, exs, sfr.collate(exs, list(range(len(exs))), tok.pad_id, tok.eos_id, enc.dim)
 
@@ -134,7 +134,7 @@ def test_blank_segments_are_skipped():
     """Byte tokens 'abc   ': position j holds token j and its segment starts at j + 1: 'bc ',
     'c  ', then blank ones, skipped by theirs (z1 = 0, counted); ours encodes all six."""
     cfg = sfr.Config(recipe="authors", k=3, stride=1, min_suffix=1, tokenizer="byte")
-    tok = sfr.Tokenizer("byte")
+    tok = train.Tokenizer("byte")
     ex = sfr.prepare([("p", "abc   ")], tok, cfg, HashEncoder())[0]
     assert ex.valid.all() and ex.z1.size(0) == 7
     assert (ex.z1.norm(dim=1) > 0).tolist() == [True, True] + [False] * 5

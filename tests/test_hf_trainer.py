@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sfr
+import train
 import sfr_hf
 
 STEPS, SAVE_AT = 5, 3
@@ -16,7 +17,7 @@ SFR_CFG = sfr.Config(k=4, fm_positions=4)
 def tiny(tmp_path_factory):
     """(folder, tokenizer, pairs): a 2-layer Llama with tied embeddings, saved with its tokenizer."""
     from transformers import AutoTokenizer
-    pairs = sfr.demo_pairs()
+    pairs = train.demo_pairs()
     folder = sfr_hf.tiny_llama_folder(tmp_path_factory.mktemp("hf") / "tiny-llama", [p + " " + r for p, r in pairs])
     return folder, AutoTokenizer.from_pretrained(folder), pairs
 

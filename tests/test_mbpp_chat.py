@@ -10,6 +10,7 @@ import torch
 
 import reproduce_mbpp as R
 import sfr
+import train
 import sfr_hf
 
 TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
@@ -55,7 +56,7 @@ def test_prompt_of_is_the_user_turn_of_the_template(tiny_chat, records):
     tok = sfr_hf.HFTokenizer(str(folder))
     rec = records[10]
     assert R.prompt_of(rec, tok) == R.format_prompt(rec)  # chat off: the plain prompt
-    assert R.has_chat_template(tok) and not R.has_chat_template(sfr.Tokenizer("byte"))
+    assert R.has_chat_template(tok) and not R.has_chat_template(train.Tokenizer("byte"))
     chat = R.prompt_of(rec, tok, chat=True)
     assert chat == f"<|user|> {R.format_prompt(rec)} <|end|> <|assistant|> "
     pairs, dropped = R._pairs([rec], tok, 1024, chat=True)

@@ -12,6 +12,7 @@ import torch
 
 import reproduce_mbpp as R
 import sfr
+import train
 import sfr_ladder  # noqa: F401  (registers aux='ladder', which the ladder_* methods use)
 
 
@@ -105,7 +106,7 @@ def test_entry_point_and_sample_stats(mbpp_path):
 
 
 def test_reference_loss_counts_the_response_only():
-    gpt, tok = tiny_gpt(block_size=512), sfr.Tokenizer("byte")
+    gpt, tok = tiny_gpt(block_size=512), train.Tokenizer("byte")
     rec = {"text": "Add.", "test_list": ["assert add(1, 2) == 3"], "code": "def add(a, b):\n    return a + b"}
     got = R.reference_loss(gpt, tok, rec, 512)
     p, r = tok.encode(R.format_prompt(rec)), tok.encode(R.format_response(rec))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sfr
+import train
 import sfr_ladder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toy"))
@@ -203,8 +204,8 @@ def test_kl_geodesic_prop32():
 def test_diagnostics_report_the_aux_gradient_share_for_mtp():
     """sfr.diagnostics covers aux='mtp' (no flow head): the share is in (0, 1) at lam = 1 and
     exactly 0 at lam = 0, where the aux loss cannot move the backbone."""
-    pairs = sfr.demo_pairs()
-    tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p], "word")
+    pairs = train.demo_pairs()
+    tok = train.Tokenizer.from_texts([t for p in pairs for t in p], "word")
     shares = {}
     for lam in (1.0, 0.0):
         cfg = sfr.Config(aux="mtp", mtp_k=3, lam=lam, n_layer=1, n_embd=32, n_head=2, block_size=32)

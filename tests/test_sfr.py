@@ -51,8 +51,8 @@ def demo(encoder):
     module encoded in another batch can differ in its last bits (the padding changes the
     kernels' sums on some CPUs), and test_encoder_encodes_each_segment_once compares these
     targets bit for bit with a fresh encoder's."""
-    pairs = sfr.demo_pairs()
-    tok = sfr.Tokenizer.from_texts([t for pair in pairs for t in pair])
+    pairs = train.demo_pairs()
+    tok = train.Tokenizer.from_texts([t for pair in pairs for t in pair])
     enc = copy.copy(encoder)
     enc.table = {}
     examples = sfr.prepare(pairs, tok, sfr.Config(k=4, block_size=32), enc)
@@ -739,7 +739,7 @@ class FakeEncoder:
 
 
 def test_targets_are_the_next_k_tokens_and_short_suffixes_are_masked():
-    tok = sfr.Tokenizer.from_texts(["p a b c d e"])
+    tok = train.Tokenizer.from_texts(["p a b c d e"])
     cfg = sfr.Config(k=2, stride=1, min_suffix=2, block_size=16)
     enc = FakeEncoder()
     (ex,) = sfr.prepare([("p", "a b c d e")], tok, cfg, enc)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sfr
+import train
 import sfr_hf
 
 
@@ -30,7 +31,7 @@ def test_the_folder_is_a_plain_llama_with_its_chat_template(smollm2):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M, embeddings tied
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert len(tok) == model.config.vocab_size == 49152 and "<|im_start|>" in tok.chat_template
-    assert isinstance(sfr.build_tokenizer(sfr.Config(backbone=str(folder)), []), sfr_hf.HFTokenizer)  # sfr.py reads it
+    assert isinstance(train.build_tokenizer(sfr.Config(backbone=str(folder)), []), sfr_hf.HFTokenizer)  # sfr.py reads it
 
 
 def test_one_forward_and_a_greedy_completion_that_is_code(smollm2):
@@ -51,7 +52,7 @@ def test_one_forward_and_a_greedy_completion_that_is_code(smollm2):
 def test_the_named_backbone_resolves_to_the_converted_folder(smollm2, tmp_path, monkeypatch):
     folder = smollm2[0]
     assert sfr_hf.backbone_path("smollm2-135m") == str(folder)
-    tok = sfr.build_tokenizer(sfr.Config(backbone="smollm2-135m"), [])
+    tok = train.build_tokenizer(sfr.Config(backbone="smollm2-135m"), [])
     assert isinstance(tok, sfr_hf.HFTokenizer) and tok.vocab_size == 49152
     monkeypatch.setenv("SFR_SMOLLM2", str(tmp_path))  # a folder that was never converted: one clear line
     with pytest.raises(sfr.UsageError, match="not converted yet; run python sfr_hf.py smollm2"):

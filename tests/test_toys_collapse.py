@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toy"))
 import collapse  # noqa: E402
 import sfr  # noqa: E402
+import train  # noqa: E402
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_exact_mass_matches_sfr_generate(tmp_path, one_thread):
     sfr.generate samples each legal response at T = 1.3, and the any-topic mass how often it
     samples that mode and style about either topic."""
     task = collapse.CollapseTask(n_personas=2, n_modes=2, n_queries=2, span=1)
-    tok = sfr.Tokenizer.from_texts(task.all_texts(), "word")
+    tok = train.Tokenizer.from_texts(task.all_texts(), "word")
     data = collapse.make_data(task, {(0, 0): 6, (1, 0): 6, (1, 1): 6}, np.random.default_rng(0))
     cfg = sfr.Config(aux="none", n_layer=1, n_embd=32, n_head=2, steps=100, lr=1e-2, eval_every=0, ckpt_every=0,
                      out_dir=str(tmp_path))

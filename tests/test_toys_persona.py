@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toy"))
 import persona  # noqa: E402
 import sfr  # noqa: E402
+import train  # noqa: E402
 
 
 def test_task_legal_set_parses_back_and_probs_rotate():
@@ -34,7 +35,7 @@ def test_exact_tempered_probabilities_match_sfr_generate(T):
     """Every response of up to 2 tokens (+ eos) over a 4-token vocabulary: the exact
     probability must match how often sfr.generate samples it at temperature T."""
     torch.manual_seed(0)
-    tok = sfr.Tokenizer("word", ["a", "b"])  # ids: pad 0, eos 1, a 2, b 3
+    tok = train.Tokenizer("word", ["a", "b"])  # ids: pad 0, eos 1, a 2, b 3
     gpt = sfr.GPT(sfr.Config(n_layer=1, n_embd=16, n_head=2, block_size=8), tok.vocab_size).eval()
     with torch.no_grad():
         gpt.wte.weight.mul_(3.0)  # tied to lm_head: uneven next-token probabilities, eos often early

@@ -15,8 +15,8 @@ import train
 import sfr_hf
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = sfr.demo_pairs()
-TOK = sfr.Tokenizer.from_texts([t for pair in PAIRS for t in pair])
+PAIRS = train.demo_pairs()
+TOK = train.Tokenizer.from_texts([t for pair in PAIRS for t in pair])
 
 
 def tiny(tmp_path, **kw):
@@ -113,7 +113,7 @@ def llama(tmp_path_factory):
 
 def test_hf_activation_checkpointing_gives_the_same_gradients(llama, examples, tmp_path):
     cfg = tiny(tmp_path, backbone=str(llama), aux="none")
-    tok = sfr.build_tokenizer(cfg, [])
+    tok = train.build_tokenizer(cfg, [])
     exs = sfr.prepare(PAIRS[:4], tok, cfg)
     batch = sfr.collate(exs, list(range(4)), tok.pad_id, tok.eos_id, 1)
     ref = sfr.SFRModel(cfg, sfr_hf.hf_backbone(cfg, tok.vocab_size), 1).train()
@@ -177,9 +177,9 @@ def test_report_to_without_the_package_is_one_line_naming_the_field(examples, tm
 
 
 def test_no_tracker_is_imported_unless_asked(tmp_path):
-    code = ("import sys, sfr; cfg = sfr.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, aux='none', "
+    code = ("import sys, sfr, train; cfg = sfr.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, aux='none', "
             f"steps=1, eval_every=0, progress=False, out_dir={str(tmp_path)!r}); "
-            "pairs = sfr.demo_pairs(); tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p]); "
+            "pairs = train.demo_pairs(); tok = train.Tokenizer.from_texts([t for p in pairs for t in p]); "
             "sfr.train(cfg, sfr.prepare(pairs, tok, cfg), tok, log=lambda *a: None); "
             "print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -208,7 +208,7 @@ def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, tmp_
     for (prompt, reply), n in zip(pairs, (3, 5)):  # prompt + reply + eos is the template's own text
         assert prompt == hf_tok.apply_chat_template(conv[:n - 1], add_generation_prompt=True, tokenize=False)
         assert hf_tok.apply_chat_template(conv[:n], tokenize=False).startswith(prompt + reply + "[EOS]")
-    tok = sfr.build_tokenizer(cfg, [])
+    tok = train.build_tokenizer(cfg, [])
     ex = sfr.prepare(pairs[1:], tok, sfr.Config(k=2, block_size=64, backbone=str(llama)))[0]
     batch = sfr.collate([ex], [0], tok.pad_id, tok.eos_id, ex.z1.size(1))
     assert hf_tok.decode(batch.y[batch.resp]) == "i like the moon [EOS]"  # L_AR: the assistant turn only

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "toy"))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import train  # noqa: E402
 import sfr_metrics  # noqa: E402  (self-BLEU)
 from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # noqa: E402
 
@@ -375,7 +376,7 @@ def run_job(regime, a, methods, seed, encoder=None):
     torch.manual_seed(seed)
     t0 = time.time()
     task = CollapseTask(a.personas, a.modes, a.queries, a.span)
-    tok = sfr.Tokenizer.from_texts(task.all_texts(), "word")
+    tok = train.Tokenizer.from_texts(task.all_texts(), "word")
     pl = plan(regime, a)
     rng = np.random.default_rng([seed, 7])
     ft = make_data(task, pl["ft"], rng)
@@ -421,13 +422,13 @@ def run_job(regime, a, methods, seed, encoder=None):
             if key not in cache:  # targets depend only on these; the null shuffle happens inside sfr.train
                 cache[key] = (sfr.prepare(to_pairs(task, ft, anchor), tok, cfg, encoder),
                               sfr.prepare(to_pairs(task, ev, anchor), tok, cfg, encoder))
-            train, evs = cache[key]
+            train_set, evs = cache[key]
             t1 = time.time()
-            model, hist = sfr.train(cfg, train, tok, evs, log=lambda s: None, progress=False)
+            model, hist = sfr.train(cfg, train_set, tok, evs, log=lambda s: None, progress=False)
             last = hist[-1]
             extra = {"train_s": time.time() - t1, "final_ar": last["ar"], "eval_ar": last.get("eval_ar"),
                      "shuffle_gap": last.get("shuffle_gap"), "aux_grad_share": last.get("aux_grad_share", 0.0),
-                     "target_var": target_variance(train) if sfr.needs_encoder(cfg) else None,
+                     "target_var": target_variance(train_set) if sfr.needs_encoder(cfg) else None,
                      "init": "pretrained" if init else "random"}
             evaluate_model(method, model.backbone, anchor, extra)
     return records, {"counts": counts.tolist(),

@@ -53,8 +53,8 @@ MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
 
 def demo_setup(cfg, encoder):
     """Tokenizer and examples of the built-in demo set, targets attached (cached) when needed."""
-    pairs = sfr.demo_pairs()
-    tok = sfr.build_tokenizer(cfg, [t for p in pairs for t in p])
+    pairs = train.demo_pairs()
+    tok = train.build_tokenizer(cfg, [t for p in pairs for t in p])
     return tok, sfr.prepare(pairs, tok, cfg, encoder)
 
 
@@ -226,13 +226,13 @@ def quality(base, encoder, variants, seeds, steps):
     """Per variant, mean over seeds after `steps` on the demo set (4 held-out examples): eval
     AR loss, the head's eval loss and the shuffle gap, both over *every* valid position
     whatever fm_positions the head saw in training, so the variants compare like for like."""
-    rows, pairs = {}, sfr.demo_pairs()
+    rows, pairs = {}, train.demo_pairs()
     for name, over in variants.items():
         runs = []
         for seed in range(seeds):
             cfg = sfr.Config(**{**vars(base), **over, "seed": seed, "steps": steps, "eval_every": 0,
                                 "ckpt_every": 0, "out_dir": tempfile.mkdtemp()})
-            tok = sfr.build_tokenizer(cfg, [t for p in pairs for t in p])
+            tok = train.build_tokenizer(cfg, [t for p in pairs for t in p])
             shuffled = list(pairs)
             random.Random(seed).shuffle(shuffled)
             train_set = sfr.prepare(shuffled[4:], tok, cfg, encoder)

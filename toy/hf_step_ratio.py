@@ -42,6 +42,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import sfr  # noqa: E402
+import train  # noqa: E402
 import sfr_hf  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def main(argv=None):
 def measure(a, d, n_layer):
     """One cell: median step times of the three variants, interleaved, and a profile of SFR."""
     a.n_layer = n_layer  # sfr_hidden reads hidden_states[n_layer], the last (normalised) one
-    pairs = sfr.demo_pairs()
+    pairs = train.demo_pairs()
     tmp = tempfile.mkdtemp()
     folder = sfr_hf.tiny_llama_folder(Path(tmp) / "tiny", [q + " " + r for q, r in pairs], d=d, n_layer=n_layer)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import train  # noqa: E402
 import sfr_ladder  # noqa: E402  (registers aux='ladder')
 
 TRIALS, STEPS = 40, 50  # random shapes per dtype; training steps per run
@@ -87,8 +88,8 @@ def lemma_sweep(trials=40, seed=0):
 
 
 def demo_data(cfg):
-    pairs = sfr.demo_pairs()
-    tok = sfr.Tokenizer.from_texts([t for p in pairs for t in p], cfg.tokenizer)
+    pairs = train.demo_pairs()
+    tok = train.Tokenizer.from_texts([t for p in pairs for t in p], cfg.tokenizer)
     return pairs, tok
 
 

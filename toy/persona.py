@@ -66,6 +66,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import train  # noqa: E402
 import sfr_metrics  # noqa: E402  (the method; nothing of it is re-implemented here)
 
 # ----------------------------------------------------------------------------- the declared grid
@@ -690,7 +691,7 @@ def main(argv=None, encoder=None):
         print(f"skipped (sfr.py has no aux for them yet): {missing}")
     if "sft" in methods:  # sft first: it is the reference of every paired difference
         methods = ["sft"] + [m for m in methods if m != "sft"]
-    args.tok = sfr.Tokenizer.from_texts(task.all_texts(), "word")
+    args.tok = train.Tokenizer.from_texts(task.all_texts(), "word")
     encoder = encoder or sfr.SegmentEncoder("minilm")
     label = "full grid" if args.full else "QUICK look (not the reported grid; run --full)"
     print(f"persona task: {task.n_personas} personas x {task.n_modes} modes x {task.n_queries} queries, "
