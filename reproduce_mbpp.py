@@ -891,58 +891,6 @@ def encoder_cache(cache: str, pooling: str) -> str:
     return cache if pooling == "model" or not cache else str(Path(cache).with_suffix(f".{pooling}.pt"))
 
 
-class LazyEncoder:
-    """sfr.SegmentEncoder(name, device, cache, pooling), built on the first text that its
-    cache does not hold: a run whose targets (and samples) are all cached imports no
-    sentence_transformers and loads no model. Until then it answers from the cache file as
-    SegmentEncoder does (same tag: `tag`, checked against SegmentEncoder's name by a test);
-    afterwards it is that SegmentEncoder, hits and misses carried over."""
-
-    def __init__(self, name="minilm", device="cpu", cache="", pooling="model"):
-        import torch
-        self.args, self.real = (name, device, cache, pooling), None
-        self.tag = name if pooling == "model" else f"{name}+{pooling}"
-        saved = torch.load(cache) if cache and Path(cache).exists() else {}
-        self.table = saved["table"] if saved.get("encoder") == self.tag else {}
-        self._hits = 0
-
-    def _load(self):
-        if self.real is None:
-            import sfr
-            self.real = sfr.SegmentEncoder(*self.args)
-            self.real.hits += self._hits
-        return self.real
-
-    @property
-    def hits(self):
-        return self.real.hits if self.real is not None else self._hits
-
-    @property
-    def misses(self):
-        return self.real.misses if self.real is not None else 0
-
-    @property
-    def dim(self):
-        if self.real is None and self.table:
-            return len(next(iter(self.table.values())))
-        return self._load().dim
-
-    def encode(self, texts, **kw):
-        if self.real is None and all(t in self.table for t in texts) and texts:
-            import torch
-            self._hits += len(texts)
-            return torch.stack([self.table[t] for t in texts])
-        return self._load().encode(texts, **kw)
-
-    @property
-    def hit_rate(self):
-        return self.real.hit_rate if self.real is not None else float(self._hits > 0)
-
-    def save(self):
-        if self.real is not None:  # otherwise nothing was added to the file's table
-            self.real.save()
-
-
 def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progress=True) -> Path:
     """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
     model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
@@ -1239,7 +1187,8 @@ def _cmd_run(args) -> int:
                                **chat_meta})
         needed = sfr.needs_encoder(cfg) and not (out / name / "export" / "DONE").exists()
         if needed and cfg.pooling not in encoders:
-            encoders[cfg.pooling] = LazyEncoder(cfg.encoder, device, encoder_cache(cfg.cache, cfg.pooling), cfg.pooling)
+            encoders[cfg.pooling] = sfr.SegmentEncoder(cfg.encoder, device, encoder_cache(cfg.cache, cfg.pooling),
+                                                       cfg.pooling)
         encoder = encoders.get(cfg.pooling) if sfr.needs_encoder(cfg) else None
         t0 = time.time()
         log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
@@ -1252,7 +1201,7 @@ def _cmd_run(args) -> int:
         return 0
 
     # 3. evaluation: reference loss, samples, sandbox, diversity; each problem stored as done
-    div_encoder = LazyEncoder(base.encoder, device, encoder_cache(base.cache, "model"))  # as the model pools
+    div_encoder = sfr.SegmentEncoder(base.encoder, device, encoder_cache(base.cache, "model"))  # as the model pools
     results = {}
     for name in methods:
         t0 = time.time()

