@@ -796,8 +796,8 @@ def _write_json(path: str | os.PathLike, obj) -> None:
 def _config_key(cfg) -> dict:
     """The fields that decide what a training run computes (not where or how often it writes)."""
     import dataclasses
-    import sfr
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sfr.RESUME_FREE + ("cache",)}
+    import train
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.RESUME_FREE + ("cache",)}
 
 
 def _same_run(folder: Path, meta: dict) -> None:
@@ -868,14 +868,14 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     work = cache_dir / f"pretrain-{key}"
     cfg = dataclasses.replace(cfg, out_dir=str(work), resume=True)
     t0 = time.time()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress,
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
                                dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
     record = {"key": key, "files": len(files), "held_out_files": len(held_out),
               "corpus_bytes": sum(size for _, size in corpus), "windows": n_train,
               "seconds": time.time() - t0, "train_ar_last": history[-1]["ar"],
               "eval_ar": history[-1].get("eval_ar"), "config": _config_key(cfg), "corpus_root": str(root)}
     if _rank() == 0:
-        sfr.save_checkpoint(str(path), model.backbone.state_dict())
+        train.save_checkpoint(str(path), model.backbone.state_dict())
         _write_json(meta_path, record)
         _shutil.rmtree(work, ignore_errors=True)  # the resumable checkpoint is not needed any more
     _barrier()
@@ -907,7 +907,7 @@ def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progres
     if encoder is not None and _rank() == 0:
         encoder.save()
     t0 = time.time()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, progress=progress,
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
                                dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
     if _rank() == 0:
         train.export(model, str(export_dir), tok)

@@ -11,10 +11,10 @@ The head (and the encoder) are thrown away after training: the exported model is
 plain causal LM. The method comes first: config; flow head and the SFR loss with its
 ablations; future-segment targets; the built-in GPT; batches; the model that ties them
 together; the single-process training loop (train() first, then its parts); the MTP
-reduction (MTP heads and F_Delta-FM); sampling; then what the loop keeps of a run: checkpoints
-and logs. A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size.
-Beside this file, each importing it (it imports none of them): train.py (the command line,
-the built-in tokenizers and demo set, the jsonl data file, the exported model, the loss plot),
+reduction (MTP heads and F_Delta-FM); sampling. A tokenizer is anything with encode, decode,
+pad_id, eos_id and vocab_size. Beside this file, each importing it (it imports none of them):
+train.py (the command line, the built-in tokenizers and demo set, the jsonl data file, the run
+on disk: checkpoints, exact resume and logs, the exported model, the loss plot),
 sfr_hf.py (Hugging Face models as the backbone, chat data, Trainer / TRL drop-ins),
 sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
 (aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
@@ -33,8 +33,6 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
@@ -135,8 +133,8 @@ class Config:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
-    ckpt_every: int = arg(100, "resumable checkpoint every N steps; 0 = only at the end")
-    out_dir: str = arg("out", "ckpt.pt, history.jsonl (train.py: export/, loss.png); checked writable")
+    ckpt_every: int = arg(100, "resumable checkpoint every N steps (train.RunOnDisk); 0 = at the end")
+    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png; checked writable")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
     report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term as "
@@ -834,28 +832,24 @@ class SFRModel(nn.Module):
         return (w * loss).sum(), w.sum()  # L_FM = sum(w * loss) / max(1, sum(w)) over the batch
 
 # ----------------------------------------------------------------------------- training loop
-# train() first, then what it calls; checkpoints and logs have their own section, after sampling.
+# train() first, then what it calls.
 
 
-def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, dist=None):
+def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=None):
     """Train backbone + aux head. Returns (model, history).
 
-    Resumable: out_dir/ckpt.pt holds the model (heads included), optimiser, lr scheduler,
-    EMA head, gate average, fp16 loss scaler, step, history, every process's RNG state and a
-    checksum. The data order, the flow noise and the lambda schedule are pure functions of
-    (seed, step), so the step is all of their state. A resumed run matches an uninterrupted one bit for bit on CPU.
-    out_dir/history.jsonl gets each step's record as it finishes (a resumed run's equals an
-    uninterrupted one's).
-    dist: the multi-process operations (sfr_dist.py); None = one process. cfg.batch_size is
-    the global batch, split across processes, and losses are normalised over all of it."""
+    The data order, the flow noise and the lambda schedule are pure functions of (seed, step),
+    so the step is all of their state. run: what is kept of the run, RunInMemory(log) if None
+    (the history, a dashboard line at each eval); train.RunOnDisk writes out_dir/ckpt.pt and
+    history.jsonl and resumes from them bit for bit. dist: the multi-process operations
+    (sfr_dist.py); None = one process. cfg.batch_size is the global batch, split across
+    processes, and losses are normalised over all of it."""
     cfg.validate()
-    dist = dist or one_process()
-    rank, world = dist.rank, dist.world
-    if cfg.batch_size < world * cfg.grad_accum:  # a process's share: >= 1 sequence per micro-batch
+    dist, run = dist or one_process(), run or RunInMemory()
+    if cfg.batch_size < dist.world * cfg.grad_accum:  # >= 1 sequence per process and micro-batch
         raise UsageError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs "
-                         f">= {world * cfg.grad_accum} sequences, one per process and micro-batch "
-                         f"(Config.grad_accum={cfg.grad_accum})")
-    check_writable(cfg.out_dir)
+                         f">= {dist.world * cfg.grad_accum} sequences, one per process and "
+                         f"micro-batch (Config.grad_accum={cfg.grad_accum})")
     if cfg.null_targets:  # the control trains on a copy whose targets are shuffled across the set
         train_set = [dataclasses.replace(ex, z1=ex.z1.clone()) for ex in train_set]
         shuffle_targets(train_set, cfg.seed)
@@ -863,23 +857,17 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
     step_model = dist.wrap(model, ema, log)
     opt, sched = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type) if cfg.dtype == "fp16" else None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    state = resume(cfg, ckpt_path, model, opt, sched, ema, scaler, rank, world, log) \
-        if cfg.resume else None
-    step, history, gate_avg = state or (0, [], None)
-    saved = step if state else None
-    run = RunLog(cfg, history, step, rank == 0, log, progress)
+    step, history, gate_avg = run.start(cfg, dist, log, model=model, opt=opt, sched=sched,
+                                        ema=ema, scaler=scaler)
     while step < cfg.steps:
-        ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, rank, world)
+        ids = batch_ids(step, len(train_set), cfg.batch_size, cfg.seed, dist.rank, dist.world)
         batch = collate([train_set[i] for i in ids], ids, tok.pad_id, tok.eos_id, d_z)
         try:
             terms, gnorm, gate_avg = train_step(model, opt, sched, batch.to(cfg.device), step, cfg,
-                                                gate_avg, world, step_model,
+                                                gate_avg, dist.world, step_model,
                                                 ema if cfg.ema_teacher else None, scaler)
         except TrainingDiverged as e:
-            kept = "no checkpoint was written yet" if saved is None else \
-                f"the last good checkpoint is {ckpt_path} (step {saved})"
-            raise TrainingDiverged(f"{e}; training stopped, {kept}") from None
+            raise TrainingDiverged(f"{e}; training stopped, {run.kept()}") from None
         if ema is not None and not cfg.ema_teacher:
             update_ema(ema, model.head, step, cfg)
         rec = {"step": step + 1, "lam": lam_at(cfg, step), "grad_norm": gnorm, **terms}
@@ -890,14 +878,37 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, progress=True, 
         history.append(rec)
         run.add(rec, dashboard=at_eval)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            write_checkpoint(ckpt_path, cfg, dist, model, opt, sched, ema,
-                             dict(step=step, history=history, gate_avg=gate_avg,
-                                  scaler=scaler.state_dict() if scaler else None))
-            saved = step
+            run.save(step=step, history=history, gate_avg=gate_avg)
     run.close()
     model, ema = dist.finish(model, ema, lambda: new_model(cfg, tok, d_z).to(cfg.device))
     model.ema_head = ema
     return model, history
+
+
+class RunInMemory:
+    """What train() keeps of a run by default: nothing on disk; each eval step's record as a
+    dashboard line (rank 0). train.RunOnDisk has the same methods and writes a resumable run."""
+
+    def start(self, cfg, dist, log, **parts):
+        """(step, history, gate state) to start from; parts: model, opt, sched, ema, scaler."""
+        if cfg.resume:
+            raise UsageError("Config.resume=True: this run keeps nothing on disk to resume from; "
+                             "train.RunOnDisk does (python train.py --resume=true)")
+        self.log, self.t0 = (log if dist.rank == 0 else None), time.time()
+        return 0, [], None
+
+    def add(self, rec, dashboard):
+        if dashboard and self.log:
+            self.log(format_log(rec, time.time() - self.t0))
+
+    def save(self, **loop_state):
+        pass
+
+    def kept(self):
+        return "nothing was saved (the run was kept in memory)"
+
+    def close(self):
+        pass
 
 
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
@@ -1356,210 +1367,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
         if eos_id is not None and done.all():
             break
     return idx
-
-# ----------------------------------------------------------------------------- checkpoints and logs
-# Exact resume (train() writes out_dir/ckpt.pt, resume reads it back), history.jsonl, --report_to.
-
-
-def check_writable(out_dir):
-    """Fail before any work if out_dir cannot hold the checkpoint."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = Path(out_dir) / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"Config.out_dir={out_dir!r}: cannot write there ({e.strerror})") from None
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temp file, flush it to disk, then rename it over the old checkpoint.
-    A crash at any point leaves either the old or the new checkpoint, never a torn one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """A checkpoint train() wrote, refused with its path if unreadable or its checksum fails."""
-    try:  # weights_only=False: the RNG states and history are plain Python objects
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn zip, a truncated pickle: all one case for the user
-        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                         "move it away to start over") from None
-    if not isinstance(ck, dict) or ck.get("sha256") != checksum(ck):
-        raise UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away to "
-                         "start over")
-    return ck
-
-
-def checksum(state):
-    """sha256 of a checkpoint's content (every tensor's bytes, every other value's repr),
-    without its own 'sha256' entry: the same before saving and after loading."""
-    h = hashlib.sha256()
-
-    def add(x):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                h.update(repr(k).encode())
-                add(v)
-        elif isinstance(x, (list, tuple)):
-            h.update(f"{type(x).__name__}{len(x)}".encode())
-            for v in x:
-                add(v)
-        elif torch.is_tensor(x):
-            t = x.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(x).encode())
-    add({k: v for k, v in state.items() if k != "sha256"})
-    return h.hexdigest()
-
-
-def rng_state():
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def full_state(module, opt=None):
-    """The whole state_dict of a module (of module and optimiser, with opt), sharded or not, on
-    the CPU: keyed by parameter name, so a checkpoint resumes under any number of processes."""
-    from torch.distributed.checkpoint import state_dict as dcp
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: to rank 0 only
-    return dcp.get_model_state_dict(module, options=opts) if opt is None else \
-        dcp.get_optimizer_state_dict(module, opt, options=opts)
-
-
-def load_full_state(module, state, opt=None):
-    """Inverse of full_state: every process passes the whole state and keeps its shard of it."""
-    from torch.distributed.checkpoint import state_dict as dcp
-    opts = dcp.StateDictOptions(full_state_dict=True)
-    if opt is None:
-        dcp.set_model_state_dict(module, state, options=opts)
-    else:
-        dcp.set_optimizer_state_dict(module, opt, state, options=opts)
-
-
-# Resuming with changed fields: these are applied (they change where and how often things are
-# written, or, for steps, the length the lr and lambda schedules read at every step); a change to
-# any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
-               "progress")
-
-RESUME_APPLIED = RESUME_FREE + ("steps",)
-
-
-def resume(cfg, path, model, opt, sched, ema, scaler, rank, world, log):
-    """Load a checkpoint into model, opt, sched, ema and the fp16 scaler, and the RNG state:
-    (step, history, gate_avg), or None (with a line saying so) when there is no checkpoint yet."""
-    if not os.path.exists(path):
-        if rank == 0:
-            log(f"resume: no checkpoint at {path} yet, starting at step 0")
-        return None
-    ck = load_checkpoint(path)
-    changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-               if k not in RESUME_APPLIED and getattr(cfg, k, v) != v}
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise UsageError(f"{path}: resuming with changed Config fields ({diff}); only "
-                         f"{', '.join(RESUME_APPLIED)} may change: use a new out_dir")
-    try:
-        load_full_state(model, ck["model"])
-    except RuntimeError as e:
-        raise UsageError(f"{path}: its weights do not fit this model "
-                         f"({str(e).splitlines()[0]})") from None
-    load_full_state(model, ck["opt"], opt)
-    sched.load_state_dict(ck["sched"])
-    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-        g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from this step on
-    if ema is not None:
-        load_full_state(ema, ck["ema"])
-    if scaler is not None:
-        scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
-    if rank == 0:
-        log(f"resumed from {path} at step {ck['step']}")
-    return ck["step"], ck["history"], ck["gate_avg"]
-
-
-def write_checkpoint(path, cfg, dist, model, opt, sched, ema, loop_state):
-    """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
-    rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
-    if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
-        weights = {"model": full_state(model), "opt": full_state(model, opt),
-                   "ema": full_state(ema) if ema is not None else None}
-    if dist.rank == 0:
-        ck = {**weights, "sched": sched.state_dict(), **loop_state, "rng": rngs,
-              "config": dataclasses.asdict(cfg)}
-        save_checkpoint(path, {**ck, "sha256": checksum(ck)})
-
-
-class RunLog:
-    """Where each step's record goes, on rank 0: out_dir/history.jsonl (rewritten from a resumed
-    run's history, then a line per step: a run killed after its last checkpoint left lines past
-    it, which would otherwise appear twice), the dashboard line at eval steps, Config.report_to
-    (TensorBoard or W&B, imported here only, when asked for) and the progress bar."""
-
-    def __init__(self, cfg, history, step, rank0, log, progress):
-        self.log, self.t0 = (log if rank0 else None), time.time()
-        self.jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank0 else os.devnull, "w")
-        append_history(self.jsonl, history)
-        self.tracker = self.wandb = None
-        try:
-            if rank0 and cfg.report_to == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.tracker = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-            elif rank0 and cfg.report_to == "wandb":
-                import wandb
-                self.wandb = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
-        except ImportError as e:
-            raise UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install {cfg.report_to}") from None
-        from tqdm import tqdm
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
-                        leave=False, disable=not (progress and cfg.progress and rank0))
-
-    def add(self, rec, dashboard):
-        if dashboard and self.log:
-            with self.bar.external_write_mode():  # the line goes above the bar
-                self.log(format_log(rec, time.time() - self.t0))
-        append_history(self.jsonl, [rec])
-        if self.tracker:
-            for k, v in rec.items():
-                if k != "step":
-                    self.tracker.add_scalar(k, v, rec["step"])
-            self.tracker.flush()
-        if self.wandb:
-            self.wandb.log(rec, step=rec["step"])
-        self.bar.update(1)
-        self.bar.set_postfix_str(" ".join(f"{k}={rec[k]:.3f}" for k in ("ar", "aux") if k in rec))
-
-    def close(self):
-        self.bar.close()
-        self.jsonl.close()
-        if self.tracker:
-            self.tracker.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def append_history(f, recs):
-    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
-    f.writelines(json.dumps(r) + "\n" for r in recs)
-    f.flush()
-
 
 if __name__ == "__main__":
     sys.exit("sfr.py is the library; its command line is train.py: python train.py --help")

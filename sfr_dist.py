@@ -82,8 +82,8 @@ class FSDP(DDP):
 
     def finish(self, model, ema, new_model):
         """Rank 0 gets the whole model (and EMA head) back, the others keep their shards."""
-        weights = sfr.full_state(model)
-        ema_weights = sfr.full_state(ema) if ema is not None else None
+        weights = train.full_state(model)
+        ema_weights = train.full_state(ema) if ema is not None else None
         if self.rank == 0:
             model = new_model()
             model.load_state_dict(weights)

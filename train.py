@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,6 +187,234 @@ def load_exported(path: str):
     tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
     return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off
 
+# ----------------------------------------------------------------------------- the run on disk
+# sfr.train(..., run=RunOnDisk()): out_dir/ckpt.pt (atomic, checksummed, an exact resume),
+# history.jsonl, Config.report_to and the progress bar.
+
+
+def check_writable(out_dir):
+    """Fail before any work if out_dir cannot hold the checkpoint."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = Path(out_dir) / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise sfr.UsageError(f"Config.out_dir={out_dir!r}: cannot write there ({e.strerror})") from None
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, flush it to disk, then rename it over the old checkpoint.
+    A crash at any point leaves either the old or the new checkpoint, never a torn one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint train() wrote, refused with its path if unreadable or its checksum fails."""
+    try:  # weights_only=False: the RNG states and history are plain Python objects
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn zip, a truncated pickle: all one case for the user
+        raise sfr.UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                         "move it away to start over") from None
+    if not isinstance(ck, dict) or ck.get("sha256") != checksum(ck):
+        raise sfr.UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away to "
+                         "start over")
+    return ck
+
+
+def checksum(state):
+    """sha256 of a checkpoint's content (every tensor's bytes, every other value's repr),
+    without its own 'sha256' entry: the same before saving and after loading."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                add(v)
+        elif torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(x).encode())
+    add({k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def full_state(module, opt=None):
+    """The whole state_dict of a module (of module and optimiser, with opt), sharded or not, on
+    the CPU: keyed by parameter name, so a checkpoint resumes under any number of processes."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: to rank 0 only
+    return dcp.get_model_state_dict(module, options=opts) if opt is None else \
+        dcp.get_optimizer_state_dict(module, opt, options=opts)
+
+
+def load_full_state(module, state, opt=None):
+    """Inverse of full_state: every process passes the whole state and keeps its shard of it."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    opts = dcp.StateDictOptions(full_state_dict=True)
+    if opt is None:
+        dcp.set_model_state_dict(module, state, options=opts)
+    else:
+        dcp.set_optimizer_state_dict(module, opt, state, options=opts)
+
+
+# Resuming with changed fields: these are applied (they change where and how often things are
+# written, or, for steps, the length the lr and lambda schedules read at every step); a change to
+# any other field is refused, since the checkpoint's state was made under the old value.
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
+               "progress")
+
+RESUME_APPLIED = RESUME_FREE + ("steps",)
+
+
+class RunOnDisk(sfr.RunInMemory):
+    """A run train() can resume bit for bit (rank 0 writes, every process reads):
+    out_dir/ckpt.pt holds the model (heads included), optimiser, lr scheduler, EMA head, gate
+    state, fp16 loss scaler, step, history, every process's RNG state and a checksum;
+    out_dir/history.jsonl gets each step's record as it finishes (rewritten from a resumed run's
+    history first: a run killed after its last checkpoint left lines past it, which would
+    otherwise appear twice); the dashboard line at eval steps, Config.report_to (TensorBoard or
+    W&B, imported here only, when asked for) and the progress bar (progress and cfg.progress)."""
+
+    def __init__(self, progress=True):
+        self.progress, self.saved = progress, None
+
+    def start(self, cfg, dist, log, **parts):
+        check_writable(cfg.out_dir)
+        self.cfg, self.dist, self.parts = cfg, dist, parts
+        self.path = os.path.join(cfg.out_dir, "ckpt.pt")
+        step, history, gate_avg = (self.resume(log) if cfg.resume else None) or (0, [], None)
+        self.saved = step if step else None
+        rank0 = dist.rank == 0
+        self.log, self.t0 = (log if rank0 else None), time.time()
+        self.jsonl = open(os.path.join(cfg.out_dir, "history.jsonl") if rank0 else os.devnull, "w")
+        append_history(self.jsonl, history)
+        self.tracker = self.wandb = None
+        try:
+            if rank0 and cfg.report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.tracker = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+            elif rank0 and cfg.report_to == "wandb":
+                import wandb
+                self.wandb = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+        except ImportError as e:
+            raise sfr.UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install "
+                                 f"{cfg.report_to}") from None
+        from tqdm import tqdm
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
+                        leave=False, disable=not (self.progress and cfg.progress and rank0))
+        return step, history, gate_avg
+
+    def resume(self, log):
+        """Load the checkpoint into the run's parts and restore the RNG state: (step, history,
+        gate state), or None (with a line saying so) when there is no checkpoint yet."""
+        cfg, path, rank, world = self.cfg, self.path, self.dist.rank, self.dist.world
+        if not os.path.exists(path):
+            if rank == 0:
+                log(f"resume: no checkpoint at {path} yet, starting at step 0")
+            return None
+        ck = load_checkpoint(path)
+        changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+                   if k not in RESUME_APPLIED and getattr(cfg, k, v) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise sfr.UsageError(f"{path}: resuming with changed Config fields ({diff}); only "
+                                 f"{', '.join(RESUME_APPLIED)} may change: use a new out_dir")
+        model, opt, sched, ema, scaler = (self.parts[k] for k in ("model", "opt", "sched", "ema", "scaler"))
+        try:
+            load_full_state(model, ck["model"])
+        except RuntimeError as e:
+            raise sfr.UsageError(f"{path}: its weights do not fit this model "
+                                 f"({str(e).splitlines()[0]})") from None
+        load_full_state(model, ck["opt"], opt)
+        sched.load_state_dict(ck["sched"])
+        for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from here on
+        if ema is not None:
+            load_full_state(ema, ck["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
+        if rank == 0:
+            log(f"resumed from {path} at step {ck['step']}")
+        return ck["step"], ck["history"], ck["gate_avg"]
+
+    def add(self, rec, dashboard):
+        if dashboard and self.log:
+            with self.bar.external_write_mode():  # the line goes above the bar
+                self.log(sfr.format_log(rec, time.time() - self.t0))
+        append_history(self.jsonl, [rec])
+        if self.tracker:
+            for k, v in rec.items():
+                if k != "step":
+                    self.tracker.add_scalar(k, v, rec["step"])
+            self.tracker.flush()
+        if self.wandb:
+            self.wandb.log(rec, step=rec["step"])
+        self.bar.update(1)
+        self.bar.set_postfix_str(" ".join(f"{k}={rec[k]:.3f}" for k in ("ar", "aux") if k in rec))
+
+    def save(self, **loop_state):
+        """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
+        dist, (model, opt, sched, ema, scaler) = self.dist, (
+            self.parts[k] for k in ("model", "opt", "sched", "ema", "scaler"))
+        rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
+        if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
+            weights = {"model": full_state(model), "opt": full_state(model, opt),
+                       "ema": full_state(ema) if ema is not None else None}
+        if dist.rank == 0:
+            ck = {**weights, "sched": sched.state_dict(), **loop_state,
+                  "scaler": scaler.state_dict() if scaler else None, "rng": rngs,
+                  "config": dataclasses.asdict(self.cfg)}
+            save_checkpoint(self.path, {**ck, "sha256": checksum(ck)})
+        self.saved = loop_state["step"]
+
+    def kept(self):
+        return ("no checkpoint was written yet" if self.saved is None else
+                f"the last good checkpoint is {self.path} (step {self.saved})")
+
+    def close(self):
+        self.bar.close()
+        self.jsonl.close()
+        if self.tracker:
+            self.tracker.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def append_history(f, recs):
+    """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+    f.flush()
+
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -220,7 +450,7 @@ def parse_config(argv=None, base: sfr.Config | None = None, prog=None, epilog=No
 
 def run(cfg: sfr.Config, dist=None, rank0=True):
     """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample."""
-    sfr.check_writable(cfg.out_dir)
+    check_writable(cfg.out_dir)
     pairs = load_pairs(cfg.data, sfr.HF["chat"](cfg) if cfg.backbone != "gpt" else None)
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))
@@ -233,7 +463,7 @@ def run(cfg: sfr.Config, dist=None, rank0=True):
         print(f"encoder {cfg.encoder}: {encoder.misses} segments encoded, "
               f"cache hit rate {encoder.hit_rate:.2f}")
         encoder.save()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, dist=dist)
+    model, history = sfr.train(cfg, train_set, tok, eval_set, dist=dist, run=RunOnDisk())
     if not rank0:
         return model, history
     path = export(model, os.path.join(cfg.out_dir, "export"), tok)

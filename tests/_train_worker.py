@@ -50,8 +50,8 @@ def main():
     opts = dict(a.lstrip("-").split("=") if "=" in a else (a.lstrip("-"), "1") for a in sys.argv[2:])
     examples, tok = demo_data(cfg, int(opts["no-target-rank"]) if "no-target-rank" in opts else None)
     if "slow" in opts:
-        save = sfr.save_checkpoint
-        sfr.save_checkpoint = lambda path, state: (save(path, state), time.sleep(float(opts["slow"])))
+        save = train.save_checkpoint
+        train.save_checkpoint = lambda path, state: (save(path, state), time.sleep(float(opts["slow"])))
     if "spy" in opts:
         clip, seen = torch.nn.utils.clip_grad_norm_, []
 
@@ -61,7 +61,7 @@ def main():
                 seen.append([None if p.grad is None else sfr.full(p.grad).clone() for p in params])
             return clip(params, *a, **k)
         torch.nn.utils.clip_grad_norm_ = spy
-    sfr.train(cfg, examples, tok, examples[:4], log=print, progress=False, dist=dist)
+    sfr.train(cfg, examples, tok, examples[:4], log=print, run=train.RunOnDisk(progress=False), dist=dist)
     if "spy" in opts and int(os.environ.get("RANK", "0")) == 0:
         torch.save(seen[0], os.path.join(cfg.out_dir, "grads.pt"))
     print("done", flush=True)

@@ -286,7 +286,7 @@ def test_lambda_zero_training_run_matches_plain_run(demo, tmp_path):
     """Through sfr.train: same AR losses and same backbone weights, step for step."""
     runs = {}
     for aux in ("none", "flow"):
-        model, hist = sfr.train(tiny(tmp_path / aux, aux=aux, lam=0.0), fresh(demo.examples), demo.tok, progress=False)
+        model, hist = sfr.train(tiny(tmp_path / aux, aux=aux, lam=0.0), fresh(demo.examples), demo.tok)
         runs[aux] = ([r["ar"] for r in hist], model.backbone.state_dict())
     assert runs["none"][0] == runs["flow"][0]
     assert all(torch.equal(v, runs["flow"][1][k]) for k, v in runs["none"][1].items())
@@ -323,9 +323,8 @@ def test_head_warmup_leaves_backbone_as_plain_training(demo, tmp_path):
     """With head_warmup covering the run, the backbone trains exactly as with aux='none'
     (grad_clip off: the head's gradient would otherwise change the clipping factor)."""
     kw = dict(grad_clip=0.0, lr_schedule="constant", steps=4)
-    plain, _ = sfr.train(tiny(tmp_path / "p", aux="none", **kw), fresh(demo.examples), demo.tok, progress=False)
-    warm, hist = sfr.train(tiny(tmp_path / "w", aux="flow", head_warmup=4, **kw), fresh(demo.examples), demo.tok,
-                           progress=False)
+    plain, _ = sfr.train(tiny(tmp_path / "p", aux="none", **kw), fresh(demo.examples), demo.tok)
+    warm, hist = sfr.train(tiny(tmp_path / "w", aux="flow", head_warmup=4, **kw), fresh(demo.examples), demo.tok)
     assert all(torch.equal(v, warm.backbone.state_dict()[k]) for k, v in plain.backbone.state_dict().items())
     assert hist[-1]["aux"] > 0
 
@@ -427,7 +426,7 @@ def test_lambda_schedules():
 
 def test_training_uses_the_lambda_schedule(demo, tmp_path):
     cfg = tiny(tmp_path, lam_schedule="ramp", lam_ramp=4, steps=5)
-    _, hist = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    _, hist = sfr.train(cfg, fresh(demo.examples), demo.tok)
     assert [r["lam"] for r in hist] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -436,11 +435,11 @@ def test_ema_starts_from_the_warmed_up_head(demo, tmp_path):
     authors' order would leave it ~ the random init); one step later it is
     lerp(head_n+1, head_n+2, 0.001)."""
     kw = dict(aux="flow", head_warmup=3, ema=0.999, lr_schedule="constant", lr=1e-2)
-    m4, _ = sfr.train(tiny(tmp_path / "a", steps=4, **kw), fresh(demo.examples), demo.tok, progress=False)
+    m4, _ = sfr.train(tiny(tmp_path / "a", steps=4, **kw), fresh(demo.examples), demo.tok)
     for pe, p in zip(m4.ema_head.parameters(), m4.head.parameters()):
         assert torch.equal(pe, p)
     assert m4.head.out.weight.abs().max() > 1e-3  # the head did move away from its zero init
-    m5, _ = sfr.train(tiny(tmp_path / "b", steps=5, **kw), fresh(demo.examples), demo.tok, progress=False)
+    m5, _ = sfr.train(tiny(tmp_path / "b", steps=5, **kw), fresh(demo.examples), demo.tok)
     for pe, p4, p5 in zip(m5.ema_head.parameters(), m4.head.parameters(), m5.head.parameters()):
         torch.testing.assert_close(pe, p4 + 0.001 * (p5 - p4))
         assert not torch.equal(p4, p5)
@@ -484,7 +483,7 @@ def n_params(m):
 
 def test_export_builtin_gpt_is_the_plain_backbone(demo, tmp_path):
     cfg = tiny(tmp_path, steps=3, dropout=0.1)
-    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok)
     path = train.export(model, str(tmp_path / "export"), demo.tok)
     gpt, tok = train.load_exported(path)
     assert not any("head" in k and "lm_head" not in k for k in torch.load(Path(path) / "model.pt"))
@@ -529,7 +528,7 @@ def tiny_hf(tmp_path_factory, demo):
 def test_export_hf_backbone_reloads_with_plain_transformers(demo, tiny_hf, tmp_path):
     from transformers import AutoModelForCausalLM
     cfg = tiny(tmp_path, backbone=str(tiny_hf), steps=2)
-    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok, progress=False)
+    model, _ = sfr.train(cfg, fresh(demo.examples), demo.tok)
     assert isinstance(model.backbone, sfr_hf.HFBackbone) and model.head is not None
     path = train.export(model, str(tmp_path / "export"), demo.tok)
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -725,7 +724,7 @@ def test_distinct_n_hand_case():
 
 
 def test_training_is_deterministic(demo, tmp_path):
-    runs = [sfr.train(tiny(tmp_path / str(i), seed=s), fresh(demo.examples), demo.tok, progress=False)[1]
+    runs = [sfr.train(tiny(tmp_path / str(i), seed=s), fresh(demo.examples), demo.tok)[1]
             for i, s in enumerate((3, 3, 4))]
     losses = [[(r["ar"], r["aux"]) for r in hist] for hist in runs]
     assert losses[0] == losses[1]
@@ -781,7 +780,7 @@ def test_bad_config_values_raise_clear_errors(demo, tmp_path):
     with pytest.raises(ValueError, match=r"Config\.k=0"):
         sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=0, block_size=32), FakeEncoder())
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
-        sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok, progress=False)
+        sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         sfr.SFRModel(sfr.Config(aux="foo"), sfr.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
@@ -901,29 +900,41 @@ def test_train_checks_out_dir_before_step_1(demo, tmp_path):
     (tmp_path / "file").write_text("")
     cfg = tiny(tmp_path, aux="none", out_dir=str(tmp_path / "file" / "out"))
     with pytest.raises(sfr.UsageError, match="Config.out_dir"):
-        sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, progress=False)
+        sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
+
+
+def test_a_run_in_memory_writes_nothing_and_refuses_to_resume(demo, tmp_path):
+    """sfr.train's default run keeps the run in memory: no file in out_dir, eval lines logged,
+    and Config.resume refused (there is nothing to resume from) rather than silently ignored."""
+    cfg = tiny(tmp_path, aux="none", steps=2, eval_every=1)
+    logs = []
+    _, history = sfr.train(cfg, fresh(demo.examples), demo.tok, fresh(demo.examples)[:4], log=logs.append)
+    assert [h["step"] for h in history] == [1, 2] and not Path(cfg.out_dir).exists()
+    assert [line.split("|")[0].split() for line in logs] == [["step", "1"], ["step", "2"]]
+    with pytest.raises(sfr.UsageError, match="Config.resume=True: this run keeps nothing on disk"):
+        sfr.train(dataclasses.replace(cfg, resume=True), fresh(demo.examples), demo.tok, log=logs.append)
 
 
 def test_resume_refuses_what_it_cannot_apply_and_says_when_there_is_nothing(demo, tmp_path):
     cfg = tiny(tmp_path, aux="none", steps=2, resume=True)
     logs = []
-    sfr.train(cfg, fresh(demo.examples), demo.tok, log=logs.append, progress=False)
+    sfr.train(cfg, fresh(demo.examples), demo.tok, log=logs.append, run=train.RunOnDisk(progress=False))
     assert any("no checkpoint at" in line and "starting at step 0" in line for line in logs)
     for change, says in ((dict(lr=1e-4), "lr: 0.003 -> 0.0001"), (dict(n_layer=2), "n_layer: 1 -> 2")):
         with pytest.raises(sfr.UsageError, match=f"ckpt.pt: resuming with changed Config fields.*{says}"):
             sfr.train(dataclasses.replace(cfg, **change), fresh(demo.examples), demo.tok,
-                      log=lambda s: None, progress=False)
+                      log=lambda s: None, run=train.RunOnDisk(progress=False))
     _, history = sfr.train(dataclasses.replace(cfg, steps=3), fresh(demo.examples), demo.tok,
-                           log=lambda s: None, progress=False)  # steps is applied: one step more
+                           log=lambda s: None, run=train.RunOnDisk(progress=False))  # steps is applied: one step more
     assert [h["step"] for h in history] == [1, 2, 3]
     ck = torch.load(Path(cfg.out_dir) / "ckpt.pt", weights_only=False)
-    assert ck["config"]["steps"] == 3 and ck["sha256"] == sfr.checksum(ck)
+    assert ck["config"]["steps"] == 3 and ck["sha256"] == train.checksum(ck)
 
 
 @pytest.mark.parametrize("damage, says", [("flip", "checksum mismatch"), ("cut", "not a readable checkpoint")])
 def test_a_damaged_checkpoint_is_refused_with_its_path(demo, tmp_path, damage, says):
     cfg = tiny(tmp_path, aux="none", steps=2)
-    sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, progress=False)
+    sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
     path = Path(cfg.out_dir) / "ckpt.pt"
     raw = bytearray(path.read_bytes())
     if damage == "flip":  # 64 bytes of a weight tensor, far from the zip's own headers
@@ -936,7 +947,7 @@ def test_a_damaged_checkpoint_is_refused_with_its_path(demo, tmp_path, damage, s
     path.write_bytes(bytes(raw))
     with pytest.raises(sfr.UsageError, match=f"{path}: {says}"):
         sfr.train(dataclasses.replace(cfg, resume=True), fresh(demo.examples), demo.tok,
-                  log=lambda s: None, progress=False)
+                  log=lambda s: None, run=train.RunOnDisk(progress=False))
 
 
 def test_several_processes_need_sfr_dist(monkeypatch, capsys, tmp_path):

@@ -90,7 +90,7 @@ def test_exact_mass_matches_sfr_generate(tmp_path, one_thread):
     cfg = sfr.Config(aux="none", n_layer=1, n_embd=32, n_head=2, steps=100, lr=1e-2, eval_every=0, ckpt_every=0,
                      out_dir=str(tmp_path))
     model, _ = sfr.train(cfg, sfr.prepare(collapse.to_pairs(task, data, False), tok, cfg), tok, None,
-                         log=lambda s: None, progress=False)
+                         log=lambda s: None)
     bb = model.backbone.eval()
     mass = collapse.exact_mass(task, bb, tok, [1.3])[0, 1, 0]  # (M, P) for persona 0, query 1 (untrained)
     mass_any = collapse.exact_mass(task, bb, tok, [1.3], any_topic=True, pairs=[(0, 1)])[0, 1, 0]

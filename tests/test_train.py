@@ -97,7 +97,7 @@ def test_authors_recipe_resumes_bit_for_bit(tmp_path):
     from _train_worker import demo_data
     cfg = dict(TINY, recipe="authors", k=4, stride=2, min_suffix=2, head_width=32, lr_schedule="constant",
                head_warmup=2, lam_ramp=2, gate_decay=0.5, steps=6, ckpt_every=0, eval_every=0)
-    quiet = dict(log=lambda s: None, progress=False)
+    quiet = dict(log=lambda s: None, run=train.RunOnDisk(progress=False))
     whole = sfr.Config(**cfg, out_dir=str(tmp_path / "whole"))
     examples, tok = demo_data(whole)
     _, h1 = sfr.train(whole, examples, tok, **quiet)
@@ -127,7 +127,7 @@ def one_process(cfg, out_dir, eval_set=False):
     loss, terms = sfr.total_loss(model(batch, 0), sfr.lam_at(one_cfg, 0))
     loss.backward()
     _, history = sfr.train(one_cfg, examples, tok, examples[:4] if eval_set else None, log=lambda s: None,
-                           progress=False)
+                           run=train.RunOnDisk(progress=False))
     return model, terms, history, (examples, tok, one_cfg)
 
 
@@ -170,7 +170,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_
         return loss * float("nan") if len(calls) == 4 else loss
     monkeypatch.setattr(sfr, "fm_token_loss", poisoned)
     with pytest.raises(sfr.TrainingDiverged, match=r"step 4: loss term 'aux' is nan.*ckpt\.pt \(step 3\)"):
-        sfr.train(cfg, examples, tok, log=lambda s: None, progress=False)
+        sfr.train(cfg, examples, tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
     ck = load(tmp_path / "ckpt.pt")
     assert ck["step"] == 3 and len(ck["history"]) == 3
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -178,13 +178,13 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    sfr.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
     class Crash:  # pickling it fails after the big tensor before it has been written
         def __reduce__(self):
             raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        sfr.save_checkpoint(path, {"step": 2, "w": torch.zeros(1 << 20), "crash": Crash()})
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(1 << 20), "crash": Crash()})
     assert os.path.getsize(path + ".tmp") > 0  # the write did start
     ck = load(path)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
@@ -211,7 +211,7 @@ def test_fsdp_under_accelerate_matches_one_process_and_its_checkpoint_resumes_in
     # the checkpoint holds whole tensors keyed by name: one process takes the run over
     logs = []
     _, resumed = sfr.train(dataclasses.replace(one_cfg, out_dir=str(tmp_path / "fsdp"), resume=True), examples,
-                           tok, examples[:4], log=logs.append, progress=False)
+                           tok, examples[:4], log=logs.append, run=train.RunOnDisk(progress=False))
     assert any("resumed from" in line and "at step 2" in line for line in logs)
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
     for h1, h2 in zip(history[2:], resumed[2:]):
@@ -261,13 +261,13 @@ def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
 
     def killer(line):  # the first log line comes at step 5, before its record is written
         raise Killed
-    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, progress=False)
+    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
     with pytest.raises(Killed):
-        sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, progress=False)
+        sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, run=train.RunOnDisk(progress=False))
     part = (tmp_path / "part" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in part] == [1, 2, 3, 4]
     sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, log=lambda s: None,
-              progress=False)
+              run=train.RunOnDisk(progress=False))
     whole = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in whole] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "part" / "history.jsonl").read_text().splitlines() == whole
@@ -329,7 +329,7 @@ def test_bf16_autocast_keeps_float32_weights_and_the_loss_close_to_float32s(tmp_
     from _train_worker import demo_data
     cfg = sfr.Config(**TINY, steps=2, eval_every=0, out_dir=str(tmp_path))
     examples, tok = demo_data(cfg)
-    quiet = dict(log=lambda s: None, progress=False)
+    quiet = dict(log=lambda s: None, run=train.RunOnDisk(progress=False))
     m32, h32 = sfr.train(cfg, examples, tok, **quiet)
     m16, h16 = sfr.train(dataclasses.replace(cfg, dtype="bf16"), examples, tok, **quiet)
     assert all(p.dtype == torch.float32 for p in m16.parameters())  # AdamW's master weights

@@ -34,7 +34,7 @@ def examples(encoder):
 
 def run(cfg, examples):
     import copy
-    return sfr.train(cfg, copy.deepcopy(examples), TOK, progress=False, log=lambda *a: None)
+    return sfr.train(cfg, copy.deepcopy(examples), TOK, log=lambda *a: None, run=train.RunOnDisk(progress=False))
 
 
 # ----------------------------------------------------------------------------- fp16 and its loss scaler
@@ -178,7 +178,7 @@ def test_report_to_without_the_package_is_one_line_naming_the_field(examples, tm
 
 def test_no_tracker_is_imported_unless_asked(tmp_path):
     code = ("import sys, sfr, train; cfg = sfr.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, aux='none', "
-            f"steps=1, eval_every=0, progress=False, out_dir={str(tmp_path)!r}); "
+            f"steps=1, eval_every=0, out_dir={str(tmp_path)!r}); "
             "pairs = train.demo_pairs(); tok = train.Tokenizer.from_texts([t for p in pairs for t in p]); "
             "sfr.train(cfg, sfr.prepare(pairs, tok, cfg), tok, log=lambda *a: None); "
             "print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules))")

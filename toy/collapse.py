@@ -364,7 +364,7 @@ def pretrain(task, a, seed, data, tok, anchor, path):
     with tempfile.TemporaryDirectory() as d:
         cfg = make_config(a, "sft", seed, d, a.pre_steps)
         train = sfr.prepare(to_pairs(task, data, anchor), tok, cfg)
-        model, _ = sfr.train(cfg, train, tok, None, log=lambda s: None, progress=False)
+        model, _ = sfr.train(cfg, train, tok, None, log=lambda s: None)
     torch.save(model.backbone.state_dict(), path)
     return model.backbone
 
@@ -424,7 +424,7 @@ def run_job(regime, a, methods, seed, encoder=None):
                               sfr.prepare(to_pairs(task, ev, anchor), tok, cfg, encoder))
             train_set, evs = cache[key]
             t1 = time.time()
-            model, hist = sfr.train(cfg, train_set, tok, evs, log=lambda s: None, progress=False)
+            model, hist = sfr.train(cfg, train_set, tok, evs, log=lambda s: None)
             last = hist[-1]
             extra = {"train_s": time.time() - t1, "final_ar": last["ar"], "eval_ar": last.get("eval_ar"),
                      "shuffle_gap": last.get("shuffle_gap"), "aux_grad_share": last.get("aux_grad_share", 0.0),

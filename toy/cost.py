@@ -237,7 +237,7 @@ def quality(base, encoder, variants, seeds, steps):
             random.Random(seed).shuffle(shuffled)
             train_set = sfr.prepare(shuffled[4:], tok, cfg, encoder)
             eval_set = sfr.prepare(shuffled[:4], tok, cfg, encoder)
-            model, _ = sfr.train(cfg, train_set, tok, eval_set, log=lambda s: None, progress=False)
+            model, _ = sfr.train(cfg, train_set, tok, eval_set, log=lambda s: None)
             rec = sfr.evaluate(model, eval_set, cfg, tok, steps, head=model.ema_head)
             ev = sfr.collate(eval_set, list(range(4)), tok.pad_id, tok.eos_id, model.d_z)
             rec.update(sfr.diagnostics(model, ev, cfg, steps, head=model.ema_head))

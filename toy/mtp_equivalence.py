@@ -98,7 +98,7 @@ def run(steps, encoder=None, **kw):
     cfg = sfr.Config(steps=steps, eval_every=0, ckpt_every=0, out_dir="/tmp/mtp_equivalence", **kw).validate()
     pairs, tok = demo_data(cfg)
     train_set = sfr.prepare(pairs, tok, cfg, encoder)
-    return sfr.train(cfg, train_set, tok, None, log=lambda s: None, progress=False)
+    return sfr.train(cfg, train_set, tok, None, log=lambda s: None)
 
 
 def max_param_diff(m1, m2):

@@ -359,7 +359,7 @@ def run_cell(task, args, method, seed, data, encoder):
     with tempfile.TemporaryDirectory() as d:
         cfg = make_config(args, method, seed, d)
         t0 = time.time()
-        model, history = sfr.train(cfg, train_set, args.tok, eval_set, log=lambda s: None, progress=False)
+        model, history = sfr.train(cfg, train_set, args.tok, eval_set, log=lambda s: None)
         train_s = time.time() - t0
     bb = model.backbone.eval()
     anchor = method == "anchor"
@@ -420,7 +420,7 @@ def check_same_init(args, methods, data):
         with tempfile.TemporaryDirectory() as d:
             cfg = make_config(args, method, 0, d)
             cfg.steps, cfg.lr, cfg.lr_warmup = 1, 0.0, 1
-            model, _ = sfr.train(cfg, train_set, args.tok, None, log=lambda s: None, progress=False)
+            model, _ = sfr.train(cfg, train_set, args.tok, None, log=lambda s: None)
         sd = model.backbone.state_dict()
         if ref is None:
             ref = sd
