@@ -125,7 +125,7 @@ class Config:
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
     grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
-    dtype: str = arg("float32", "'bf16' / 'fp16': the forward under autocast, float32 weights and AdamW "
+    dtype: str = arg("float32", "'bf16' / 'fp16': the forward in autocast, float32 weights, AdamW "
                                 "(fp16 with a loss scaler)")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
@@ -133,12 +133,13 @@ class Config:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
-    ckpt_every: int = arg(100, "resumable checkpoint every N steps (train.RunOnDisk); 0 = at the end")
-    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png; checked writable")
+    ckpt_every: int = arg(100, "train.RunOnDisk's checkpoint every N steps; 0 = at the end")
+    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png; checked "
+                              "writable before step 1")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
-    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term as "
-                             "it comes (the package is imported only then); '' = none")
+    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term "
+                             "as it comes (the package is imported only then); '' = none")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
@@ -180,8 +181,8 @@ class Config:
             raise UsageError(f"Config.hidden_layer={self.hidden_layer}: the built-in GPT has "
                              f"n_layer + 1 = {self.n_layer + 1} hidden states")
         if self.backbone != "gpt" and not HF:
-            raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains through "
-                             "sfr_hf.py (python sfr_hf.py --backbone=... ; in Python, import sfr_hf)")
+            raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains "
+                             "through sfr_hf.py (python sfr_hf.py --backbone=..., import sfr_hf)")
         if self.lora_r and self.backbone == "gpt":
             raise UsageError(f"Config.lora_r={self.lora_r}: LoRA adapts a Hugging Face backbone "
                              "(Config.backbone=FOLDER)")
@@ -845,7 +846,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=
     (sfr_dist.py); None = one process. cfg.batch_size is the global batch, split across
     processes, and losses are normalised over all of it."""
     cfg.validate()
-    dist, run = dist or one_process(), run or RunInMemory()
+    dist, run = dist or OneProcess(), run or RunInMemory()
     if cfg.batch_size < dist.world * cfg.grad_accum:  # >= 1 sequence per process and micro-batch
         raise UsageError(f"Config.batch_size={cfg.batch_size} is the global batch: it needs "
                          f">= {dist.world * cfg.grad_accum} sequences, one per process and "
@@ -920,13 +921,14 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     TrainingDiverged on a non-finite loss term or gradient, before the weights change.
     cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
     the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
-    scaler: the loss scaler of cfg.dtype='fp16'; a step whose gradient overflows is skipped by it."""
+    scaler: the loss scaler of cfg.dtype='fp16'; it skips a step whose gradient overflows."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
     lam = lam_at(cfg, step)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    amp = torch.autocast(torch.device(cfg.device).type, half or torch.bfloat16, enabled=half is not None)
+    device = torch.device(cfg.device).type
+    amp = torch.autocast(device, half or torch.bfloat16, enabled=half is not None)
     if cfg.grad_accum == 1:
         with amp:
             out = (ddp or model)(batch, step)
@@ -1178,6 +1180,12 @@ class OneProcess:
     and FSDP override it (and are the torchrun / accelerate entry point)."""
     rank, world, sharded = 0, 1, False
 
+    def __init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("WORLD_SIZE > 1: train.py trains one process; for several use "
+                             "torchrun --nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with "
+                             "--shard=true)")
+
     def wrap(self, model, ema, log):
         """The module a training step calls (FSDP shards model and ema in place; DDP wraps)."""
         return model
@@ -1189,13 +1197,6 @@ class OneProcess:
     def finish(self, model, ema, new_model):
         """The (model, ema) train() returns: FSDP gathers the whole ones onto rank 0."""
         return model, ema
-
-
-def one_process():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("WORLD_SIZE > 1: train.py trains one process; for several use torchrun "
-                         "--nproc_per_node=N sfr_dist.py ... (DDP, or FSDP with --shard=true)")
-    return OneProcess()
 
 
 def full(x):

@@ -27,7 +27,7 @@ import torch
 
 import sfr
 
-# ----------------------------------------------------------------------------- the built-in tokenizers and demo set
+# ------------------------------------------------------------ the built-in tokenizers and demo set
 
 
 class Tokenizer:
@@ -130,11 +130,12 @@ def load_pairs(path: str, chat=None) -> list[tuple[str, str]]:
             raise sfr.UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise sfr.UsageError(f'{path}:{lineno}: expected a JSON object with "prompt" and '
-                             f'"response", got {type(rec).__name__}')
+                                 f'"response", got {type(rec).__name__}')
         if "messages" in rec:  # a conversation: one (history, reply) pair per assistant turn
             if chat is None:
-                raise sfr.UsageError(f'{path}:{lineno}: "messages" needs a Hugging Face backbone whose '
-                                 "tokenizer has a chat template (python sfr_hf.py --backbone=FOLDER)")
+                raise sfr.UsageError(f'{path}:{lineno}: "messages" needs a Hugging Face backbone '
+                                     "whose tokenizer has a chat template (python sfr_hf.py "
+                                     "--backbone=FOLDER)")
             pairs.extend(chat(rec["messages"], f"{path}:{lineno}"))
             continue
         for key in ("prompt", "response"):
@@ -168,7 +169,8 @@ def export(model: sfr.SFRModel, path: str, tok=None):
     if not isinstance(bb, sfr.GPT):
         return bb.export(path, tok)  # sfr_hf.HFBackbone: save_pretrained
     torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
-    arch = {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    arch = {k: getattr(model.cfg, k)
+            for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"arch": arch, "vocab_size": bb.wte.num_embeddings,
                    "tokenizer": tok.state_dict() if isinstance(tok, Tokenizer) else None}, f)
@@ -200,7 +202,8 @@ def check_writable(out_dir):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise sfr.UsageError(f"Config.out_dir={out_dir!r}: cannot write there ({e.strerror})") from None
+        raise sfr.UsageError(f"Config.out_dir={out_dir!r}: cannot write there "
+                             f"({e.strerror})") from None
 
 
 def save_checkpoint(path, state):
@@ -287,8 +290,8 @@ def load_full_state(module, state, opt=None):
 # Resuming with changed fields: these are applied (they change where and how often things are
 # written, or, for steps, the length the lr and lambda schedules read at every step); a change to
 # any other field is refused, since the checkpoint's state was made under the old value.
-RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache", "report_to",
-               "progress")
+RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard", "cache",
+               "report_to", "progress")
 
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
@@ -322,13 +325,15 @@ class RunOnDisk(sfr.RunInMemory):
                 self.tracker = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
             elif rank0 and cfg.report_to == "wandb":
                 import wandb
-                self.wandb = wandb.init(project="sfr", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+                self.wandb = wandb.init(project="sfr", dir=cfg.out_dir,
+                                        config=dataclasses.asdict(cfg))
         except ImportError as e:
             raise sfr.UsageError(f"Config.report_to={cfg.report_to!r}: {e}; pip install "
                                  f"{cfg.report_to}") from None
         from tqdm import tqdm
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}", dynamic_ncols=True,
-                        leave=False, disable=not (self.progress and cfg.progress and rank0))
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train aux={cfg.aux}",
+                        dynamic_ncols=True, leave=False,
+                        disable=not (self.progress and cfg.progress and rank0))
         return step, history, gate_avg
 
     def resume(self, log):
@@ -346,7 +351,7 @@ class RunOnDisk(sfr.RunInMemory):
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise sfr.UsageError(f"{path}: resuming with changed Config fields ({diff}); only "
                                  f"{', '.join(RESUME_APPLIED)} may change: use a new out_dir")
-        model, opt, sched, ema, scaler = (self.parts[k] for k in ("model", "opt", "sched", "ema", "scaler"))
+        model, opt, sched, ema, scaler = self.modules()
         try:
             load_full_state(model, ck["model"])
         except RuntimeError as e:
@@ -355,7 +360,7 @@ class RunOnDisk(sfr.RunInMemory):
         load_full_state(model, ck["opt"], opt)
         sched.load_state_dict(ck["sched"])
         for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-            g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from here on
+            g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from now
         if ema is not None:
             load_full_state(ema, ck["ema"])
         if scaler is not None:
@@ -364,6 +369,9 @@ class RunOnDisk(sfr.RunInMemory):
         if rank == 0:
             log(f"resumed from {path} at step {ck['step']}")
         return ck["step"], ck["history"], ck["gate_avg"]
+
+    def modules(self):
+        return (self.parts[k] for k in ("model", "opt", "sched", "ema", "scaler"))
 
     def add(self, rec, dashboard):
         if dashboard and self.log:
@@ -382,8 +390,7 @@ class RunOnDisk(sfr.RunInMemory):
 
     def save(self, **loop_state):
         """Rank 0 writes the whole state, every process's RNG state and a checksum of it all."""
-        dist, (model, opt, sched, ema, scaler) = self.dist, (
-            self.parts[k] for k in ("model", "opt", "sched", "ema", "scaler"))
+        dist, (model, opt, sched, ema, scaler) = self.dist, self.modules()
         rngs = dist.gather(rng_state())  # each process has its own RNG stream (dropout)
         if dist.rank == 0 or dist.sharded:  # gathering shards takes every process
             weights = {"model": full_state(model), "opt": full_state(model, opt),
@@ -483,7 +490,7 @@ def main(argv=None, setup=None, prog="train.py", epilog=None):
     A user error prints one line and exits 2, as argparse does."""
     try:
         cfg = parse_config(argv, prog=prog, epilog=epilog)
-        dist = setup(cfg) if setup else sfr.one_process()
+        dist = setup(cfg) if setup else sfr.OneProcess()
         return run(cfg, dist, dist.rank == 0)
     except sfr.UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
