@@ -885,8 +885,8 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
 # --- 8b. fine-tuning, once per method ----------------------------------------
 
 def encoder_cache(cache: str, pooling: str) -> str:
-    """The target cache of one pooling: sfr.SegmentEncoder keeps one encoder's table per file
-    (tagged with it), so the 'model' and 'mean' poolings each get their own file; sharing
+    """The target cache of one pooling: sfr_encoder.SegmentEncoder keeps one encoder's table per
+    file (tagged with it), so the 'model' and 'mean' poolings each get their own file; sharing
     one, each would overwrite the other's and never hit."""
     return cache if pooling == "model" or not cache else str(Path(cache).with_suffix(f".{pooling}.pt"))
 
@@ -1107,6 +1107,7 @@ def _cmd_run(args) -> int:
     import sysconfig
     import torch
     import sfr
+    import sfr_encoder
     import sfr_hf  # noqa: F401  (registers --model's Hugging Face backbone with sfr)
     import train
     t_start, load_start = time.time(), _load_average()
@@ -1187,8 +1188,8 @@ def _cmd_run(args) -> int:
                                **chat_meta})
         needed = sfr.needs_encoder(cfg) and not (out / name / "export" / "DONE").exists()
         if needed and cfg.pooling not in encoders:
-            encoders[cfg.pooling] = sfr.SegmentEncoder(cfg.encoder, device, encoder_cache(cfg.cache, cfg.pooling),
-                                                       cfg.pooling)
+            encoders[cfg.pooling] = sfr_encoder.SegmentEncoder(cfg.encoder, device,
+                                                               encoder_cache(cfg.cache, cfg.pooling), cfg.pooling)
         encoder = encoders.get(cfg.pooling) if sfr.needs_encoder(cfg) else None
         t0 = time.time()
         log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
@@ -1201,7 +1202,7 @@ def _cmd_run(args) -> int:
         return 0
 
     # 3. evaluation: reference loss, samples, sandbox, diversity; each problem stored as done
-    div_encoder = sfr.SegmentEncoder(base.encoder, device, encoder_cache(base.cache, "model"))  # as the model pools
+    div_encoder = sfr_encoder.SegmentEncoder(base.encoder, device, encoder_cache(base.cache, "model"))  # as the model pools
     results = {}
     for name in methods:
         t0 = time.time()

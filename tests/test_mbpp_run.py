@@ -12,6 +12,7 @@ import torch
 
 import reproduce_mbpp as R
 import sfr
+import sfr_encoder
 import train
 import sfr_ladder  # noqa: F401  (registers aux='ladder', which the ladder_* methods use)
 
@@ -302,9 +303,10 @@ def test_each_pooling_has_its_own_target_cache_file(encoder, tmp_path):
     tagged with one encoder), so neither would ever hit."""
     cache = str(tmp_path / "targets.pt")
     assert R.encoder_cache(cache, "model") == cache != R.encoder_cache(cache, "mean")
-    writer = sfr.SegmentEncoder("minilm", cache=cache)
+    writer = sfr_encoder.SegmentEncoder("minilm", cache=cache)
     writer.model = encoder.model  # the session's MiniLM, not a second load
     writer.encode(["alpha beta"])
     writer.save()
-    assert sfr.SegmentEncoder("minilm", cache=cache).table.keys() == {"alpha beta"}
-    assert sfr.SegmentEncoder("minilm", cache=R.encoder_cache(cache, "mean"), pooling="mean").table == {}
+    assert sfr_encoder.SegmentEncoder("minilm", cache=cache).table.keys() == {"alpha beta"}
+    mean = sfr_encoder.SegmentEncoder("minilm", cache=R.encoder_cache(cache, "mean"), pooling="mean")
+    assert mean.table == {}

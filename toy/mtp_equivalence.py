@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 import sfr_ladder  # noqa: E402  (registers aux='ladder')
 
@@ -124,7 +125,7 @@ def training_equivalence(steps):
 
 def ladder_runs(steps):
     """One run per rung (same seed, data order and backbone init), and the SFR end against aux='flow'."""
-    encoder = sfr.SegmentEncoder("minilm")
+    encoder = sfr_encoder.SegmentEncoder("minilm")
     out = {}
     for name, kw in RUNGS:
         t0 = time.time()

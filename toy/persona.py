@@ -66,6 +66,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 import sfr_metrics  # noqa: E402  (the method; nothing of it is re-implemented here)
 
@@ -692,7 +693,7 @@ def main(argv=None, encoder=None):
     if "sft" in methods:  # sft first: it is the reference of every paired difference
         methods = ["sft"] + [m for m in methods if m != "sft"]
     args.tok = train.Tokenizer.from_texts(task.all_texts(), "word")
-    encoder = encoder or sfr.SegmentEncoder("minilm")
+    encoder = encoder or sfr_encoder.SegmentEncoder("minilm")
     label = "full grid" if args.full else "QUICK look (not the reported grid; run --full)"
     print(f"persona task: {task.n_personas} personas x {task.n_modes} modes x {task.n_queries} queries, "
           f"prefix {task.prefix_len}, {args.n_per_persona} examples/persona; {label}")
@@ -745,7 +746,7 @@ _ENCODER = None
 def _init_worker(threads):
     global _ENCODER
     torch.set_num_threads(threads)
-    _ENCODER = sfr.SegmentEncoder("minilm")
+    _ENCODER = sfr_encoder.SegmentEncoder("minilm")
 
 
 def run_seed(task, args, methods, seed, encoder=None):
