@@ -120,7 +120,6 @@ class Config:
     gate_decay: float = arg(0.99, "decay of the gate's running mean of L_FM")
     ema: float = arg(0.0, "EMA decay of the head, evaluated in its place (authors: 0.999); 0 = off")
     ema_teacher: bool = arg(False, "the EMA goes into the head before each step (authors)")
-    sample_steps: int = arg(32, "Euler steps for sample_head (read by toy/bimodal_head.py)")
     # --- training ---
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
@@ -211,7 +210,7 @@ CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"
            "report_to": ("", "tensorboard", "wandb")}
 
 MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
-           "head_width": 1, "sample_steps": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
+           "head_width": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
            "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
            "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "lora_r": 0,
            "lora_dropout": 0, "grad_accum": 1}

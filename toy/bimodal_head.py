@@ -190,13 +190,13 @@ def train_head(kind, task, cfg):
 
 
 @torch.no_grad()
-def sample(kind, head, scale, h, cfg, g):
-    """(N, d) samples in the original (unit-norm) space, one per row of h."""
+def sample(kind, head, scale, h, steps, g):
+    """(N, d) samples in the original (unit-norm) space, one per row of h (steps: Euler steps)."""
     mean, std, target_norm = scale
     if kind in ("gaussian", "authors"):
-        z = sfr.sample_head(head, h, cfg.sample_steps, generator=g)
+        z = sfr.sample_head(head, h, steps, generator=g)
     elif kind == "point":
-        z = sfr.sample_head(head, h, cfg.sample_steps, z0=torch.zeros(h.size(0), head.out.out_features))  # point source
+        z = sfr.sample_head(head, h, steps, z0=torch.zeros(h.size(0), head.out.out_features))  # point source
     else:  # the regression heads are read where they were trained: z = 0, tau = 0
         z = head(torch.zeros(h.size(0), head.out.out_features), torch.zeros(h.size(0)), h)
         if kind == "cosine":  # a direction only: put it at the targets' mean norm
@@ -246,15 +246,16 @@ def run_one(kind, d, a, seed, **over):
         opts = dict(recipe="authors", steps=a.steps, sample_steps=a.sample_steps, batch_size=a.batch_size,
                     lr=a.lr, seed=seed, **a.authors_over)
     opts.update(over)
+    sample_steps = opts.pop("sample_steps")  # the samplers' option, not a training one
     cfg = sfr.Config(**opts).validate()
     t0 = time.time()
     head, scale, loss = train_head(kind, task, cfg)
     g = torch.Generator().manual_seed(20_000 + seed)
     ctx = torch.arange(a.n_ctx).repeat_interleave(a.n_eval)
-    z = sample(kind, head, scale, task["h"][ctx], cfg, g)
+    z = sample(kind, head, scale, task["h"][ctx], sample_steps, g)
     res = score(task, z, ctx, a, g)
-    res.update(head=kind, d=d, seed=seed, loss=loss, seconds=time.time() - t0,
-               **{k: getattr(cfg, k) for k in ("head_width", "steps", "target_scale", "sample_steps")})
+    res.update(head=kind, d=d, seed=seed, loss=loss, seconds=time.time() - t0, sample_steps=sample_steps,
+               **{k: getattr(cfg, k) for k in ("head_width", "steps", "target_scale")})
     return res, (task, z, ctx)
 
 
@@ -464,6 +465,8 @@ def parse_args(argv=None):
     bad = [h for h in a.heads if h not in HEADS]
     if bad or abs(sum(a.weights) - 1) > 1e-6 or len(a.weights) < 2 or a.seeds < 1 or min(a.dims) < 2:
         p.error(f"need heads in {HEADS} (got {bad}), >= 2 weights summing to 1, seeds >= 1, dims >= 2")
+    if min([a.sample_steps] + a.sweep_sample_steps) < 1:
+        p.error("--sample_steps / --sweep_sample_steps: the samplers need >= 1 Euler step")
     return a
 
 
