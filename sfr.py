@@ -651,7 +651,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=
     """Train backbone + aux head. Returns (model, history).
 
     The data order, the flow noise and the lambda schedule are pure functions of (seed, step),
-    so the step is all of their state. run: what is kept of the run, RunInMemory(log) if None
+    so the step is all of their state. run: what is kept of the run, RunInMemory() if None
     (the history, a dashboard line at each eval); train.RunOnDisk writes out_dir/ckpt.pt and
     history.jsonl and resumes from them bit for bit. dist: the multi-process operations
     (sfr_dist.py); None = one process. cfg.batch_size is the global batch, split across
