@@ -6,9 +6,10 @@
 
 sfr.py is the method and its training loop, a library that imports nothing of this project;
 this file is what turns it into a program: the built-in tokenizers and demo set, the jsonl data
-file, the exported model (the backbone alone: the head and the encoder are thrown away after
-training, so the deployed model costs nothing extra), the loss plot, and --field=value flags
-for every sfr.Config field. A Hugging Face folder as the backbone trains through sfr_hf.py,
+file, the run on disk (RunOnDisk: sfr.train's run hook with an atomic checksummed checkpoint,
+a bit-exact resume, history.jsonl, --report_to and the progress bar), the exported model (the
+backbone alone: the head and the encoder are thrown away after training, so the deployed model
+costs nothing extra), the loss plot, and --field=value flags for every sfr.Config field. A Hugging Face folder as the backbone trains through sfr_hf.py,
 several processes through sfr_dist.py; both run this command line.
 """
 from __future__ import annotations
