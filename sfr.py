@@ -12,7 +12,8 @@ plain causal LM. The method comes first: config; flow head and the SFR loss with
 ablations; future-segment targets; batches; the model that ties them together; the
 single-process training loop (train() first, then its parts); the MTP reduction (MTP heads
 and F_Delta-FM); the built-in GPT (a backbone is any module returning (logits, h)); sampling.
-A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size. Beside this file, each importing it (it imports none of them):
+A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size. Beside this file,
+each importing it (it imports none of them):
 train.py (the command line, the built-in tokenizers and demo set, the jsonl data file, the run
 on disk: checkpoints, exact resume and logs, the exported model, the loss plot),
 sfr_encoder.py (the frozen sentence encoder of the targets),

@@ -40,8 +40,8 @@ def encoder_path(name):
             return snapshot_download(repo, local_files_only=True)
         except Exception:  # not cached (or not a valid repo id): try the next spelling
             pass
-    raise sfr.UsageError(f"Config.encoder={name!r}: not 'minilm', not a local folder, and not in the "
-                         "Hugging Face cache (nothing is downloaded at run time)")
+    raise sfr.UsageError(f"Config.encoder={name!r}: not 'minilm', not a local folder, and not in "
+                         "the Hugging Face cache (nothing is downloaded at run time)")
 
 
 class SegmentEncoder:

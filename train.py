@@ -9,8 +9,9 @@ this file is what turns it into a program: the built-in tokenizers and demo set,
 file, the run on disk (RunOnDisk: sfr.train's run hook with an atomic checksummed checkpoint,
 a bit-exact resume, history.jsonl, --report_to and the progress bar), the exported model (the
 backbone alone: the head and the encoder are thrown away after training, so the deployed model
-costs nothing extra), the loss plot, and --field=value flags for every sfr.Config field. A Hugging Face folder as the backbone trains through sfr_hf.py,
-several processes through sfr_dist.py; both run this command line.
+costs nothing extra), the loss plot, and --field=value flags for every sfr.Config field. A
+Hugging Face folder as the backbone trains through sfr_hf.py, several processes through
+sfr_dist.py; both run this command line.
 """
 from __future__ import annotations
 
@@ -220,15 +221,15 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """A checkpoint train() wrote, refused with its path if unreadable or its checksum fails."""
+    """A checkpoint RunOnDisk wrote, refused with its path if unreadable or its checksum fails."""
     try:  # weights_only=False: the RNG states and history are plain Python objects
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a torn zip, a truncated pickle: all one case for the user
         raise sfr.UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                         "move it away to start over") from None
+                             "move it away to start over") from None
     if not isinstance(ck, dict) or ck.get("sha256") != checksum(ck):
-        raise sfr.UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away to "
-                         "start over")
+        raise sfr.UsageError(f"{path}: checksum mismatch, the file is corrupted; move it away "
+                             "to start over")
     return ck
 
 
@@ -421,7 +422,6 @@ def append_history(f, recs):
     """Step records as JSON lines, flushed at once, so `tail -f history.jsonl` follows a run."""
     f.writelines(json.dumps(r) + "\n" for r in recs)
     f.flush()
-
 
 
 # ----------------------------------------------------------------------------- command line
