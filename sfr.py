@@ -1,38 +1,26 @@
-"""sfr.py: Semantic Flow Regularization (SFR) in one file.
+"""sfr.py: Semantic Flow Regularization (SFR, arXiv 2605.27971) in one file.
 
-SFR ("Semantic Flow Regularization: Teaching LLMs to Generate Diverse Yet Coherent
-Responses", arXiv 2605.27971) adds a training-only loss to a causal LM. A small
-flow-matching head must model the *distribution* of a frozen sentence encoder's
-embedding of the next k response tokens, given the backbone's hidden state h_t:
+SFR adds a training-only loss to a causal LM: a small flow-matching head must model the
+*distribution* of a frozen sentence encoder's embedding of the next k response tokens, given the
+backbone's hidden state h_t, so L = L_AR + lambda * L_FM. The head and the encoder are thrown
+away after training: the exported model is a plain causal LM.
 
-    L = L_AR + lambda * L_FM
+In order: config; flow head and the SFR loss with its ablations; future-segment targets;
+batches; the model; the single-process training loop (train() first, then its parts); the MTP
+reduction; the built-in GPT; sampling. A backbone is any module returning (logits, h); a
+tokenizer, anything with encode, decode, pad_id, eos_id and vocab_size. The modules beside this
+file import it, never the reverse (README, "What is in the repository"); train.py is its
+command line, sfr_authors.py the authors' recipe.
 
-The head (and the encoder) are thrown away after training: the exported model is a
-plain causal LM. The method comes first: config; flow head and the SFR loss with its
-ablations; future-segment targets; batches; the model that ties them together; the
-single-process training loop (train() first, then its parts); the MTP reduction (MTP heads
-and F_Delta-FM); the built-in GPT (a backbone is any module returning (logits, h)); sampling.
-A tokenizer is anything with encode, decode, pad_id, eos_id and vocab_size. Beside this file,
-each importing it (it imports none of them):
-train.py (the command line, the built-in tokenizers and demo set, the jsonl data file, the run
-on disk: checkpoints, exact resume and logs, the exported model, the loss plot),
-sfr_encoder.py (the frozen sentence encoder of the targets),
-sfr_hf.py (Hugging Face models as the backbone, chat data, Trainer / TRL drop-ins),
-sfr_dist.py (DDP / FSDP, the torchrun and accelerate entry point), sfr_ladder.py
-(aux='ladder', the rungs from MTP to SFR) and sfr_metrics.py (diversity metrics).
+Flow convention (the linear path): tau = 0 is noise, tau = 1 is data; z0 ~ N(0, I), z1 = the
+target embedding, z_tau = tau z1 + (1 - tau) z0, velocity target u = z1 - z0; the sampler
+integrates dz/dtau = v(z, tau, h) from tau = 0 to tau = 1.
 
-Flow convention, stated once and used everywhere (linear / rectified-flow path):
-    tau = 0 is noise, tau = 1 is data;
-    z0 ~ N(0, I),  z1 = target embedding,  z_tau = tau * z1 + (1 - tau) * z0;
-    velocity target u = d z_tau / d tau = z1 - z0;
-    the sampler integrates dz/dtau = v(z, tau, h) from tau = 0 (noise) to tau = 1.
-
-Run:  python train.py --steps=300        (built-in tiny GPT on a built-in demo set)
-      python train.py --help             (every config field, with its help line)
+Run:  python train.py --steps=300   (the built-in tiny GPT on a built-in demo set)
+      python train.py --help        (every config field, with its help line)
 """
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import math
@@ -89,7 +77,7 @@ class Config:
     lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = arg(0.05, "LoRA dropout")
     lora_targets: str = arg("all-linear", "modules LoRA adapts: 'all-linear' or a comma list")
-    # --- the recipe: 'ours' (these defaults) or 'authors' (RECIPES: their code and template) ---
+    # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code, template) ---
     recipe: str = arg("ours", "preset of the fields in RECIPES[recipe]; explicit fields win")
     # --- future-segment targets (paper Sec. 3) ---
     encoder: str = arg("minilm", "'minilm' (all-MiniLM-L6-v2, offline), or a local / cached model")
@@ -158,7 +146,9 @@ class Config:
         if isinstance(self.recipe, Preset):
             self.recipe = self.recipe.ours
         if self.recipe not in RECIPES:
-            raise UsageError(f"Config.recipe={self.recipe!r}: must be one of {tuple(RECIPES)}")
+            where = " (import sfr_authors, as train.py does)" if self.recipe == "authors" else ""
+            raise UsageError(f"Config.recipe={self.recipe!r}: must be one of {tuple(RECIPES)}"
+                             f"{where}")
         for f in dataclasses.fields(self):  # fields not given explicitly: the recipe's, or ours
             value = getattr(self, f.name)
             if isinstance(value, Preset):
@@ -192,6 +182,10 @@ class Config:
             raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"Config.ema={self.ema}: must be in [0, 1)")
+        theirs = [name for name, ours in OURS.items() if getattr(self, name) != ours]
+        if theirs and not AUTHORS:
+            raise UsageError(f"Config.{theirs[0]}={getattr(self, theirs[0])!r} runs the authors' "
+                             "code path of sfr_authors.py: import sfr_authors (train.py does)")
         if self.ema_teacher and not self.ema:
             raise UsageError("Config.ema_teacher=True needs the teacher's decay in Config.ema")
         if self.aux == "mtp":
@@ -220,36 +214,24 @@ AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
 
 AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_ladder.py
 
-# recipe='authors': what WeAgentAI/SFR's code does (train/fm/trainer.py, train/fm_head.py) with
-# the values of their template train/llama3_lora_fm.yaml (k, stride, head, lambda, gate, EMA
-# teacher; min_suffix is their code's default). k / stride / min_suffix suit responses of
-# hundreds of tokens: short-response data passes its own, e.g. the toys' k=8, stride=1,
-# min_suffix=1.
-RECIPES = {
-    "ours": {},  # the Config defaults
-    "authors": dict(positions="labels", suffix_count="authors", fill="authors", pooling="mean",
-                    head_arch="authors", head_width=1024, head_layers=3, lam_phases="authors",
-                    lam=1.0, lam_schedule="constant", lam_ramp=0, warmup_freeze=True, gate=1.5,
-                    gate_on="previous", gate_mode="dynamic", gate_decay=0.99, ema=0.999,
-                    ema_teacher=True, fm_positions=0, target_scale="unit", hidden_layer=-1,
-                    k=256, stride=32, min_suffix=16),
-}
+RECIPES = {"ours": {}}  # presets of Config fields; sfr_authors.py adds 'authors' when imported
+
+# recipe='authors' and its switches run code of sfr_authors.py, which fills this when imported:
+# "FlowHead", "future_segments", "lam_at", "gate", "teacher_blend" (head_arch, suffix_count / fill,
+# lam_phases, gate, ema_teacher). The ours value of each switch is the one sfr.py runs itself.
+AUTHORS = {}
+OURS = {"head_arch": "ours", "suffix_count": "ours", "fill": "mask", "lam_phases": "ours",
+        "gate": 0.0, "ema_teacher": False}
 
 # ----------------------------------------------------------------------------- flow head
 
 
-def timestep_embedding(tau, dim, arch="ours"):
-    """Sinusoidal embedding of tau in [0, 1], (N,) -> (N, dim). 'ours': 1000 tau (as in diffusion
-    models), [cos, sin], frequencies 10000^(-i / half); 'authors' (their TimestepEmbedding): raw
-    tau, [sin, cos], 10000^(-i / (half - 1)), zero-padded to an odd dim."""
-    half = dim // 2
-    if arch == "ours":
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / half)
-        args = 1000.0 * tau[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device) / max(half - 1, 1))
-    args = tau[:, None].float() * freqs[None]
-    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
+def timestep_embedding(tau, dim):
+    """Sinusoidal embedding of tau in [0, 1], (N,) -> (N, dim): 1000 tau (as in diffusion models),
+    [cos, sin], frequencies 10000^(-i / half)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=tau.device) / (dim // 2))
+    args = 1000.0 * tau[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class ResBlock(nn.Module):
@@ -262,30 +244,31 @@ class ResBlock(nn.Module):
 
 
 class FlowHead(nn.Module):
-    """v_phi([z_tau, temb(tau), h]), the velocity field. Input layer Linear-LayerNorm-SiLU, then
-    residual blocks, then a zero-initialised output Linear, so at step 0 the head predicts
-    v = 0 and does not disturb the backbone.
+    """v_phi([z_tau, temb(tau), h]), the velocity field: a d_t-wide time embedding, an input layer
+    Linear-LayerNorm-SiLU, n_layers - 1 residual blocks, a zero-initialised output Linear (so at
+    step 0 the head predicts v = 0 and does not disturb the backbone). head_arch='authors':
+    sfr_authors.FlowHead, their layout."""
+    embed_time = staticmethod(timestep_embedding)
 
-    arch='ours': a 64-wide time embedding (d_t) and n_layers - 1 blocks, so the body has
-    n_layers layers as the name says. arch='authors' follows the layout of their
-    FlowMatchingHead (train/fm_head.py): a time embedding d_z wide (sinusoid, then
-    Linear-SiLU-Linear) and max(n_layers - 2, 0) residual blocks; the code is ours."""
-
-    def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64, arch="ours"):
+    def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64):
         super().__init__()
-        self.arch, self.d_t = arch, (d_t if arch == "ours" else d_z)
-        d_t = self.d_t
+        self.d_t = d_t
         self.temb = nn.Sequential(nn.Linear(d_t, 4 * d_t), nn.SiLU(), nn.Linear(4 * d_t, d_t))
         self.inp = nn.Sequential(nn.Linear(d_z + d_t + d_h, width), nn.LayerNorm(width), nn.SiLU())
-        n_blocks = n_layers - 1 if arch == "ours" else max(n_layers - 2, 0)
-        self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(n_blocks)))
+        self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(n_layers - 1)))
         self.out = nn.Linear(width, d_z)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z_tau, tau, h):  # (N, d_z), (N,), (N, d_h) -> (N, d_z)
-        x = torch.cat([z_tau, self.temb(timestep_embedding(tau, self.d_t, self.arch)), h], dim=-1)
+        x = torch.cat([z_tau, self.temb(self.embed_time(tau, self.d_t)), h], dim=-1)
         return self.out(self.blocks(self.inp(x)))
+
+
+def flow_head(cfg, d_z, d_h):
+    """The aux head cfg asks for: FlowHead, or sfr_authors.FlowHead (head_arch='authors')."""
+    make = FlowHead if cfg.head_arch == "ours" else AUTHORS["FlowHead"]
+    return make(d_z, d_h, cfg.head_width, cfg.head_layers)
 
 
 @torch.no_grad()
@@ -357,23 +340,17 @@ def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=
 
 
 def lam_at(cfg: Config, step: int) -> float:
-    """lambda at `step`. lam_phases='ours': one schedule over all steps (constant, ramp over
-    lam_ramp steps, linear / cosine decay). 'authors' (their _get_fm_loss_weight): full lambda
-    during the head warm-up, then a ramp 0 -> lam over lam_ramp steps, then the schedule over
-    the steps left."""
-    frac = step / max(1, cfg.steps)
+    """lambda at `step`: constant, a ramp over lam_ramp steps, or a linear / cosine decay over the
+    run (lam_phases='authors': sfr_authors.lam_at)."""
     if cfg.lam_phases == "authors":
-        j = step - cfg.head_warmup  # steps of joint training
-        if j < 0:
-            return cfg.lam  # phase A
-        if j < cfg.lam_ramp:
-            return cfg.lam * j / cfg.lam_ramp  # phase B
-        rest = cfg.steps - cfg.head_warmup - cfg.lam_ramp
-        if cfg.lam_schedule in ("constant", "ramp") or rest <= 0:
-            return cfg.lam
-        frac = min(max((j - cfg.lam_ramp) / rest, 0.0), 1.0)  # phase C
-    elif cfg.lam_schedule == "ramp":
+        return AUTHORS["lam_at"](cfg, step)
+    if cfg.lam_schedule == "ramp":
         return cfg.lam * min(1.0, step / max(1, cfg.lam_ramp))
+    return decayed(cfg, step / max(1, cfg.steps))
+
+
+def decayed(cfg, frac):
+    """lambda after a fraction frac of the schedule: linear or cosine decay, else constant."""
     if cfg.lam_schedule == "linear_decay":
         return cfg.lam * (1 - frac)
     if cfg.lam_schedule == "cosine_decay":
@@ -397,40 +374,17 @@ class ScaleGrad(torch.autograd.Function):
 # ------------------------------------------------------------------- future-segment targets
 
 
-def future_segments(N: int, k: int, stride: int, min_suffix: int, positions="ar",
-                    suffix_count="ours", fill="mask", blank=lambda a: False):
+def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
     """Per head position j, the response index a at which its target segment response[a:a + k]
-    starts, or None (no target). positions='ar': j = 0 .. N-1 is input P-1+j, a = j;
-    'labels' (authors): j = 0 .. N is input P+j (eos included), a = j + 1 (their unshifted
-    labels). Anchors sit at j = 0, s, 2s, ... (s = stride); an anchor is skipped when its
-    segment has fewer than min_suffix tokens: suffix_count 'ours' counts the N - a response
-    tokens left; 'authors' counts the label tokens in the window of k, eos included,
-    min(k, N - a + 1), and also skips a segment whose text is blank (blank(a): whitespace only).
-    fill 'mask' (ours): j takes its nearest anchor (ties to the earlier), None if that one was
-    skipped. 'authors': at s = 1 a skipped position is None; at s > 1 j takes the nearest
-    anchor that was not skipped, None if none was. attach_targets gives None positions z1 = 0
-    and counts them under fill='authors' (their code), excludes them under 'mask'."""
+    starts, or None (no target). positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels'
+    (the authors'): j = 0 .. N is input P+j (eos included), a = j + 1. Anchors sit at j = 0, s,
+    2s, ... (s = stride), and j takes its nearest anchor (ties to the earlier one); None if that
+    anchor's segment has fewer than min_suffix tokens left. sfr_authors.future_segments counts
+    and fills as the authors' code does."""
     n, off = (N, 0) if positions == "ar" else (N + 1, 1)
-
-    def kept(j):
-        a = j + off
-        size = N - a if suffix_count == "ours" else min(k, N - a + 1)
-        return size >= min_suffix and not (suffix_count == "authors" and blank(a))
-    if fill == "mask" or stride == 1:
-        out = []
-        for j in range(n):
-            a = stride * round(j / stride - 1e-9)  # nearest anchor; ties go to the earlier one
-            a = min(a, stride * ((n - 1) // stride))  # the last anchor inside
-            out.append(a + off if kept(a) else None)
-        return out
-    good = [j for j in range(0, n, stride) if kept(j)]
-    if not good:
-        return [None] * n
-    out = []
-    for j in range(n):
-        i = bisect.bisect_left(good, j)  # good[i - 1] < j <= good[i]
-        out.append(min(good[max(0, i - 1):i + 1], key=lambda g: (abs(g - j), g)) + off)
-    return out
+    last = stride * ((n - 1) // stride)  # the last anchor inside
+    anchors = (min(stride * round(j / stride - 1e-9), last) for j in range(n))
+    return [a + off if N - a - off >= min_suffix else None for a in anchors]
 
 
 def attach_targets(examples, tok, encoder, cfg: Config):
@@ -439,9 +393,12 @@ def attach_targets(examples, tok, encoder, cfg: Config):
     plans, texts = [], []
     for ex in examples:
         r = ex.response
-        anchors = future_segments(len(r), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions,
-                                  cfg.suffix_count, cfg.fill,
-                                  blank=lambda a: not tok.decode(r[a:a + cfg.k]).strip())
+        if (cfg.suffix_count, cfg.fill) == ("ours", "mask"):
+            anchors = future_segments(len(r), cfg.stride, cfg.min_suffix, cfg.positions)
+        else:  # the authors' counting or fill; blank(a): the segment at a is whitespace only
+            anchors = AUTHORS["future_segments"](
+                len(r), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions, cfg.suffix_count,
+                cfg.fill, blank=lambda a: not tok.decode(r[a:a + cfg.k]).strip())
         segs = {a: tok.decode(r[a:a + cfg.k]) for a in set(anchors) if a is not None}
         plans.append((anchors, segs))
         texts.extend(segs.values())
@@ -572,8 +529,8 @@ class SFRModel(nn.Module):
         if cfg.aux not in AUX_KINDS + tuple(AUX):  # else a plain LM would train without a word
             raise UsageError(f"Config.aux={cfg.aux!r}: must be one of {AUX_KINDS + tuple(AUX)}")
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
-        self.head = FlowHead(d_z, backbone.d_h, cfg.head_width, cfg.head_layers,
-                             arch=cfg.head_arch) if cfg.aux in ("flow", "mse", "cosine") else None
+        self.head = flow_head(cfg, d_z, backbone.d_h) if cfg.aux in ("flow", "mse", "cosine") \
+            else None
         self.mtp = MTPHeads(backbone.d_h, cfg.mtp_k) if cfg.aux == "mtp" else None  # heads 2..K
         if cfg.aux in AUX:
             self.mtp, self.head = AUX[cfg.aux].modules(cfg, backbone, d_z)
@@ -759,7 +716,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     # steps. Every rank takes the same decision (terms are global), and no requires_grad flips.
     scale = 0.0 if step < cfg.head_warmup else 1.0
     if cfg.gate and "aux" in terms:
-        scale, gate_avg = gate(cfg, terms["aux"], gate_avg, scale)
+        scale, gate_avg = AUTHORS["gate"](cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
 
@@ -774,7 +731,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
                 out_m = {**(ddp or model)(m, step), **counts}
             backward(total_loss(out_m, lam, world, not frozen)[0])
     if teacher is not None and step >= cfg.head_warmup:
-        teacher_blend(teacher, model.head, cfg.ema)
+        AUTHORS["teacher_blend"](teacher, model.head, cfg.ema)
     if scaler is not None:
         scaler.unscale_(opt)  # the clip and the norm see the true gradient
     clip = cfg.grad_clip or float("inf")
@@ -867,37 +824,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def gate(cfg, loss, state, scale):
-    """Loss gating: (scale, state). Closes (scale 0) when L_FM is below its running mean / gate
-    ('dynamic') or below gate ('static'). gate_on='current' (ours) reads this step's L_FM, the
-    one whose gradient it cuts; 'previous' (their code decides before the forward) reads the
-    last step's against a mean that already includes it, and never closes on the first step."""
-    d = cfg.gate_decay
-
-    def closes(x, mean):
-        return x < cfg.gate if cfg.gate_mode == "static" else mean >= 1e-10 and x < mean / cfg.gate
-    if cfg.gate_on == "current":
-        state = loss if state is None else d * state + (1 - d) * loss
-        return (0.0 if closes(loss, state) else scale), state
-    if state is not None and closes(state[1], state[0]):
-        scale = 0.0
-    return scale, (loss if state is None else d * state[0] + (1 - d) * loss, loss)
-
-
-@torch.no_grad()
-def teacher_blend(ema, head, decay):
-    """The authors' EMA teacher (their _update_ema_teacher, which HF Trainer runs in
-    training_step, after backward and before optimizer.step(): transformers 5.x
-    Trainer._run_epoch calls training_step, then _clip_grad_norm, then optimizer.step()):
-    ema = d ema + (1 - d) head, then head = ema, so the optimiser moves the head one step away
-    from the EMA each step. Skipped in the head warm-up; their first blend after it still uses
-    the EMA of the initial head (its re-initialisation comes after the blend), which erases
-    most of the warmed-up head."""
-    for pe, p in zip(ema.parameters(), head.parameters()):
-        pe.mul_(decay).add_(p, alpha=1.0 - decay)
-        p.copy_(pe)
 
 
 def update_ema(ema, head, step, cfg):

@@ -76,7 +76,7 @@ class LabelTargets:
         """(N, d_z) targets and (N,) valid mask of one response, from the cache or computed."""
         key = tuple(resp)
         if key not in self.table:
-            anchors = sfr.future_segments(len(resp), k=self.cfg.k, stride=self.cfg.stride,
+            anchors = sfr.future_segments(len(resp), stride=self.cfg.stride,
                                           min_suffix=self.cfg.min_suffix)
             segs = {a: self.tok.decode(resp[a:a + self.cfg.k], skip_special_tokens=True)
                     for a in set(anchors) if a is not None}

@@ -68,8 +68,7 @@ def modules(cfg, backbone, d_z):
     mtp = sfr.MTPHeads(backbone.d_h, cfg.mtp_k) if constant else None
     d_state = (cfg.mtp_k - 1) * sfr.unembedding(backbone).weight.size(0) if onehot else d_z
     use_head = cfg.ladder_field == "flow" or not onehot
-    return mtp, (sfr.FlowHead(d_state, backbone.d_h, cfg.head_width, cfg.head_layers,
-                              arch=cfg.head_arch) if use_head else None)
+    return mtp, (sfr.flow_head(cfg, d_state, backbone.d_h) if use_head else None)
 
 
 def ladder_token_loss(x1, x0, tau, field, divergence, log_r=None):

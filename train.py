@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import sfr
+import sfr_authors  # noqa: F401  (registers recipe='authors' and its switches)
 import sfr_encoder
 
 # ------------------------------------------------------------ the built-in tokenizers and demo set

@@ -7,7 +7,10 @@ CPU only, offline; the MiniLM encoder only for the pooling test.
 """
 import copy
 import math
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sfr
+import sfr_authors
 import sfr_encoder
 import train
 
@@ -114,21 +118,21 @@ def test_template_case_every_position_gets_a_target():
     """The template's k = 256, s = 32, min 16 on a response of 100 label positions (99 tokens +
     eos): their anchors 0, 32, 64 are kept and 96 (3 tokens left) skipped; positions nearest 96
     copy 64. Ours masks those 19 positions."""
-    theirs = sfr.future_segments(99, 256, 32, 16, "labels", "authors", "authors")
+    theirs = sfr_authors.future_segments(99, 256, 32, 16, "labels", "authors", "authors")
     assert None not in theirs and len(theirs) == 100
     assert theirs[16] == 1 and theirs[48] == 33 and theirs[80:] == [65] * 20  # ties to the earlier anchor
-    ours = sfr.future_segments(100, 256, 32, 16)
+    ours = sfr.future_segments(100, 32, 16)
     assert ours.count(None) == 19
 
 
 def test_min_suffix_counts_eos_and_caps_at_k():
-    fs = sfr.future_segments
+    fs = sfr_authors.future_segments
     # N = 4 at j = 0 (segment r1 r2 r3 + eos): 4 label tokens >= 4 for them, 3 response tokens for us
     assert fs(4, 8, 1, 4, "labels", "authors", "authors")[0] == 1
     assert fs(4, 8, 1, 4, "labels", "ours", "authors")[0] is None
     # min_suffix > k: no window of k label tokens is long enough: no target at all for them
     assert fs(10, 3, 1, 4, "labels", "authors", "authors") == [None] * 11
-    assert fs(10, 3, 1, 4) == [0, 1, 2, 3, 4, 5, 6, None, None, None]
+    assert sfr.future_segments(10, 1, 4) == [0, 1, 2, 3, 4, 5, 6, None, None, None]
 
 
 def test_blank_segments_are_skipped():
@@ -241,7 +245,7 @@ def test_ema_teacher_erases_the_warmed_up_head():
     assert torch.equal(teacher.inp[0].weight, init)  # no blend in the warm-up
     model.grad_box["frozen"] = False
     opt.zero_grad(set_to_none=True)
-    sfr.teacher_blend(teacher, model.head, cfg.ema)
+    sfr_authors.teacher_blend(teacher, model.head, cfg.ema)
     expect = 0.999 * init + 0.001 * warmed
     assert torch.allclose(model.head.inp[0].weight, expect, atol=1e-7)
     assert (model.head.inp[0].weight - init).norm() < 0.01 * (warmed - init).norm()
@@ -264,7 +268,7 @@ def test_gate_reads_the_previous_loss():
     cfg = sfr.Config(recipe="authors", gate=1.5, gate_decay=0.5)
     state, closed = None, []
     for x in losses:
-        scale, state = sfr.gate(cfg, x, state, 1.0)
+        scale, state = sfr_authors.gate(cfg, x, state, 1.0)
         closed.append(scale == 0.0)
     # by hand, decay 0.5: ema 1.0, 0.75, 0.825, 0.5125; decided on (last, ema) before each step
     # step 0 uninitialised; 1: 1.0 < 1.0/1.5 no; 2: 0.5 < 0.75/1.5 no; 3: 0.9 < .55 no; 4: 0.2 < 0.3417 yes
@@ -273,13 +277,13 @@ def test_gate_reads_the_previous_loss():
     ours = sfr.Config(gate=1.5, gate_decay=0.5)  # this step's loss: 0.2 < 0.5125 / 1.5 closes at step 3
     state, closed = None, []
     for x in losses:
-        scale, state = sfr.gate(ours, x, state, 1.0)
+        scale, state = sfr_authors.gate(ours, x, state, 1.0)
         closed.append(scale == 0.0)
     assert closed == [False, False, False, True, False]
     static = sfr.Config(recipe="authors", gate=0.6, gate_mode="static")
     state, closed = None, []
     for x in losses:
-        scale, state = sfr.gate(static, x, state, 1.0)
+        scale, state = sfr_authors.gate(static, x, state, 1.0)
         closed.append(scale == 0.0)
     assert closed == [False, False, True, False, True]  # last < 0.6
 
@@ -321,7 +325,7 @@ def load_into(theirs, ours):
 
 def test_head_parameter_count_and_time_embedding():
     d_z, d_h = 384, 64
-    head = sfr.FlowHead(d_z, d_h, 1024, 3, arch="authors")
+    head = sfr_authors.FlowHead(d_z, d_h, 1024, 3)
     n = sum(p.numel() for p in head.parameters())
     temb = d_z * 4 * d_z + 4 * d_z + 4 * d_z * d_z + d_z
     inp = (2 * d_z + d_h) * 1024 + 1024 + 2 * 1024
@@ -329,11 +333,11 @@ def test_head_parameter_count_and_time_embedding():
     out = 1024 * d_z + d_z
     assert n == temb + inp + block + out
     assert len(head.blocks) == 1 and len(sfr.FlowHead(d_z, d_h, 1024, 3).blocks) == 2
-    e = sfr.timestep_embedding(torch.tensor([0.3]), 5, "authors")  # half = 2: frequencies 1 and 1e-4
+    e = sfr_authors.timestep_embedding(torch.tensor([0.3]), 5)  # half = 2: frequencies 1 and 1e-4
     expect = [math.sin(0.3), math.sin(3e-5), math.cos(0.3), math.cos(3e-5), 0.0]
     assert torch.allclose(e[0], torch.tensor(expect), atol=1e-7)
     torch.manual_seed(1)
-    ours, theirs = sfr.FlowHead(7, 5, 16, 3, arch="authors"), TheirHead(5, 7, 16, 3)
+    ours, theirs = sfr_authors.FlowHead(7, 5, 16, 3), TheirHead(5, 7, 16, 3)
     nn.init.normal_(ours.out.weight)
     load_into(theirs, ours)
     z, t, h = torch.randn(2, 3, 7), torch.rand(2), torch.randn(2, 3, 5)
@@ -393,3 +397,28 @@ def test_oracle_loss_on_one_batch(k, stride, min_suffix):
     logits, _ = model.backbone(batch.idx)
     ar = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
     assert torch.allclose(out["ar_sum"] / out["ar_n"], ar, rtol=1e-5)
+
+
+def test_both_files_agree_on_our_anchor_rule():
+    """sfr_authors.future_segments with our counting and fill is sfr.future_segments."""
+    for N in range(0, 40, 3):
+        for stride in (1, 2, 4, 32):
+            for min_suffix in (1, 3, 16):
+                for positions in ("ar", "labels"):
+                    assert sfr_authors.future_segments(N, 8, stride, min_suffix, positions, "ours", "mask") == \
+                        sfr.future_segments(N, stride, min_suffix, positions)
+
+
+def test_the_authors_switches_ask_for_their_module():
+    """sfr.py alone (sfr_authors not imported) names the module instead of running ours quietly."""
+    code = ("import sfr\n"
+            "for kw in [dict(recipe='authors'), dict(gate=1.5), dict(head_arch='authors'), dict(fill='authors')]:\n"
+            "    try:\n"
+            "        sfr.Config(**kw).validate()\n"
+            "    except sfr.UsageError as e:\n"
+            "        assert 'import sfr_authors' in str(e), e\n"
+            "    else:\n"
+            "        raise SystemExit(f'{kw} accepted')\n"
+            "sfr.Config().validate()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(sfr.__file__).parent))
+    assert run.returncode == 0, run.stderr

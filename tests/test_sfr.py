@@ -737,15 +737,15 @@ def test_training_is_deterministic(demo, tmp_path):
 
 def test_future_segments_hand_cases():
     fs = sfr.future_segments
-    assert fs(5, k=3, stride=1, min_suffix=1) == [0, 1, 2, 3, 4]
+    assert fs(5, stride=1, min_suffix=1) == [0, 1, 2, 3, 4]
     # stride 1, short suffix: no target (excluded), not a zero target
-    assert fs(5, k=3, stride=1, min_suffix=3) == [0, 1, 2, None, None]
+    assert fs(5, stride=1, min_suffix=3) == [0, 1, 2, None, None]
     # stride 4: each position copies the nearest anchor, ties to the earlier one
-    assert fs(10, k=8, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 8, 8, 8]
-    assert fs(8, k=8, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 4]  # 8 is past the end: 4
+    assert fs(10, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 8, 8, 8]
+    assert fs(8, stride=4, min_suffix=1) == [0, 0, 0, 4, 4, 4, 4, 4]  # 8 is past the end: 4
     # the anchor at 8 has 2 tokens left < 3: skipped, and the positions that copy it get none
-    assert fs(10, k=8, stride=4, min_suffix=3) == [0, 0, 0, 4, 4, 4, 4, None, None, None]
-    assert fs(0, k=8, stride=4, min_suffix=1) == []
+    assert fs(10, stride=4, min_suffix=3) == [0, 0, 0, 4, 4, 4, 4, None, None, None]
+    assert fs(0, stride=4, min_suffix=1) == []
 
 
 class FakeEncoder:

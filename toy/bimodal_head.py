@@ -61,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402  (the method; nothing of it is re-implemented here)
+import sfr_authors  # noqa: E402  (recipe='authors': their head layout and EMA teacher)
 import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 
 HEADS = ("mse", "cosine", "point", "gaussian", "authors")
@@ -168,7 +169,7 @@ def train_head(kind, task, cfg):
     h_all, z1_all = task["h"][task["train_ctx"]], task["train_z1"]
     mean, std = sfr.target_stats(z1_all, cfg.target_scale)
     z1_all = (z1_all - mean) / std
-    head = sfr.FlowHead(task["d"], h_all.size(1), cfg.head_width, cfg.head_layers, arch=cfg.head_arch)
+    head = sfr.flow_head(cfg, task["d"], h_all.size(1))
     opt, sched = sfr.make_optimizer(cfg, head)
     teacher = copy.deepcopy(head).requires_grad_(False) if cfg.ema_teacher else None
     g_batch = torch.Generator().manual_seed(cfg.seed)
@@ -180,7 +181,7 @@ def train_head(kind, task, cfg):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if teacher is not None:  # their order: blend into the head after backward, before the optimiser
-            sfr.teacher_blend(teacher, head, cfg.ema)
+            sfr_authors.teacher_blend(teacher, head, cfg.ema)
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         sched.step()
