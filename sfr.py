@@ -7,7 +7,7 @@ away after training: the exported model is a plain causal LM.
 
 In order: config; flow head and the SFR loss with its ablations; future-segment targets;
 batches; the model; the single-process training loop (train() first, then its parts); the MTP
-reduction; the built-in GPT; sampling. A backbone is any module returning (logits, h); a
+reduction; backbones (the built-in GPT is sfr_gpt.py); sampling. A backbone is any module returning (logits, h); a
 tokenizer, anything with encode, decode, pad_id, eos_id and vocab_size. The modules beside this
 file import it, never the reverse (README, "What is in the repository"); train.py is its
 command line, sfr_authors.py the authors' recipe.
@@ -77,7 +77,7 @@ class Config:
     lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = arg(0.05, "LoRA dropout")
     lora_targets: str = arg("all-linear", "modules LoRA adapts: 'all-linear' or a comma list")
-    # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code, template) ---
+    # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code) ---
     recipe: str = arg("ours", "preset of the fields in RECIPES[recipe]; explicit fields win")
     # --- future-segment targets (paper Sec. 3) ---
     encoder: str = arg("minilm", "'minilm' (all-MiniLM-L6-v2, offline), or a local / cached model")
@@ -170,6 +170,9 @@ class Config:
         if self.backbone == "gpt" and not -self.n_layer - 1 <= self.hidden_layer <= self.n_layer:
             raise UsageError(f"Config.hidden_layer={self.hidden_layer}: the built-in GPT has "
                              f"n_layer + 1 = {self.n_layer + 1} hidden states")
+        if self.backbone == "gpt" and "gpt" not in BACKBONES:
+            raise UsageError("Config.backbone='gpt': the built-in GPT is sfr_gpt.py's: import "
+                             "sfr_gpt (train.py does)")
         if self.backbone != "gpt" and not HF:
             raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains "
                              "through sfr_hf.py (python sfr_hf.py --backbone=..., import sfr_hf)")
@@ -966,7 +969,7 @@ def check_mtp(cfg):
 
 def unembedding(backbone):
     """The backbone's output embedding (V x C), shared by every MTP head (Gloeckle et al.)."""
-    return backbone.lm_head if isinstance(backbone, GPT) else backbone.hf.get_output_embeddings()
+    return backbone.get_output_embeddings()
 
 
 class MTPHeads(nn.Module):
@@ -1056,98 +1059,19 @@ def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
     v_pred = log_q.exp() - x0
     return (induced_divergence(u, v_pred, x0, divergence, log_r=log_q) * valid).sum(0)
 
-# ----------------------------------------------------------------------------- backbone
-# Both return (logits (B, T, V), h (B, T, C)); h is the state the aux heads read; the
-# Hugging Face backbone is sfr_hf.HFBackbone (registered in HF, below, when sfr_hf is imported).
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.dropout = cfg.dropout
-
-    def forward(self, x, cache=None):
-        B, T, C = x.size()
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # sampling: the keys and values of the tokens before these
-            if cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-        # a whole sequence attends causally; one new token (T = 1) to every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2),
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
-
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln1(x), cache)
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    """A tiny GPT-2-style causal transformer for CPU work. forward(idx, cache): cache, a list
-    of one dict per block (empty at first), keeps every block's keys and values for sampling
-    (nanochat's KV cache): the first call feeds the prompt, each later call one new token."""
-
-    def __init__(self, cfg: Config, vocab_size: int):
-        super().__init__()
-        self.block_size, self.layer, self.d_h = cfg.block_size, cfg.hidden_layer, cfg.n_embd
-        self.grad_checkpointing = cfg.grad_checkpointing
-        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx, cache=None):
-        B, T = idx.size()
-        t0 = cache[0]["k"].size(2) if cache and cache[0] else 0  # tokens already in the cache
-        if t0 + T > self.block_size:
-            raise ValueError(f"sequence of {t0 + T} tokens is longer than "
-                             f"block_size={self.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
-        hidden = [x]
-        for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, None if cache is None else cache[i])
-            hidden.append(x)
-        hidden[-1] = self.ln_f(x)  # as in HF models, the last hidden state is the normalised one
-        return self.lm_head(hidden[-1]), hidden[self.layer]
-
-
-# A Hugging Face folder as Config.backbone: sfr_hf.py fills HF when imported (sfr.py never imports
-# it). "backbone": (cfg, vocab_size) -> a module returning (logits, h), as GPT does; train.py reads
-# the other two: "tokenizer": cfg -> the folder's tokenizer or None; "chat": cfg -> None (no chat
-# template) or a function (messages, "file:line") -> [(prompt, response), ...].
-HF = {}
+# ----------------------------------------------------------------------------- backbones
+# A backbone returns (logits (B, T, V), h (B, T, C)), h the state the aux heads read; one with
+# new_cache() also takes forward(idx, cache), for sampling. Registered on import: 'gpt' by
+# sfr_gpt.py (the built-in GPT), a Hugging Face folder by sfr_hf.py in HF, whose "backbone":
+# (cfg, vocab_size) -> module; train.py reads the other two: "tokenizer": cfg -> the folder's
+# tokenizer or None; "chat": cfg -> None (no chat template) or a function (messages,
+# "file:line") -> [(prompt, response), ...].
+BACKBONES, HF = {}, {}
 
 
 def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
-    return GPT(cfg, vocab_size) if cfg.backbone == "gpt" else HF["backbone"](cfg, vocab_size)
+    return BACKBONES["gpt"](cfg, vocab_size) if cfg.backbone == "gpt" else \
+        HF["backbone"](cfg, vocab_size)
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -1183,7 +1107,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
     position, the reference the cache is tested against) while the sequence fits block_size;
     past it, and for HF models, each step reads the last block_size tokens. Returns (B, T + new)."""
     block = getattr(model, "block_size", None) or 10**9
-    cache = [{} for _ in model.blocks] if kv_cache and isinstance(model, GPT) else None
+    cache = model.new_cache() if kv_cache and hasattr(model, "new_cache") else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         if cache is not None and idx.size(1) <= block:

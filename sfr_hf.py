@@ -363,7 +363,7 @@ class HFTokenizer:
 
 class HFBackbone(torch.nn.Module):
     """Any Hugging Face AutoModelForCausalLM from a local folder (its weights, or its config only),
-    returning (logits, h) as sfr.GPT does. The weights are float32 whatever the folder holds: a bf16
+    returning (logits, h) as sfr_gpt.GPT does. The weights are float32 whatever the folder holds: a bf16
     folder is upcast, so AdamW keeps fp32 master weights (Config.dtype autocasts the forward)."""
 
     def __init__(self, path: str, from_config=False, layer=-1, vocab_size=None, grad_checkpointing=False):
@@ -395,6 +395,9 @@ class HFBackbone(torch.nn.Module):
     def forward(self, idx):
         out = self.hf(input_ids=idx, output_hidden_states=True, use_cache=False)
         return out.logits, out.hidden_states[self.layer]
+
+    def get_output_embeddings(self):  # the unembedding that sfr.py's MTP heads share
+        return self.hf.get_output_embeddings()
 
     def export(self, path, tok=None):
         """save_pretrained, LoRA adapters merged into the weights first (in place: the backbone

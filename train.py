@@ -30,6 +30,7 @@ import torch
 import sfr
 import sfr_authors  # noqa: F401  (registers recipe='authors' and its switches)
 import sfr_encoder
+import sfr_gpt
 
 # ------------------------------------------------------------ the built-in tokenizers and demo set
 
@@ -170,7 +171,7 @@ def export(model: sfr.SFRModel, path: str, tok=None):
     its own export (sfr_hf.HFBackbone.export: save_pretrained, LoRA merged first)."""
     os.makedirs(path, exist_ok=True)
     bb = model.backbone
-    if not isinstance(bb, sfr.GPT):
+    if not isinstance(bb, sfr_gpt.GPT):
         return bb.export(path, tok)  # sfr_hf.HFBackbone: save_pretrained
     torch.save(bb.state_dict(), os.path.join(path, "model.pt"))
     arch = {k: getattr(model.cfg, k)
@@ -188,7 +189,7 @@ def load_exported(path: str):
     if "arch" not in meta:
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(path), None
-    gpt = sfr.GPT(sfr.Config(**meta["arch"]), meta["vocab_size"])
+    gpt = sfr_gpt.GPT(sfr.Config(**meta["arch"]), meta["vocab_size"])
     gpt.load_state_dict(torch.load(os.path.join(path, "model.pt")))
     tok = Tokenizer.from_state_dict(meta["tokenizer"]) if meta["tokenizer"] else None
     return gpt.eval(), tok  # ready for inference, like from_pretrained: dropout off

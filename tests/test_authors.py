@@ -410,8 +410,16 @@ def test_both_files_agree_on_our_anchor_rule():
 
 
 def test_the_authors_switches_ask_for_their_module():
-    """sfr.py alone (sfr_authors not imported) names the module instead of running ours quietly."""
+    """sfr.py alone (sfr_authors not imported) names the module instead of running ours quietly;
+    so does the built-in GPT's (sfr_gpt)."""
     code = ("import sfr\n"
+            "try:\n"
+            "    sfr.Config().validate()\n"
+            "except sfr.UsageError as e:\n"
+            "    assert 'import sfr_gpt' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('the GPT ran unregistered')\n"
+            "import sfr_gpt\n"
             "for kw in [dict(recipe='authors'), dict(gate=1.5), dict(head_arch='authors'), dict(fill='authors')]:\n"
             "    try:\n"
             "        sfr.Config(**kw).validate()\n"

@@ -13,6 +13,7 @@ import torch
 import reproduce_mbpp as R
 import sfr
 import sfr_encoder
+import sfr_gpt
 import train
 import sfr_ladder  # noqa: F401  (registers aux='ladder', which the ladder_* methods use)
 
@@ -47,7 +48,7 @@ def smoke(mbpp_path, tmp_path_factory):
 def tiny_gpt(seed=0, block_size=64):
     torch.manual_seed(seed)
     cfg = sfr.Config(n_layer=2, n_head=2, n_embd=16, block_size=block_size, tokenizer="byte")
-    return sfr.GPT(cfg, 258).eval()
+    return sfr_gpt.GPT(cfg, 258).eval()
 
 
 def test_sample_gpt_refuses_to_run_past_block_size():
@@ -93,7 +94,7 @@ def test_pretrain_is_cached_by_config(tmp_path):
     assert (rec["cached"], rec2["cached"], rec3["cached"]) == (False, True, False)
     assert again == path != other
     state = torch.load(path)
-    assert set(state) == set(sfr.GPT(cfg, 258).state_dict())
+    assert set(state) == set(sfr_gpt.GPT(cfg, 258).state_dict())
 
 
 def test_entry_point_and_sample_stats(mbpp_path):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import sfr
 import sfr_encoder
+import sfr_gpt
 import train
 import sfr_hf  # noqa: F401  (the Hugging Face backbone tests)
 import sfr_metrics
@@ -85,7 +86,7 @@ def test_sfr_loss_recomputed_by_hand(monkeypatch, case, target_scale):
     d_z, V = 3, 10
     torch.manual_seed(0)
     cfg = sfr.Config(n_layer=1, n_head=2, n_embd=16, block_size=16, head_width=16, target_scale=target_scale)
-    model = sfr.SFRModel(cfg, sfr.GPT(cfg, V), d_z)
+    model = sfr.SFRModel(cfg, sfr_gpt.GPT(cfg, V), d_z)
     nn.init.normal_(model.head.out.weight)  # a head that predicts a non-zero velocity
     exs = hand_examples(d_z, case)
     model.fit_target_scale(exs)
@@ -266,7 +267,7 @@ def test_lambda_zero_gives_plain_next_token_loss_and_gradients(demo):
     d_z = demo.examples[0].z1.size(1)
     cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32)
     torch.manual_seed(0)
-    bb = sfr.GPT(sfr.Config(**cfg), demo.tok.vocab_size)
+    bb = sfr_gpt.GPT(sfr.Config(**cfg), demo.tok.vocab_size)
     plain = sfr.SFRModel(sfr.Config(aux="none", **cfg), copy.deepcopy(bb), d_z)
     flow = sfr.SFRModel(sfr.Config(aux="flow", lam=0.0, **cfg), copy.deepcopy(bb), d_z)
     nn.init.normal_(flow.head.out.weight, std=0.1)  # so L_FM does send a gradient into h
@@ -299,7 +300,7 @@ def test_gated_or_warmup_step_sends_no_fm_gradient_to_backbone(demo):
     d_z = demo.examples[0].z1.size(1)
     cfg = sfr.Config(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32, grad_clip=0.0, gate=1.5)
     torch.manual_seed(0)
-    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), d_z)
+    model = sfr.SFRModel(cfg, sfr_gpt.GPT(cfg, demo.tok.vocab_size), d_z)
     nn.init.normal_(model.head.out.weight, std=0.1)
     batch = demo_batch(demo)
     out = model(batch, step=0)
@@ -397,7 +398,7 @@ def test_batch_without_any_target_still_trains(demo):
     d_z = demo.examples[0].z1.size(1)
     cfg = sfr.Config(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32)
     torch.manual_seed(0)
-    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), d_z)
+    model = sfr.SFRModel(cfg, sfr_gpt.GPT(cfg, demo.tok.vocab_size), d_z)
     batch = demo_batch(demo, n=4)
     batch.valid[:] = False
     out = model(batch, step=0)
@@ -448,7 +449,7 @@ def test_ema_starts_from_the_warmed_up_head(demo, tmp_path):
 
 def test_target_scale_std_gives_unit_variance_training_targets(demo):
     cfg = sfr.Config(target_scale="std", head_width=16, n_embd=32, n_head=2, n_layer=1)
-    model = sfr.SFRModel(cfg, sfr.GPT(cfg, demo.tok.vocab_size), demo.examples[0].z1.size(1))
+    model = sfr.SFRModel(cfg, sfr_gpt.GPT(cfg, demo.tok.vocab_size), demo.examples[0].z1.size(1))
     model.fit_target_scale(demo.examples)
     z = torch.cat([ex.z1[ex.valid] for ex in demo.examples])
     scaled = (z - model.z_mean) / model.z_std
@@ -489,7 +490,7 @@ def test_export_builtin_gpt_is_the_plain_backbone(demo, tmp_path):
     gpt, tok = train.load_exported(path)
     assert not any("head" in k and "lm_head" not in k for k in torch.load(Path(path) / "model.pt"))
     assert n_params(gpt) == n_params(model.backbone) < n_params(model)
-    assert n_params(gpt) == n_params(sfr.GPT(cfg, demo.tok.vocab_size))
+    assert n_params(gpt) == n_params(sfr_gpt.GPT(cfg, demo.tok.vocab_size))
     assert tok.itos == demo.tok.itos
     idx = torch.randint(0, demo.tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -500,8 +501,8 @@ def test_export_builtin_gpt_is_the_plain_backbone(demo, tmp_path):
 def test_builtin_gpt_hidden_layer_selection():
     cfg = sfr.Config(n_layer=2, n_head=2, n_embd=16, block_size=8)
     torch.manual_seed(0)
-    last = sfr.GPT(cfg, 11)
-    first = sfr.GPT(dataclasses_replace(cfg, hidden_layer=0), 11)
+    last = sfr_gpt.GPT(cfg, 11)
+    first = sfr_gpt.GPT(dataclasses_replace(cfg, hidden_layer=0), 11)
     first.load_state_dict(last.state_dict())
     idx = torch.randint(0, 11, (2, 8))
     logits, h = last(idx)
@@ -783,7 +784,7 @@ def test_bad_config_values_raise_clear_errors(demo, tmp_path):
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
-        sfr.SFRModel(sfr.Config(aux="foo"), sfr.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
+        sfr.SFRModel(sfr.Config(aux="foo"), sfr_gpt.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         train.parse_config(["--aux=foo"])
 
@@ -977,7 +978,7 @@ def test_several_processes_need_sfr_dist(monkeypatch, capsys, tmp_path):
 def test_kv_cache_samples_the_same_tokens_as_recomputing(temperature, top_k, top_p):
     cfg = sfr.Config(n_layer=2, n_head=2, n_embd=32, block_size=24)
     torch.manual_seed(0)
-    gpt = sfr.GPT(cfg, 50).eval()
+    gpt = sfr_gpt.GPT(cfg, 50).eval()
     with torch.no_grad():  # sharper than the init's near-uniform logits, so a slip shows
         gpt.wte.weight.mul_(40)
     prompt = torch.randint(2, 50, (3, 5))

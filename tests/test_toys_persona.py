@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toy"))
 import persona  # noqa: E402
 import sfr  # noqa: E402
+import sfr_gpt  # noqa: E402  (the built-in GPT)
 import train  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def test_exact_tempered_probabilities_match_sfr_generate(T):
     probability must match how often sfr.generate samples it at temperature T."""
     torch.manual_seed(0)
     tok = train.Tokenizer("word", ["a", "b"])  # ids: pad 0, eos 1, a 2, b 3
-    gpt = sfr.GPT(sfr.Config(n_layer=1, n_embd=16, n_head=2, block_size=8), tok.vocab_size).eval()
+    gpt = sfr_gpt.GPT(sfr.Config(n_layer=1, n_embd=16, n_head=2, block_size=8), tok.vocab_size).eval()
     with torch.no_grad():
         gpt.wte.weight.mul_(3.0)  # tied to lm_head: uneven next-token probabilities, eos often early
     prompt = [2]

@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sfr  # noqa: E402
+import sfr_gpt  # noqa: E402  (the built-in GPT)
 import sfr_encoder  # noqa: E402  (the frozen sentence encoder of the targets)
 import train  # noqa: E402
 
@@ -112,7 +113,7 @@ def size_sweep(base, encoder, sizes, repeats):
     for n_layer, n_embd in sizes:
         cfg = sfr.Config(**{**vars(base), "n_layer": n_layer, "n_embd": n_embd, "n_head": max(1, n_embd // 32)})
         r = step_cost(cfg, encoder, repeats)
-        params = sum(p.numel() for p in sfr.GPT(cfg, 100).parameters())
+        params = sum(p.numel() for p in sfr_gpt.GPT(cfg, 100).parameters())
         rows.append({"n_layer": n_layer, "n_embd": n_embd, "backbone_params": params, **r})
     return rows
 

@@ -37,6 +37,7 @@ def measure(variant):
     import torch
     sys.path.insert(0, str(ROOT))
     import sfr
+    import sfr_gpt  # noqa: F401  (registers the built-in GPT)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     s = SHAPE
