@@ -7,10 +7,10 @@ away after training: the exported model is a plain causal LM.
 
 In order: config; flow head and the SFR loss with its ablations; future-segment targets;
 batches; the model; the single-process training loop (train() first, then its parts); the MTP
-reduction; backbones (the built-in GPT is sfr_gpt.py); sampling. A backbone is any module returning (logits, h); a
-tokenizer, anything with encode, decode, pad_id, eos_id and vocab_size. The modules beside this
-file import it, never the reverse (README, "What is in the repository"); train.py is its
-command line, sfr_authors.py the authors' recipe.
+reduction; backbones; sampling. A backbone is any module returning (logits, h) (the built-in
+GPT is sfr_gpt.py's); a tokenizer, anything with encode, decode, pad_id, eos_id and vocab_size.
+The modules beside this file import it, never the reverse (README, "What is in the
+repository"): train.py is its command line, sfr_authors.py the authors' recipe.
 
 Flow convention (the linear path): tau = 0 is noise, tau = 1 is data; z0 ~ N(0, I), z1 = the
 target embedding, z_tau = tau z1 + (1 - tau) z0, velocity target u = z1 - z0; the sampler
@@ -39,8 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 class UsageError(ValueError):
-    """Bad input from the user (a field, a file, a line): `python train.py` prints it on one line
-    and exits 2, as argparse does; anything else keeps its traceback."""
+    """Bad input (a field, a file, a line): train.py prints it on one line and exits 2."""
 
 
 class Preset:
@@ -164,27 +163,15 @@ class Config:
         for name, low in MINIMUM.items():
             if getattr(self, name) < low:
                 raise UsageError(f"Config.{name}={getattr(self, name)}: must be >= {low}")
-        if self.n_embd % self.n_head:
-            raise UsageError(f"Config.n_embd={self.n_embd} must be a multiple of "
-                             f"Config.n_head={self.n_head}")
-        if self.backbone == "gpt" and not -self.n_layer - 1 <= self.hidden_layer <= self.n_layer:
-            raise UsageError(f"Config.hidden_layer={self.hidden_layer}: the built-in GPT has "
-                             f"n_layer + 1 = {self.n_layer + 1} hidden states")
+        for name in ("eval_frac", "ema"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"Config.{name}={getattr(self, name)}: must be in [0, 1)")
         if self.backbone == "gpt" and "gpt" not in BACKBONES:
             raise UsageError("Config.backbone='gpt': the built-in GPT is sfr_gpt.py's: import "
                              "sfr_gpt (train.py does)")
         if self.backbone != "gpt" and not HF:
             raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains "
                              "through sfr_hf.py (python sfr_hf.py --backbone=..., import sfr_hf)")
-        if self.lora_r and self.backbone == "gpt":
-            raise UsageError(f"Config.lora_r={self.lora_r}: LoRA adapts a Hugging Face backbone "
-                             "(Config.backbone=FOLDER)")
-        if not 0.0 <= self.eval_frac < 1.0:
-            raise UsageError(f"Config.eval_frac={self.eval_frac}: must be in [0, 1)")
-        if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
-            raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"Config.ema={self.ema}: must be in [0, 1)")
         theirs = [name for name, ours in OURS.items() if getattr(self, name) != ours]
         if theirs and not AUTHORS:
             raise UsageError(f"Config.{theirs[0]}={getattr(self, theirs[0])!r} runs the authors' "
@@ -193,6 +180,10 @@ class Config:
             raise UsageError("Config.ema_teacher=True needs the teacher's decay in Config.ema")
         if self.aux == "mtp":
             check_mtp(self)
+        if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
+            raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
+        if self.backbone in BACKBONES:  # the built-in GPT checks its own fields
+            BACKBONES[self.backbone].validate(self)
         if self.aux in AUX:
             AUX[self.aux].validate(self)
         return self
@@ -220,7 +211,7 @@ AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_l
 RECIPES = {"ours": {}}  # presets of Config fields; sfr_authors.py adds 'authors' when imported
 
 # recipe='authors' and its switches run code of sfr_authors.py, which fills this when imported:
-# "FlowHead", "future_segments", "lam_at", "gate", "teacher_blend" (head_arch, suffix_count / fill,
+# "FlowHead", "anchors", "lam_at", "gate", "teacher_blend" (head_arch, suffix_count / fill,
 # lam_phases, gate, ema_teacher). The ours value of each switch is the one sfr.py runs itself.
 AUTHORS = {}
 OURS = {"head_arch": "ours", "suffix_count": "ours", "fill": "mask", "lam_phases": "ours",
@@ -319,14 +310,11 @@ def target_stats(z1, target_scale):
 
 
 def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=0):
-    """The random draws of one step, per sequence, from a generator seeded by (seed, step,
-    example id): a sequence gets the same draws whatever process or batch it lands in, which
-    makes multi-process and resumed runs match a single uninterrupted one. For a sequence of
-    unpadded length n (lengths (B,); T if None): tau ~ U(0, 1); the positions `sel` that feed
-    the head: those marked in valid (B, T) (all n if None), a random max_positions of them
-    if there are more (0 = all); z0 ~ N(0, I) at those positions only, zeros elsewhere
-    (drawing only what is used is much of what max_positions saves).
-    Returns tau (B,), z0 (B, T, d_z), sel (B, T) bool."""
+    """One step's random draws per sequence, seeded by (seed, step, example id), so a sequence
+    draws the same in any process, batch or resumed run. Per sequence of unpadded length n
+    (lengths (B,); T if None): tau ~ U(0, 1); `sel`, the positions that feed the head: those in
+    valid (B, T) (all n if None), at most max_positions of them at random (0 = all); z0 ~ N(0, I)
+    at those only. Returns tau (B,), z0 (B, T, d_z), sel (B, T) bool."""
     B = len(ids)
     lengths = [T] * B if lengths is None else lengths.tolist()
     valid = None if valid is None else valid.cpu()
@@ -378,12 +366,10 @@ class ScaleGrad(torch.autograd.Function):
 
 
 def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
-    """Per head position j, the response index a at which its target segment response[a:a + k]
-    starts, or None (no target). positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels'
-    (the authors'): j = 0 .. N is input P+j (eos included), a = j + 1. Anchors sit at j = 0, s,
-    2s, ... (s = stride), and j takes its nearest anchor (ties to the earlier one); None if that
-    anchor's segment has fewer than min_suffix tokens left. sfr_authors.future_segments counts
-    and fills as the authors' code does."""
+    """Per head position j, the index a at which its target segment response[a:a + k] starts,
+    or None. positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels' (the authors'):
+    j = 0 .. N is input P+j, a = j + 1. j takes its nearest anchor of 0, s, 2s, ... (s = stride;
+    ties to the earlier one), None if that one has fewer than min_suffix tokens left."""
     n, off = (N, 0) if positions == "ar" else (N + 1, 1)
     last = stride * ((n - 1) // stride)  # the last anchor inside
     anchors = (min(stride * round(j / stride - 1e-9), last) for j in range(n))
@@ -398,10 +384,8 @@ def attach_targets(examples, tok, encoder, cfg: Config):
         r = ex.response
         if (cfg.suffix_count, cfg.fill) == ("ours", "mask"):
             anchors = future_segments(len(r), cfg.stride, cfg.min_suffix, cfg.positions)
-        else:  # the authors' counting or fill; blank(a): the segment at a is whitespace only
-            anchors = AUTHORS["future_segments"](
-                len(r), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions, cfg.suffix_count,
-                cfg.fill, blank=lambda a: not tok.decode(r[a:a + cfg.k]).strip())
+        else:  # the authors' counting or fill
+            anchors = AUTHORS["anchors"](r, tok, cfg)
         segs = {a: tok.decode(r[a:a + cfg.k]) for a in set(anchors) if a is not None}
         plans.append((anchors, segs))
         texts.extend(segs.values())
@@ -441,16 +425,13 @@ def shuffle_targets(examples, seed):
 
 @dataclass
 class Example:
-    """One (prompt, response) pair as token ids, with its future-segment targets.
-
-    z1[j] is the target of input position P + start + j (P = prompt length): start = -1 for
-    positions='ar' (j predicts response token j), 0 for 'labels' (the authors': j holds token
-    j); valid[j] says whether it counts in the loss (see future_segments)."""
+    """One (prompt, response) pair as token ids, with its future-segment targets: z1[j] is the
+    target of input position P + start + j (P = prompt length), valid[j] whether it counts."""
     prompt: list[int]
     response: list[int]  # response token ids, eos excluded
     z1: torch.Tensor | None = None  # (n, d): n = N ('ar') or N + 1 ('labels', with eos)
     valid: torch.Tensor | None = None  # (n,) bool
-    start: int = -1  # the first head position, relative to P
+    start: int = -1  # the first head position, relative to P: -1 ('ar'), 0 ('labels')
 
 
 @dataclass
@@ -475,12 +456,9 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
     extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
     T = max(len(s) - 1 + e for s, e in zip(seqs, extra))
     B = len(seqs)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    y = torch.full((B, T), pad_id, dtype=torch.long)
-    resp = torch.zeros(B, T, dtype=torch.bool)
-    z1 = torch.zeros(B, T, d_z)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    w = torch.zeros(B, T)
+    idx, y = torch.full((B, T), pad_id), torch.full((B, T), pad_id)
+    resp, valid = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+    z1, w = torch.zeros(B, T, d_z), torch.zeros(B, T)
     for b, (ex, s, e) in enumerate(zip(examples, seqs, extra)):
         L, P, N = len(s) - 1, len(ex.prompt), len(ex.response)
         idx[b, :L + e], y[b, :L] = torch.tensor(s[:L + e]), torch.tensor(s[1:])
@@ -495,11 +473,9 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
 
 
 def prepare(pairs, tok, cfg: Config, encoder=None):
-    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size)
-    and, when the aux loss needs them, attach future-segment targets embedded by `encoder`:
-    anything with encode(texts) -> (n, d) unit-norm float tensor and dim, such as
-    sfr_encoder.SegmentEncoder.from_config(cfg). An aux that needs targets and gets no encoder
-    is refused."""
+    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size) and, if
+    the aux loss needs them, attach targets embedded by `encoder`: anything with dim and
+    encode(texts) -> (n, dim) unit-norm, e.g. sfr_encoder.SegmentEncoder.from_config(cfg)."""
     cfg.validate()  # k, stride, min_suffix < 1 would otherwise give empty or misplaced segments
     if needs_encoder(cfg) and encoder is None:
         raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
@@ -609,14 +585,11 @@ class SFRModel(nn.Module):
 
 
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=None):
-    """Train backbone + aux head. Returns (model, history).
-
-    The data order, the flow noise and the lambda schedule are pure functions of (seed, step),
-    so the step is all of their state. run: what is kept of the run, RunInMemory() if None
-    (the history, a dashboard line at each eval); train.RunOnDisk writes out_dir/ckpt.pt and
-    history.jsonl and resumes from them bit for bit. dist: the multi-process operations
-    (sfr_dist.py); None = one process. cfg.batch_size is the global batch, split across
-    processes, and losses are normalised over all of it."""
+    """Train backbone + aux head; returns (model, history). The data order, the flow noise and
+    lambda are functions of (seed, step), so the step is all their state. run: what is kept of
+    the run (RunInMemory if None; train.RunOnDisk: checkpoints, exact resume, logs). dist: the
+    multi-process operations (OneProcess if None; sfr_dist.py), over which cfg.batch_size, the
+    global batch, is split and the losses are normalised."""
     cfg.validate()
     dist, run = dist or OneProcess(), run or RunInMemory()
     if cfg.batch_size < dist.world * cfg.grad_accum:  # >= 1 sequence per process and micro-batch
@@ -659,11 +632,10 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=
 
 
 class RunInMemory:
-    """What train() keeps of a run by default: nothing on disk; each eval step's record as a
-    dashboard line (rank 0). train.RunOnDisk has the same methods and writes a resumable run."""
+    """What train() keeps of a run by default: nothing on disk, a dashboard line per eval (rank
+    0). start returns (step, history, gate state) to start from; train.RunOnDisk overrides all."""
 
-    def start(self, cfg, dist, log, **parts):
-        """(step, history, gate state) to start from; parts: model, opt, sched, ema, scaler."""
+    def start(self, cfg, dist, log, **parts):  # parts: model, opt, sched, ema, scaler
         if cfg.resume:
             raise UsageError("Config.resume=True: this run keeps nothing on disk to resume from; "
                              "train.RunOnDisk does (python train.py --resume=true)")
@@ -687,13 +659,11 @@ class RunInMemory:
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
                scaler=None):
     """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
-    `model`). Returns (terms, grad_norm, gate_avg), terms being global-batch means; gate_avg is
-    the gate's state (gate_on='previous': (mean, last L_FM)). teacher: the EMA head of
-    ema_teacher, blended into model.head between backward and the optimiser step. Raises
-    TrainingDiverged on a non-finite loss term or gradient, before the weights change.
-    cfg.grad_accum > 1: the batch runs as that many micro-batches, each backward normalised by
-    the whole batch's counts, which a no-grad forward of them all (same RNG draws) gives first.
-    scaler: the loss scaler of cfg.dtype='fp16'; it skips a step whose gradient overflows."""
+    `model`). Returns (terms: global-batch means, grad_norm, the gate's state gate_avg); raises
+    TrainingDiverged on a non-finite loss or gradient, before the weights change. teacher: the
+    EMA teacher's head (sfr_authors.teacher_blend). grad_accum > 1: micro-batches, each backward
+    normalised by the whole batch's counts from a no-grad forward of them all (same draws) first.
+    scaler: fp16's loss scaler; it skips a step whose gradient overflows."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
@@ -830,9 +800,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def update_ema(ema, head, step, cfg):
-    """EMA of the head's weights, for eval only (training is unchanged by it). It starts as a
-    copy of the (warmed-up) head at step head_warmup: ema_teacher (their order) erases the
-    warm-up."""
+    """EMA of the head's weights, for eval only (training is unchanged by it), from a copy of
+    the head at step head_warmup (after its warm-up: ema_teacher, their order, erases it)."""
     if step == cfg.head_warmup:
         ema.load_state_dict(head.state_dict())
     elif step > cfg.head_warmup:
@@ -917,8 +886,10 @@ def format_log(rec, elapsed):
 
 
 class OneProcess:
-    """What train() does differently under several processes, here for one. sfr_dist.py's DDP
-    and FSDP override it (and are the torchrun / accelerate entry point)."""
+    """What train() does differently under several processes, here for one; sfr_dist.py's DDP
+    and FSDP override it. wrap: the module a step calls (DDP wraps; FSDP shards model and ema in
+    place); gather: [obj of every process] (RNG states to checkpoint); finish: the (model, ema)
+    train() returns (FSDP gathers the whole ones onto rank 0)."""
     rank, world, sharded = 0, 1, False
 
     def __init__(self):
@@ -928,15 +899,12 @@ class OneProcess:
                              "--shard=true)")
 
     def wrap(self, model, ema, log):
-        """The module a training step calls (FSDP shards model and ema in place; DDP wraps)."""
         return model
 
     def gather(self, obj):
-        """[obj of every process]: rank 0 writes each process's RNG state."""
         return [obj]
 
     def finish(self, model, ema, new_model):
-        """The (model, ema) train() returns: FSDP gathers the whole ones onto rank 0."""
         return model, ema
 
 
@@ -1005,10 +973,9 @@ def future_tokens(batch, K):
 def mtp_loss(h, heads, y, valid, head_by_head=True):
     """MTP (Gloeckle et al. 2024, eq. 1): the cross-entropy of head k on the token k steps
     ahead, summed over valid positions. h: (N, C); y, valid: (N, K). Returns the K per-head
-    sums (K,). head_by_head runs each head under activation checkpointing: the forward keeps
-    none of a head's tensors and the backward recomputes one head at a time (autograd finishes
-    one head's chain before the next), so one (N, V) logits tensor is alive at a time, as in
-    Gloeckle et al. Sec. 2, for a second forward of each head. Same gradients: tests/test_mtp.py."""
+    sums (K,). head_by_head checkpoints each head: backward recomputes one head at a time, so
+    one (N, V) logits tensor is alive at a time (Gloeckle et al. Sec. 2), for a second forward
+    of each head; the gradients are the same (tests/test_mtp.py)."""
     def head_loss(h, k):
         m = valid[:, k]
         return F.cross_entropy(heads[k](h[m]), y[m, k], reduction="sum")
@@ -1102,10 +1069,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
              generator=None, kv_cache=True):
-    """Sample continuations of idx (B, T) (see sample_next). Stops early when every row has
-    produced eos_id. The built-in GPT keeps a KV cache (kv_cache=False: recompute every
-    position, the reference the cache is tested against) while the sequence fits block_size;
-    past it, and for HF models, each step reads the last block_size tokens. Returns (B, T + new)."""
+    """Sample continuations of idx (B, T) (see sample_next), stopping once every row has made
+    eos_id. A backbone with new_cache() (the built-in GPT) keeps a KV cache while the sequence
+    fits block_size (kv_cache=False: the uncached reference); past it, and for HF models, each
+    step reads the last block_size tokens. Returns (B, T + new)."""
     block = getattr(model, "block_size", None) or 10**9
     cache = model.new_cache() if kv_cache and hasattr(model, "new_cache") else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

@@ -77,6 +77,13 @@ def future_segments(N, k, stride, min_suffix, positions="ar", suffix_count="auth
     return out
 
 
+def anchors(response, tok, cfg):
+    """future_segments for one response under cfg; blank: the segment decodes to whitespace."""
+    return future_segments(len(response), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions,
+                           cfg.suffix_count, cfg.fill,
+                           blank=lambda a: not tok.decode(response[a:a + cfg.k]).strip())
+
+
 def lam_at(cfg, step):
     """lam_phases='authors' (their _get_fm_loss_weight): full lambda during the head warm-up
     (phase A), then a ramp 0 -> lam over lam_ramp steps (B), then cfg.lam_schedule over the steps
@@ -124,5 +131,5 @@ def teacher_blend(ema, head, decay):
 
 
 sfr.RECIPES["authors"] = PRESET
-sfr.AUTHORS.update(FlowHead=FlowHead, future_segments=future_segments, lam_at=lam_at, gate=gate,
+sfr.AUTHORS.update(FlowHead=FlowHead, anchors=anchors, lam_at=lam_at, gate=gate,
                    teacher_blend=teacher_blend)

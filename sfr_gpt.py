@@ -67,6 +67,19 @@ class GPT(nn.Module):
         self.apply(self._init)
 
     @staticmethod
+    def validate(cfg):
+        """Config.validate's checks of the fields the built-in GPT reads."""
+        if cfg.n_embd % cfg.n_head:
+            raise sfr.UsageError(f"Config.n_embd={cfg.n_embd} must be a multiple of "
+                                 f"Config.n_head={cfg.n_head}")
+        if not -cfg.n_layer - 1 <= cfg.hidden_layer <= cfg.n_layer:
+            raise sfr.UsageError(f"Config.hidden_layer={cfg.hidden_layer}: the built-in GPT has "
+                                 f"n_layer + 1 = {cfg.n_layer + 1} hidden states")
+        if cfg.lora_r:
+            raise sfr.UsageError(f"Config.lora_r={cfg.lora_r}: LoRA adapts a Hugging Face "
+                                 "backbone (Config.backbone=FOLDER)")
+
+    @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
