@@ -2,9 +2,12 @@
 
 A tiny GPT-2-style causal transformer for CPU work (nanoGPT's model.py, smaller), with a KV
 cache for sampling (nanochat's). Like every backbone it returns (logits (B, T, V), h (B, T, C)),
-h being the hidden state Config.hidden_layer that the aux heads read; sfr.py needs nothing
-else of it. Importing this module registers it as sfr.BACKBONES['gpt'] (train.py does).
+h being the hidden state Config.hidden_layer that the aux heads read; sfr.py also asks it for
+new_cache() (sampling) and get_output_embeddings() (MTP's shared unembedding). Importing this
+module registers it as sfr.BACKBONES['gpt'] (train.py does).
 """
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,3 +114,6 @@ class GPT(nn.Module):
 
 
 sfr.BACKBONES["gpt"] = GPT
+
+if __name__ == "__main__":
+    sys.exit("sfr_gpt.py is the built-in GPT, imported by train.py: python train.py --help")
