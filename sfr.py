@@ -166,9 +166,6 @@ class Config:
         for name in ("eval_frac", "ema"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"Config.{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.backbone == "gpt" and "gpt" not in BACKBONES:
-            raise UsageError("Config.backbone='gpt': the built-in GPT is sfr_gpt.py's: import "
-                             "sfr_gpt (train.py does)")
         if self.backbone != "gpt" and not HF:
             raise UsageError(f"Config.backbone={self.backbone!r}: a Hugging Face folder trains "
                              "through sfr_hf.py (python sfr_hf.py --backbone=..., import sfr_hf)")
@@ -182,7 +179,7 @@ class Config:
             check_mtp(self)
         if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
             raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
-        if self.backbone in BACKBONES:  # the built-in GPT checks its own fields
+        if self.backbone in BACKBONES:  # the built-in GPT, once imported, checks its own fields
             BACKBONES[self.backbone].validate(self)
         if self.aux in AUX:
             AUX[self.aux].validate(self)
@@ -1037,8 +1034,12 @@ BACKBONES, HF = {}, {}
 
 
 def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
-    return BACKBONES["gpt"](cfg, vocab_size) if cfg.backbone == "gpt" else \
-        HF["backbone"](cfg, vocab_size)
+    if cfg.backbone != "gpt":
+        return HF["backbone"](cfg, vocab_size)
+    if "gpt" not in BACKBONES:
+        raise UsageError("Config.backbone='gpt': the built-in GPT is sfr_gpt.py's: import sfr_gpt "
+                         "(train.py does)")
+    return BACKBONES["gpt"](cfg, vocab_size)
 
 # ----------------------------------------------------------------------------- sampling
 

@@ -411,10 +411,12 @@ def test_both_files_agree_on_our_anchor_rule():
 
 def test_the_authors_switches_ask_for_their_module():
     """sfr.py alone (sfr_authors not imported) names the module instead of running ours quietly;
-    so does the built-in GPT's (sfr_gpt)."""
+    so does building the built-in GPT without sfr_gpt, though a Config that needs no backbone
+    (toy/bimodal_head.py's) validates without it."""
     code = ("import sfr\n"
+            "sfr.Config().validate()\n"
             "try:\n"
-            "    sfr.Config().validate()\n"
+            "    sfr.build_backbone(sfr.Config(), 10)\n"
             "except sfr.UsageError as e:\n"
             "    assert 'import sfr_gpt' in str(e), e\n"
             "else:\n"
