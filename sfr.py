@@ -599,7 +599,7 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=
     model, ema, d_z = build(cfg, train_set, tok)
     step_model = dist.wrap(model, ema, log)
     opt, sched = make_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(torch.device(cfg.device).type) if cfg.dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.dtype == "fp16")
     step, history, gate_avg = run.start(cfg, dist, log, model=model, opt=opt, sched=sched,
                                         ema=ema, scaler=scaler)
     while step < cfg.steps:
@@ -660,7 +660,8 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     TrainingDiverged on a non-finite loss or gradient, before the weights change. teacher: the
     EMA teacher's head (sfr_authors.teacher_blend). grad_accum > 1: micro-batches, each backward
     normalised by the whole batch's counts from a no-grad forward of them all (same draws) first.
-    scaler: fp16's loss scaler; it skips a step whose gradient overflows."""
+    scaler: fp16's loss scaler (GradScaler; None = a disabled one), which skips a step whose
+    gradient overflows."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
@@ -668,6 +669,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     device = torch.device(cfg.device).type
     amp = torch.autocast(device, half or torch.bfloat16, enabled=half is not None)
+    scaler = scaler or torch.amp.GradScaler(device, enabled=False)
     if cfg.grad_accum == 1:
         with amp:
             out = (ddp or model)(batch, step)
@@ -689,31 +691,24 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
         scale, gate_avg = AUTHORS["gate"](cfg, terms["aux"], gate_avg, scale)
     model.grad_box["scale"] = scale
     opt.zero_grad(set_to_none=True)
-
-    def backward(loss):  # fp16: the loss scaled up, so that small gradients do not underflow
-        (loss if scaler is None else scaler.scale(loss)).backward()
-    if cfg.grad_accum == 1:
-        backward(loss)
+    if cfg.grad_accum == 1:  # fp16: the loss scaled up, so that small gradients do not underflow
+        scaler.scale(loss).backward()
     else:  # each micro-batch's share of the loss, normalised by the whole batch's counts
         counts = {k: v for k, v in out.items() if k.endswith("_n")}
         for m in micro:
             with amp:
                 out_m = {**(ddp or model)(m, step), **counts}
-            backward(total_loss(out_m, lam, world, not frozen)[0])
+            scaler.scale(total_loss(out_m, lam, world, not frozen)[0]).backward()
     if teacher is not None and step >= cfg.head_warmup:
         AUTHORS["teacher_blend"](teacher, model.head, cfg.ema)
-    if scaler is not None:
-        scaler.unscale_(opt)  # the clip and the norm see the true gradient
+    scaler.unscale_(opt)  # the clip and the norm see the true gradient
     clip = cfg.grad_clip or float("inf")
     gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
-    if not math.isfinite(gnorm) and scaler is None:  # fp16: an overflow, the scaler skips the step
+    if not math.isfinite(gnorm) and not scaler.is_enabled():  # fp16: the scaler skips the step
         raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} "
                                f"(loss terms {terms})")
-    if scaler is None:
-        opt.step()
-    else:
-        scaler.step(opt)
-        scaler.update()
+    scaler.step(opt)  # opt.step(), unless fp16's gradient overflowed
+    scaler.update()
     sched.step()
     return terms, gnorm, gate_avg
 

@@ -368,7 +368,7 @@ class RunOnDisk(sfr.RunInMemory):
             g["lr"] = base * f(sched.last_epoch)  # a changed Config.steps: its schedule from now
         if ema is not None:
             load_full_state(ema, ck["ema"])
-        if scaler is not None:
+        if scaler.is_enabled():
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
         if rank == 0:
@@ -402,7 +402,7 @@ class RunOnDisk(sfr.RunInMemory):
                        "ema": full_state(ema) if ema is not None else None}
         if dist.rank == 0:
             ck = {**weights, "sched": sched.state_dict(), **loop_state,
-                  "scaler": scaler.state_dict() if scaler else None, "rng": rngs,
+                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
                   "config": dataclasses.asdict(self.cfg)}
             save_checkpoint(self.path, {**ck, "sha256": checksum(ck)})
         self.saved = loop_state["step"]
