@@ -6,8 +6,8 @@ can flip one at a time (README, "recipe=authors"); the code is ours, the behavio
 tests/test_authors.py checks each against their code re-derived. Importing this module registers
 them: sfr.RECIPES['authors'] (the preset) and sfr.AUTHORS (the code paths sfr.py calls when a
 switch is on). sfr.py refuses a switch when this module is not imported. Switches that stay in
-sfr.py because they are a line there: positions='labels', warmup_freeze, ema; pooling='mean' is
-sfr_encoder.py's.
+sfr.py, being part of its batches (positions='labels') or a line or two of its loop
+(warmup_freeze, ema): those three; pooling='mean' is sfr_encoder.py's.
 """
 import bisect
 import math
