@@ -466,8 +466,7 @@ def run(cfg: sfr.Config, dist=None, rank0=True):
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))
     tok = build_tokenizer(cfg, [t for pair in pairs for t in pair])
-    encoder = sfr_encoder.SegmentEncoder(cfg.encoder, cache=cfg.cache, pooling=cfg.pooling) \
-        if sfr.needs_encoder(cfg) else None
+    encoder = sfr_encoder.SegmentEncoder.from_config(cfg) if sfr.needs_encoder(cfg) else None
     train_set = sfr.prepare(pairs[n_eval:], tok, cfg, encoder)
     eval_set = sfr.prepare(pairs[:n_eval], tok, cfg, encoder)
     if encoder is not None and rank0:
