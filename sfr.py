@@ -2,22 +2,20 @@
 
 SFR adds a training-only loss to a causal LM: a small flow-matching head must model the
 *distribution* of a frozen sentence encoder's embedding of the next k response tokens, given the
-backbone's hidden state h_t, so L = L_AR + lambda * L_FM. The head and the encoder are thrown
-away after training: the exported model is a plain causal LM.
+backbone's hidden state h_t: L = L_AR + lambda * L_FM. The head and the encoder are dropped after
+training; the exported model is a plain causal LM.
 
-In order: config; flow head and the SFR loss with its ablations; future-segment targets;
-batches; the model; the single-process training loop (train() first, then its parts); the MTP
-reduction; backbones; sampling. A backbone is any module returning (logits, h) (the built-in
-GPT is sfr_gpt.py's); a tokenizer, anything with encode, decode, pad_id, eos_id and vocab_size.
-The modules beside this file import it, never the reverse (README, "What is in the
+Sections: config; flow head and the SFR loss with its ablations; future-segment targets; batches;
+the model; the training loop (train() first, then its parts); the MTP reduction; backbones;
+sampling. The modules beside this file import it, never the reverse (README, "What is in the
 repository"): train.py is its command line, sfr_authors.py the authors' recipe.
 
 Flow convention (the linear path): tau = 0 is noise, tau = 1 is data; z0 ~ N(0, I), z1 = the
 target embedding, z_tau = tau z1 + (1 - tau) z0, velocity target u = z1 - z0; the sampler
 integrates dz/dtau = v(z, tau, h) from tau = 0 to tau = 1.
 
-Run:  python train.py --steps=300   (the built-in tiny GPT on a built-in demo set)
-      python train.py --help        (every config field, with its help line)
+Run: python train.py --steps=300 (the built-in tiny GPT on a built-in demo set); --help lists
+every config field with its help line.
 """
 from __future__ import annotations
 
@@ -61,8 +59,7 @@ class Config:
     tokenizer: str = arg("word", "built-in tokenizer of the built-in GPT: 'word', 'char' or 'byte'")
     eval_frac: float = arg(0.1, "share of examples held out for eval, in [0, 1) (at least one)")
     # --- backbone ---
-    backbone: str = arg("gpt", "'gpt' (built-in tiny GPT); through sfr_hf.py a local Hugging Face "
-                               "causal-LM folder or 'smollm2-135m' (converted once)")
+    backbone: str = arg("gpt", "'gpt' (sfr_gpt.py), or (sfr_hf.py) an HF folder or 'smollm2-135m'")
     hf_from_config: bool = arg(False, "HF: a randomly initialised model from the folder's config")
     hidden_layer: int = arg(-1, "hidden state the aux head reads; -1 = the last (the LM head's)")
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
@@ -70,8 +67,7 @@ class Config:
     n_embd: int = arg(192, "built-in GPT: width, a multiple of n_head")
     block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward: less "
-                                          "memory, one more forward per block")
+    grad_checkpointing: bool = arg(False, "recompute blocks in backward: less memory, more time")
     lora_r: int = arg(0, "HF backbone: LoRA adapters of rank r (peft), the base frozen; 0 = off")
     lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -112,8 +108,7 @@ class Config:
     steps: int = arg(300, "optimiser steps")
     batch_size: int = arg(16, "sequences per step (global, summed over processes)")
     grad_accum: int = arg(1, "micro-batches per step (less memory, the same update); 1 = off")
-    dtype: str = arg("float32", "'bf16' / 'fp16': the forward in autocast, float32 weights, AdamW "
-                                "(fp16 with a loss scaler)")
+    dtype: str = arg("float32", "'bf16' / 'fp16': autocast forward, float32 weights (fp16: scaled)")
     lr: float = arg(3e-3, "AdamW peak learning rate")
     lr_schedule: str = arg("cosine", "'constant' or 'cosine' (to 10% of lr), after lr_warmup")
     lr_warmup: int = arg(20, "linear learning-rate warm-up steps")
@@ -121,12 +116,10 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "train.RunOnDisk's checkpoint every N steps; 0 = at the end")
-    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png; checked "
-                              "writable before step 1")
+    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
     progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
-    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term "
-                             "as it comes (the package is imported only then); '' = none")
+    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
@@ -235,10 +228,9 @@ class ResBlock(nn.Module):
 
 
 class FlowHead(nn.Module):
-    """v_phi([z_tau, temb(tau), h]), the velocity field: a d_t-wide time embedding, an input layer
-    Linear-LayerNorm-SiLU, n_layers - 1 residual blocks, a zero-initialised output Linear (so at
-    step 0 the head predicts v = 0 and does not disturb the backbone). head_arch='authors':
-    sfr_authors.FlowHead, their layout."""
+    """The velocity field v_phi([z_tau, temb(tau), h]): a time embedding, Linear-LayerNorm-SiLU,
+    n_layers - 1 residual blocks, a zero-initialised output Linear (at step 0 v = 0, which leaves
+    the backbone undisturbed). sfr_authors.FlowHead is the authors' layout."""
     embed_time = staticmethod(timestep_embedding)
 
     def __init__(self, d_z, d_h, width=256, n_layers=3, d_t=64):
@@ -264,9 +256,8 @@ def flow_head(cfg, d_z, d_h):
 
 @torch.no_grad()
 def sample_head(head, h, steps=32, generator=None, z0=None):
-    """Draw one z1 sample per row of h: Euler-integrate dz/dtau = v(z, tau, h) from
-    tau = 0 (z0 ~ N(0, I), or the given z0: zeros for the point-mass source) to tau = 1.
-    Returns (N, d_z)."""
+    """One z1 per row of h, (N, d_h) -> (N, d_z): Euler steps of dz/dtau = v(z, tau, h) from
+    tau = 0 (z0 ~ N(0, I), or the z0 given, e.g. zeros for a point source) to tau = 1."""
     d_z = head.out.out_features
     z = torch.randn(h.size(0), d_z, generator=generator).to(h) if z0 is None else z0.to(h)
     for i in range(steps):
@@ -287,9 +278,8 @@ def fm_token_loss(head, h, z1, tau, z0):
 
 
 def regression_token_loss(head, h, z1, kind):
-    """The authors' deterministic ablations: the head evaluated at z = 0, tau = 0 and
-    regressed onto z1 ('mse': mean squared error; 'cosine': 1 - cosine similarity).
-    Either one can only learn E[z1 | h] (or its direction): one point per context."""
+    """The authors' deterministic ablations: the head at z = 0, tau = 0 regressed onto z1 ('mse',
+    or 'cosine': 1 - cos). Either learns one point per context, E[z1 | h] or its direction."""
     N = h.size(0)
     pred = head(torch.zeros_like(z1), torch.zeros(N, device=h.device), h)
     if kind == "mse":
@@ -307,11 +297,10 @@ def target_stats(z1, target_scale):
 
 
 def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=0):
-    """One step's random draws per sequence, seeded by (seed, step, example id), so a sequence
-    draws the same in any process, batch or resumed run. Per sequence of unpadded length n
-    (lengths (B,); T if None): tau ~ U(0, 1); `sel`, the positions that feed the head: those in
-    valid (B, T) (all n if None), at most max_positions of them at random (0 = all); z0 ~ N(0, I)
-    at those only. Returns tau (B,), z0 (B, T, d_z), sel (B, T) bool."""
+    """One step's draws per sequence, seeded by (seed, step, example id): the same in any process,
+    batch or resumed run. tau ~ U(0, 1); sel, the positions that feed the head: the valid (B, T)
+    ones (None: all) of the first lengths[b] (None: T), at most max_positions at random (0: all);
+    z0 ~ N(0, I) there. Returns tau (B,), z0 (B, T, d_z), sel (B, T) bool."""
     B = len(ids)
     lengths = [T] * B if lengths is None else lengths.tolist()
     valid = None if valid is None else valid.cpu()
@@ -328,8 +317,7 @@ def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=
 
 
 def lam_at(cfg: Config, step: int) -> float:
-    """lambda at `step`: constant, a ramp over lam_ramp steps, or a linear / cosine decay over the
-    run (lam_phases='authors': sfr_authors.lam_at)."""
+    """lambda at `step`: a ramp over lam_ramp steps, else decayed over the run (or constant)."""
     if cfg.lam_phases == "authors":
         return AUTHORS["lam_at"](cfg, step)
     if cfg.lam_schedule == "ramp":
@@ -347,8 +335,8 @@ def decayed(cfg, frac):
 
 
 class ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by box['scale'], read at backward
-    time, so the gate can be decided after the loss is seen without toggling requires_grad."""
+    """Identity; backward scales the gradient by box['scale'], read then: the gate can decide
+    after the loss is seen, with no requires_grad toggled."""
 
     @staticmethod
     def forward(ctx, x, box):
@@ -374,8 +362,7 @@ def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
 
 
 def attach_targets(examples, tok, encoder, cfg: Config):
-    """Fill ex.z1 / ex.valid for every example: the encoder's embedding of the next k
-    response tokens (decoded to text and re-encoded by the encoder's tokenizer)."""
+    """Fill ex.z1 / ex.valid: the encoder's embedding of the next k response tokens as text."""
     plans, texts = [], []
     for ex in examples:
         r = ex.response
@@ -409,8 +396,7 @@ def needs_encoder(cfg):
 
 
 def shuffle_targets(examples, seed):
-    """Null-target control: permute every valid target across the whole set, so a
-    target says nothing about its context while keeping the marginal distribution."""
+    """Null-target control: the valid targets permuted across the set (marginal kept)."""
     rows = [(ex, p) for ex in examples for p in ex.valid.nonzero().flatten().tolist()]
     z = torch.stack([ex.z1[p] for ex, p in rows])
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
@@ -446,8 +432,7 @@ class Batch:
 
 
 def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
-    """Right-pad a list of Examples into a Batch (causal attention never looks right,
-    so no attention mask is needed)."""
+    """Right-pad Examples into a Batch (causal attention never looks right: no mask needed)."""
     seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
     # positions='labels' feeds the head at the eos position too: one input more than L_AR needs
     extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
@@ -470,9 +455,8 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
 
 
 def prepare(pairs, tok, cfg: Config, encoder=None):
-    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size) and, if
-    the aux loss needs them, attach targets embedded by `encoder`: anything with dim and
-    encode(texts) -> (n, dim) unit-norm, e.g. sfr_encoder.SegmentEncoder.from_config(cfg)."""
+    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size), with
+    targets from `encoder` (dim, encode(texts) -> (n, dim) unit-norm) if the aux loss needs them."""
     cfg.validate()  # k, stride, min_suffix < 1 would otherwise give empty or misplaced segments
     if needs_encoder(cfg) and encoder is None:
         raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
@@ -497,8 +481,8 @@ def prepare(pairs, tok, cfg: Config, encoder=None):
 
 
 class SFRModel(nn.Module):
-    """The backbone plus its training-only heads. forward(batch) returns loss *sums* and
-    their normalisers, so the training step can normalise over the global batch."""
+    """The backbone plus its training-only heads; forward returns loss *sums* and their counts,
+    which the training step normalises over the global batch."""
 
     def __init__(self, cfg: Config, backbone: nn.Module, d_z: int):
         super().__init__()
@@ -516,9 +500,8 @@ class SFRModel(nn.Module):
         self.grad_box = {"scale": 1.0, "frozen": False}
 
     def fit_target_scale(self, examples):
-        """'std' scaling: per-dim mean and std of the training targets, fitted once, so each
-        dimension has unit variance like the N(0, I) source. The authors' unit-norm target is
-        ~1/sqrt(d) the size of the noise, which leaves the context-dependent part of u tiny."""
+        """'std': per-dim mean and std of the training targets: unit variance per dim, like the
+        N(0, I) source (a unit-norm target is ~1/sqrt(d) the noise's size: u is mostly noise)."""
         if self.cfg.target_scale == "std":
             mean, std = target_stats(torch.cat([ex.z1[ex.valid] for ex in examples]), "std")
             self.z_mean.copy_(mean)
@@ -540,9 +523,8 @@ class SFRModel(nn.Module):
         return out
 
     def head_input(self, h, sel, step, shuffle_h=False):
-        """The hidden states the aux head reads, (N, C) at the positions sel (B, T), through the
-        gradient scale of warm-up and gating; shuffle_h permutes them across the batch (the
-        shuffle-gap diagnostic)."""
+        """h at the positions sel (B, T) -> (N, C), through the gradient scale of warm-up and gate;
+        shuffle_h permutes them across the batch (the shuffle-gap diagnostic)."""
         h_sel = ScaleGrad.apply(h[sel], self.grad_box)
         if shuffle_h:
             g = torch.Generator().manual_seed(step)
@@ -582,11 +564,10 @@ class SFRModel(nn.Module):
 
 
 def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=None):
-    """Train backbone + aux head; returns (model, history). The data order, the flow noise and
-    lambda are functions of (seed, step), so the step is all their state. run: what is kept of
-    the run (RunInMemory if None; train.RunOnDisk: checkpoints, exact resume, logs). dist: the
-    multi-process operations (OneProcess if None; sfr_dist.py), over which cfg.batch_size, the
-    global batch, is split and the losses are normalised."""
+    """Train backbone + aux head; returns (model, history). Data order, flow noise and lambda are
+    functions of (seed, step): the step is all their state. run: what is kept (RunInMemory if
+    None; train.RunOnDisk: checkpoints, exact resume, logs); dist: the processes that share
+    cfg.batch_size, the global batch (OneProcess if None; sfr_dist.py)."""
     cfg.validate()
     dist, run = dist or OneProcess(), run or RunInMemory()
     if cfg.batch_size < dist.world * cfg.grad_accum:  # >= 1 sequence per process and micro-batch
@@ -655,13 +636,10 @@ class RunInMemory:
 
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
                scaler=None):
-    """One optimiser step on this process's share of the global batch (`ddp`, if given, wraps
-    `model`). Returns (terms: global-batch means, grad_norm, the gate's state gate_avg); raises
+    """One optimiser step on this process's share of the global batch (through `ddp`, if given).
+    Returns (terms: global-batch means, grad_norm, gate_avg: the gate's state); raises
     TrainingDiverged on a non-finite loss or gradient, before the weights change. teacher: the
-    EMA teacher's head (sfr_authors.teacher_blend). grad_accum > 1: micro-batches, each backward
-    normalised by the whole batch's counts from a no-grad forward of them all (same draws) first.
-    scaler: fp16's loss scaler (GradScaler; None = a disabled one), which skips a step whose
-    gradient overflows."""
+    head of ema_teacher; scaler: fp16's GradScaler (None: a disabled one)."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
@@ -673,7 +651,8 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     if cfg.grad_accum == 1:
         with amp:
             out = (ddp or model)(batch, step)
-    else:  # (B / grad_accum, T) each, padded to the batch's T
+    else:  # micro-batches (B / grad_accum, T): a no-grad forward of all (same draws) gives the
+        # whole batch's counts, which normalise each micro-batch's backward below
         micro = [Batch(*m) for m in zip(*(getattr(batch, f.name).tensor_split(cfg.grad_accum)
                                           for f in dataclasses.fields(Batch)))]
         with torch.no_grad(), torch.random.fork_rng(), amp:
@@ -757,8 +736,8 @@ def make_optimizer(cfg, model):
 
 
 def batch_ids(step, n, batch_size, seed, rank=0, world=1):
-    """The example ids of this step's global batch, and this process's share of them.
-    A fixed permutation per epoch, so the data position is a function of the step."""
+    """This process's share of the step's global batch of example ids: a fixed permutation per
+    epoch, so the data position is a function of the step."""
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -767,9 +746,8 @@ def batch_ids(step, n, batch_size, seed, rank=0, world=1):
 
 
 def total_loss(out, lam, world=1, with_ar=True):
-    """Normalise the sums over the global batch. DDP averages gradients over processes,
-    so each process's share is multiplied by `world` to recover the global mean.
-    with_ar=False: lambda * L_aux alone (the authors' frozen head warm-up)."""
+    """Normalise the sums over the global batch; each process's share times `world`, as DDP
+    averages gradients. with_ar=False: lambda * L_aux alone (the authors' frozen warm-up)."""
     ar_n = all_sum(out["ar_n"].detach()).clamp_min(1)
     terms = {"ar": out["ar_sum"] / ar_n * world}
     if "aux_sum" in out:
@@ -878,10 +856,9 @@ def format_log(rec, elapsed):
 
 
 class OneProcess:
-    """What train() does differently under several processes, here for one; sfr_dist.py's DDP
-    and FSDP override it. wrap: the module a step calls (DDP wraps; FSDP shards model and ema in
-    place); gather: [obj of every process] (RNG states to checkpoint); finish: the (model, ema)
-    train() returns (FSDP gathers the whole ones onto rank 0)."""
+    """What train() does differently under several processes, here for one (sfr_dist.py's DDP and
+    FSDP override it). wrap: the module a step calls; gather: [obj of every process], e.g. RNG
+    states to checkpoint; finish: the (model, ema) train() returns (FSDP: whole, on rank 0)."""
     rank, world, sharded = 0, 1, False
 
     def __init__(self):
@@ -927,11 +904,6 @@ def check_mtp(cfg):
                          "aux='mtp' has none")
 
 
-def unembedding(backbone):
-    """The backbone's output embedding (V x C), shared by every MTP head (Gloeckle et al.)."""
-    return backbone.get_output_embeddings()
-
-
 class MTPHeads(nn.Module):
     """Heads 2..K of Gloeckle et al. (2024, Sec. 2) on the shared trunk: a residual MLP layer
     each (theirs: a transformer layer), then the shared unembedding; head 1 is the backbone's
@@ -963,15 +935,13 @@ def future_tokens(batch, K):
 
 
 def mtp_loss(h, heads, y, valid, head_by_head=True):
-    """MTP (Gloeckle et al. 2024, eq. 1): the cross-entropy of head k on the token k steps
-    ahead, summed over valid positions. h: (N, C); y, valid: (N, K). Returns the K per-head
-    sums (K,). head_by_head checkpoints each head: backward recomputes one head at a time, so
-    one (N, V) logits tensor is alive at a time (Gloeckle et al. Sec. 2), for a second forward
-    of each head; the gradients are the same (tests/test_mtp.py)."""
+    """MTP (Gloeckle et al. 2024, eq. 1): the cross-entropy of head k on the token k steps ahead,
+    summed over valid positions. h: (N, C); y, valid: (N, K). Returns the K per-head sums (K,)."""
     def head_loss(h, k):
         m = valid[:, k]
         return F.cross_entropy(heads[k](h[m]), y[m, k], reduction="sum")
-    if head_by_head and len(heads) > 1:
+    if head_by_head and len(heads) > 1:  # one (N, V) logits alive at a time (their Sec. 2):
+        # backward recomputes each head, for a second forward; the same gradients (test_mtp.py)
         return torch.stack([checkpoint(head_loss, h, k, use_reentrant=False)
                             for k in range(len(heads))])
     return torch.stack([head_loss(h, k) for k in range(len(heads))])
@@ -982,7 +952,7 @@ def mtp_sums(model, h, batch):
     sum of heads 2..K, both per next-token position, so L_AR + L_aux at lam = 1 is Gloeckle et
     al.'s summed loss (a head's positions past the response end count zero)."""
     y, valid = (t.flatten(0, 1) for t in future_tokens(batch, model.cfg.mtp_k))  # (B T, K)
-    heads = model.mtp.heads(unembedding(model.backbone))
+    heads = model.mtp.heads(model.backbone.get_output_embeddings())  # shared (Gloeckle et al.)
     sums = mtp_loss(h.flatten(0, 1), heads, y, valid, model.cfg.head_by_head)  # (K,)
     n = batch.resp.sum().float()
     return {"ar_sum": sums[0], "ar_n": n, "aux_sum": sums[1:].sum(), "aux_n": n}
@@ -990,27 +960,24 @@ def mtp_sums(model, h, batch):
 
 def induced_divergence(u, v_pred, x0, kind, log_r=None):
     """D_T(u, v) = D(x0 + u, x0 + v), the divergence on velocities induced by D on the simplex
-    (paper App. A), per copy: (N, c, D) -> (N, c). 'kl': KL(p || r) = sum p log p - p log r with
-    p = x0 + u and r = x0 + v; at x0 = pi, p = e(y) and r = q: -log q(y) (0 log 0 = 0). log_r,
-    if given, is log r computed where r comes from (log_softmax of the logits): forming
-    pi + (q - pi) in floating point cancels to 0 wherever q(y) < eps pi(y), and the loss would
-    saturate with a zero gradient. 'sq': mean over dims of (v - u)^2, SFR's loss (x0 drops
-    out); on a one-hot copy that is the Brier score of q divided by V."""
+    (paper App. A), per copy: (N, c, D) -> (N, c). 'kl': KL(p || r), p = x0 + u, r = x0 + v; at
+    x0 = pi, p = e(y) and r = q: -log q(y). 'sq': mean over dims of (v - u)^2, SFR's loss (x0
+    drops out; on a one-hot copy, the Brier score of q over V). log_r: log r, if known."""
     if kind == "sq":
         return ((v_pred - u) ** 2).mean(-1)
     p = x0 + u  # the target's endpoint e(y)
-    if log_r is None:
+    if log_r is None:  # log_r from the logits is better: pi + (q - pi) rounds to 0 where
+        # q(y) < eps pi(y), and the loss would saturate with a zero gradient
         r = x0 + v_pred
         log_r = r.clamp_min(torch.finfo(r.dtype).tiny).log()
-    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_r, 0.0)).sum(-1)
+    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_r, 0.0)).sum(-1)  # 0 log 0 = 0
 
 
 def fdfm_loss(h, heads, y, valid, tau, pi, divergence="kl"):
-    """F_Delta-FM (paper App. A), the flow-matching way and without mtp_loss: K heads
-    q_k = softmax(head_k(h)) as a constant velocity field v = q_k - pi, a point source at pi,
-    the straight path z_tau = tau e(y[t+k]) + (1 - tau) pi, and D_T at any tau (the field is
-    blind to z_tau and tau, so tau changes nothing). h: (N, C); y, valid: (N, K); tau: (N,);
-    pi: (V,). Returns the K per-head sums (K,); with divergence='kl' they equal mtp_loss's."""
+    """F_Delta-FM (paper App. A), computed the flow-matching way: K heads q_k = softmax(head_k(h))
+    as a constant field v = q_k - pi, a point source at pi, the straight path z_tau =
+    tau e(y[t+k]) + (1 - tau) pi, D_T at any tau (the field ignores z_tau and tau). h: (N, C);
+    y, valid: (N, K); tau: (N,); pi: (V,). Returns (K,) sums; with 'kl' they are mtp_loss's."""
     log_q = torch.stack([head(h).log_softmax(-1) for head in heads], 1)  # (N, K, V)
     x1 = F.one_hot(y, pi.numel()).to(pi.dtype)  # vertices of the simplex
     x0 = pi.expand_as(x1)

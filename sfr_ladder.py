@@ -66,7 +66,7 @@ def modules(cfg, backbone, d_z):
     onehot = cfg.ladder_target == "onehot"
     constant = onehot and cfg.ladder_field == "constant"
     mtp = sfr.MTPHeads(backbone.d_h, cfg.mtp_k) if constant else None
-    d_state = (cfg.mtp_k - 1) * sfr.unembedding(backbone).weight.size(0) if onehot else d_z
+    d_state = (cfg.mtp_k - 1) * backbone.get_output_embeddings().weight.size(0) if onehot else d_z
     use_head = cfg.ladder_field == "flow" or not onehot
     return mtp, (sfr.flow_head(cfg, d_state, backbone.d_h) if use_head else None)
 
@@ -109,7 +109,7 @@ def segment_sum(model, h, batch, step, head, shuffle_h=False):
     cfg, T = model.cfg, h.size(1)
     # (B, T, c): heads 2..K, since head 1 is L_AR itself
     y, valid = (t[..., 1:] for t in sfr.future_tokens(batch, cfg.mtp_k))
-    unembed = sfr.unembedding(model.backbone)
+    unembed = model.backbone.get_output_embeddings()
     V, c = unembed.weight.size(0), cfg.mtp_k - 1
     lengths = batch.resp.int().cumsum(1).argmax(1) + 1
     d = c * V if cfg.ladder_source == "gaussian" else 0
