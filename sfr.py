@@ -362,7 +362,7 @@ def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
 
 
 def attach_targets(examples, tok, encoder, cfg: Config):
-    """Fill ex.z1 / ex.valid: the encoder's embedding of the next k response tokens as text."""
+    """Fill ex.z1 / ex.valid: the encoder's embedding of the next k response tokens, decoded."""
     plans, texts = [], []
     for ex in examples:
         r = ex.response
