@@ -797,7 +797,7 @@ def _config_key(cfg) -> dict:
     """The fields that decide what a training run computes (not where or how often it writes)."""
     import dataclasses
     import train
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.RESUME_FREE + ("cache",)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.RESUME_FREE}
 
 
 def _same_run(folder: Path, meta: dict) -> None:

@@ -536,7 +536,7 @@ class SFRModel(nn.Module):
         aux = AUX.get(self.cfg.aux)
         if aux is not None and not aux.needs_encoder(self.cfg):  # targets that are not segments
             return aux.segment_sum(self, h, batch, step, head, shuffle_h)
-        B, T, _ = h.size()
+        T = h.size(1)
         lengths = (batch.resp | batch.valid).int().cumsum(1).argmax(1) + 1  # unpadded lengths
         # the position subset saves compute in training; eval scores every valid position
         n_pos = self.cfg.fm_positions if self.training else 0
