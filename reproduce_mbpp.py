@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 # where the last one stopped. torch and sfr are imported inside the functions, so that
 # sections 1-7 stay torch-free.
 
-METHODS = {  # name -> sfr.Config overrides; every other field is shared by all methods
+METHODS = {  # name -> train.RunConfig overrides; every other field is shared by all methods
     "none": dict(aux="none"),  # next-token SFT
     "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
     # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
@@ -1032,14 +1032,14 @@ def _sampling_seed(seed: int, task_id: int, temperature: float) -> int:
 
 
 def _settings(args) -> dict:
-    """The resolved settings of a run: model, per-method sfr.Config fields, sampling."""
+    """The resolved settings of a run: model, per-method train.RunConfig fields, sampling."""
     builtin = not args.model
     if args.lora and builtin:
         raise UsageError("--lora needs --model (a Hugging Face model)")
     base = dict(BUILTIN if builtin else HF_MODEL)
     if not builtin:
         base["backbone"] = str(Path(args.model).resolve())
-        if args.lora:  # sfr.Config's LoRA fields; adapters take a larger step than full fine-tuning
+        if args.lora:  # train.RunConfig's LoRA fields; adapters take a larger step than full fine-tuning
             base.update(lr=2e-4, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     pre = {**base, **PRETRAIN}
     if args.smoke:
@@ -1073,17 +1073,16 @@ def _resolve_chat(mode: str, tok, model: str) -> tuple[bool, str]:
 
 
 def _parse_sets(items: list[str]) -> dict:
-    """--set FIELD=VALUE for any sfr.Config field, typed like the field's default."""
+    """--set FIELD=VALUE for any train.RunConfig field, typed like the field's default."""
     import dataclasses
-    import sfr
     import train
-    defaults = sfr.Config()
-    fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(sfr.Config)}
+    defaults = train.RunConfig()
+    fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(train.RunConfig)}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
-            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of sfr.Config's fields")
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of train.RunConfig's fields")
         default = fields[name]
         try:
             out[name] = train._parse_bool(value) if isinstance(default, bool) else type(default)(value)
@@ -1135,9 +1134,9 @@ def _cmd_run(args) -> int:
     splits = split_mbpp(records)
     test = splits["test"][:s["problems"] or None]
     try:
-        base = sfr.Config(**s["base"], device=device, seed=args.seed,
-                          cache=str(cache_dir / "minilm-targets.pt")).validate()
-    except ValueError as e:  # a --set value sfr.Config refuses; the message names the field
+        base = train.RunConfig(**s["base"], device=device, seed=args.seed,
+                               cache=str(cache_dir / "minilm-targets.pt")).validate()
+    except ValueError as e:  # a --set value RunConfig refuses; the message names the field
         raise UsageError(f"--set: {e}") from None
     tok = train.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
     chat, chat_why = _resolve_chat(args.chat, tok, args.model)
@@ -1158,7 +1157,7 @@ def _cmd_run(args) -> int:
     init, pre_record = "", None
     if s["builtin"]:
         t0 = time.time()
-        pre = sfr.Config(**s["pretrain"], device=device, seed=args.seed)
+        pre = train.RunConfig(**s["pretrain"], device=device, seed=args.seed)
         log(f"pretraining the built-in GPT on {sysconfig.get_paths()['stdlib']} ({pre.steps} steps of {pre.batch_size})")
         init, pre_record = pretrain(pre, cache_dir, log, progress)
         log(f"pretrained weights: {init} ({'cached' if pre_record['cached'] else 'trained now'})")
@@ -1179,8 +1178,8 @@ def _cmd_run(args) -> int:
             _same_run(out / name, {"method": BASE, "model": str(exports[name]), "block_size": base.block_size,
                                    **chat_meta})
             continue
-        cfg = sfr.Config(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
-                            "out_dir": str(out / name), "resume": True}).validate()
+        cfg = train.RunConfig(**{**dataclasses.asdict(base), **method_overrides(name), "init": init,
+                                 "out_dir": str(out / name), "resume": True}).validate()
         configs[name] = cfg
         key = {**_config_key(cfg), "init": Path(init).name}  # the weights, wherever the cache is
         _same_run(out / name, {"config": key, "model": args.model, "train_examples": len(train_pairs),
@@ -1561,7 +1560,7 @@ def _write_report(doc: dict, prefix: str) -> None:
 
 RUN_HELP = """Train the same model once per method and compare them on MBPP.
 
-Methods (--methods, comma-separated) are sfr.Config overrides; everything else is shared:
+Methods (--methods, comma-separated) are train.RunConfig overrides; everything else is shared:
   base          no fine-tuning: the --model weights as they are, sampled and scored like the others
 """ + "\n".join(f"  {name:13s} {', '.join(f'{k}={v!r}' for k, v in kw.items())}" for name, kw in METHODS.items()) + """
 
@@ -1599,7 +1598,7 @@ def _add_run_parser(sub, common) -> None:
                                                            "300 --model)")
     p.add_argument("--pretrain_steps", type=POSITIVE_INT, default=None, help="built-in model (default: 150 of 16 windows)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any sfr.Config field for every method's fine-tuning, e.g. --set lr=5e-4 --set k=32 "
+                   help="any train.RunConfig field for every method's fine-tuning, e.g. --set lr=5e-4 --set k=32 "
                         "(architecture fields apply to pretraining too); repeatable")
     p.add_argument("--problems", type=COUNT, default=None,
                    help="evaluate the first N test problems (task_ids 11..); 0 = all 500 (default: 100)")

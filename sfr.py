@@ -54,13 +54,8 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    # --- data ---
-    data: str = arg("", 'jsonl of {"prompt": ..., "response": ...}; "" = the built-in demo set')
-    tokenizer: str = arg("word", "built-in tokenizer of the built-in GPT: 'word', 'char' or 'byte'")
-    eval_frac: float = arg(0.1, "share of examples held out for eval, in [0, 1) (at least one)")
     # --- backbone ---
     backbone: str = arg("gpt", "'gpt' (sfr_gpt.py), or (sfr_hf.py) an HF folder or 'smollm2-135m'")
-    hf_from_config: bool = arg(False, "HF: a randomly initialised model from the folder's config")
     hidden_layer: int = arg(-1, "hidden state the aux head reads; -1 = the last (the LM head's)")
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
     n_head: int = arg(6, "built-in GPT: attention heads")
@@ -68,10 +63,6 @@ class Config:
     block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
     grad_checkpointing: bool = arg(False, "recompute blocks in backward: less memory, more time")
-    lora_r: int = arg(0, "HF backbone: LoRA adapters of rank r (peft), the base frozen; 0 = off")
-    lora_alpha: int = arg(32, "LoRA alpha: the update is scaled by alpha / r")
-    lora_dropout: float = arg(0.05, "LoRA dropout")
-    lora_targets: str = arg("all-linear", "modules LoRA adapts: 'all-linear' or a comma list")
     # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code) ---
     recipe: str = arg("ours", "preset of the fields in RECIPES[recipe]; explicit fields win")
     # --- future-segment targets (paper Sec. 3) ---
@@ -116,23 +107,26 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm; 0 disables")
     eval_every: int = arg(100, "eval (and diagnostics) every N steps; 0 = only at the end")
     ckpt_every: int = arg(100, "train.RunOnDisk's checkpoint every N steps; 0 = at the end")
-    out_dir: str = arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png")
     resume: bool = arg(False, "continue from out_dir/ckpt.pt (a line says so if there is none)")
-    progress: bool = arg(True, "the progress bar; false: a redirected log gets no bar redraws")
-    report_to: str = arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': every history term")
     seed: int = arg(0, "seeds the init, the data order and the flow noise")
     init: str = arg("", 'backbone state_dict .pt to start from; "" = random init')
     device: str = arg("cpu", "'cpu', 'cuda', 'cuda:1', ...")
-    shard: bool = arg(False, "FSDP under sfr_dist.py: 1/N of weights, grads, optimiser state")
-    # --- the MTP reduction (paper App. A) and sfr_ladder.py's rungs ---
+    # --- the MTP reduction (paper App. A) ---
     mtp_k: int = arg(4, "K tokens predicted per position (head 1 = the next-token head)")
     head_by_head: bool = arg(True, "aux='mtp': one head's (N, V) logits alive at a time")
-    ladder_source: str = arg("point", "sfr_ladder: 'point' (mass at pi; MTP) or 'gaussian' (SFR)")
-    ladder_field: str = arg("constant", "sfr_ladder: 'constant' (E_q[x1] - E[x0]; MTP) or 'flow'")
-    ladder_target: str = arg("onehot", "sfr_ladder: 'onehot' (tokens 2..K; MTP) or 'embedding'")
-    ladder_path: str = arg("straight", "sfr_ladder: 'straight' or 'kl' (KL geodesic, one-hot)")
-    ladder_divergence: str = arg("kl", "sfr_ladder: 'kl' (D = KL; MTP) or 'sq' (mean (v - u)^2)")
-    kl_beta: float = arg(4.0, "sfr_ladder, ladder_path='kl': logit scale of the target")
+    # not fields (no annotation): what validate allows; train.RunConfig adds its fields' own
+    CHOICES = {"target_scale": ("unit", "std"),
+               "lam_schedule": ("constant", "ramp", "linear_decay", "cosine_decay"),
+               "lr_schedule": ("constant", "cosine"), "positions": ("ar", "labels"),
+               "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
+               "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
+               "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
+               "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16", "fp16")}
+    MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
+               "head_width": 1, "n_layer": 0, "n_head": 1, "n_embd": 1, "block_size": 2,
+               "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0, "head_warmup": 0,
+               "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "grad_accum": 1}
+    FRACTIONS = ("ema",)  # in [0, 1)
 
     def __post_init__(self):
         if isinstance(self.recipe, Preset):
@@ -148,15 +142,15 @@ class Config:
 
     def validate(self):
         """Raise a UsageError naming the field for values the code would otherwise misuse."""
-        for name, allowed in {**CHOICES, "aux": AUX_KINDS + tuple(AUX)}.items():
+        for name, allowed in {**self.CHOICES, "aux": AUX_KINDS + tuple(AUX)}.items():
             if getattr(self, name) not in allowed:
                 where = " (import sfr_ladder, or run sfr_ladder.py)" if self.aux == "ladder" else ""
                 raise UsageError(f"Config.{name}={getattr(self, name)!r}: must be one of "
                                  f"{allowed}{where}")
-        for name, low in MINIMUM.items():
+        for name, low in self.MINIMUM.items():
             if getattr(self, name) < low:
                 raise UsageError(f"Config.{name}={getattr(self, name)}: must be >= {low}")
-        for name in ("eval_frac", "ema"):
+        for name in self.FRACTIONS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"Config.{name}={getattr(self, name)}: must be in [0, 1)")
         if self.backbone != "gpt" and not HF:
@@ -168,8 +162,12 @@ class Config:
                              "code path of sfr_authors.py: import sfr_authors (train.py does)")
         if self.ema_teacher and not self.ema:
             raise UsageError("Config.ema_teacher=True needs the teacher's decay in Config.ema")
-        if self.aux == "mtp":
-            check_mtp(self)
+        if self.aux == "mtp" and self.hidden_layer != -1:
+            raise UsageError(f"Config.hidden_layer={self.hidden_layer}: MTP heads share the "
+                             "unembedding, which reads the last hidden state; use -1")
+        if self.aux == "mtp" and (self.head_warmup or self.gate):
+            raise UsageError("Config.head_warmup / Config.gate detach h from a flow head, and "
+                             "aux='mtp' has none")
         if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
             raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
         if self.backbone in BACKBONES:  # the built-in GPT, once imported, checks its own fields
@@ -179,22 +177,8 @@ class Config:
         return self
 
 
-CHOICES = {"tokenizer": ("word", "char", "byte"), "target_scale": ("unit", "std"),
-           "lam_schedule": ("constant", "ramp", "linear_decay", "cosine_decay"),
-           "lr_schedule": ("constant", "cosine"), "positions": ("ar", "labels"),
-           "suffix_count": ("ours", "authors"), "fill": ("mask", "authors"),
-           "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
-           "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
-           "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16", "fp16"),
-           "report_to": ("", "tensorboard", "wandb")}
-
-MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
-           "head_width": 1, "n_layer": 0, "n_head": 1, "n_embd": 1,
-           "block_size": 2, "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0,
-           "head_warmup": 0, "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "lora_r": 0,
-           "lora_dropout": 0, "grad_accum": 1}
-
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
+
 
 AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_ladder.py
 
@@ -892,16 +876,6 @@ def reshard(model):
 # Paper, App. A: multi-token prediction (MTP, Gloeckle et al. 2024) is a flow-matching loss, and
 # SFR lifts its restrictions one at a time (sfr_ladder.py). aux='mtp' trains MTP; fdfm_loss
 # computes the same loss the flow-matching way, and tests/test_mtp.py checks they agree.
-
-
-def check_mtp(cfg):
-    """Refuse aux='mtp' settings whose loss is undefined."""
-    if cfg.hidden_layer != -1:
-        raise UsageError(f"Config.hidden_layer={cfg.hidden_layer}: MTP heads share the "
-                         "unembedding, which reads the last hidden state; use -1")
-    if cfg.head_warmup or cfg.gate:
-        raise UsageError("Config.head_warmup / Config.gate detach h from a flow head, and "
-                         "aux='mtp' has none")
 
 
 class MTPHeads(nn.Module):

@@ -78,9 +78,6 @@ class GPT(nn.Module):
         if not -cfg.n_layer - 1 <= cfg.hidden_layer <= cfg.n_layer:
             raise sfr.UsageError(f"Config.hidden_layer={cfg.hidden_layer}: the built-in GPT has "
                                  f"n_layer + 1 = {cfg.n_layer + 1} hidden states")
-        if cfg.lora_r:
-            raise sfr.UsageError(f"Config.lora_r={cfg.lora_r}: LoRA adapts a Hugging Face "
-                                 "backbone (Config.backbone=FOLDER)")
 
     @staticmethod
     def _init(m):

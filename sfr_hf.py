@@ -429,8 +429,11 @@ def backbone_path(name: str) -> str:
     return str(folder)
 
 
-def hf_backbone(cfg: sfr.Config, vocab_size: int) -> HFBackbone:
+def hf_backbone(cfg: train.RunConfig, vocab_size: int) -> HFBackbone:
     """sfr.HF['backbone']: the folder's model, with LoRA adapters (peft) if cfg.lora_r."""
+    if not isinstance(cfg, train.RunConfig):  # hf_from_config and lora_* are RunConfig's fields
+        raise sfr.UsageError(f"Config.backbone={cfg.backbone!r}: a Hugging Face backbone reads "
+                             "train.RunConfig's hf_from_config and lora_*: pass a train.RunConfig")
     bb = HFBackbone(backbone_path(cfg.backbone), cfg.hf_from_config, cfg.hidden_layer, vocab_size,
                     cfg.grad_checkpointing)
     if cfg.lora_r:

@@ -1,7 +1,7 @@
 """sfr_ladder.py: the ladder from multi-token prediction to SFR, one restriction at a time.
 
 Paper, App. A: multi-token prediction (MTP, Gloeckle et al. 2024) is SFR with four
-restrictions and one change of divergence; here each one is a Config value of sfr.py that
+restrictions and one change of divergence; here each one is a field of train.RunConfig that
 can be lifted on its own (the first value is the MTP end):
   ladder_source      'point' mass at pi                 -> 'gaussian' N(0, I)
   ladder_field       'constant' v = E_q[x1] - E[x0]     -> 'flow' v(z_tau, tau, h), SFR's FlowHead
@@ -30,6 +30,9 @@ LADDER = {"ladder_source": ("point", "gaussian"), "ladder_field": ("constant", "
 
 def validate(cfg):
     """Refuse ladder settings whose loss is undefined or whose task is trivial."""
+    if not isinstance(cfg, train.RunConfig):  # the ladder_* fields are RunConfig's
+        raise sfr.UsageError("Config.aux='ladder' reads train.RunConfig's ladder_* fields: "
+                             "pass a train.RunConfig")
     for name, allowed in LADDER.items():
         if getattr(cfg, name) not in allowed:
             raise sfr.UsageError(f"Config.{name}={getattr(cfg, name)!r}: must be one of {allowed}")

@@ -2,14 +2,14 @@
 
     python train.py                    the built-in tiny GPT on the built-in demo set (300 steps)
     python train.py --data=my.jsonl    your own {"prompt": ..., "response": ...} lines
-    python train.py --help             every Config field, with its help line
+    python train.py --help             every RunConfig field, with its help line
 
 sfr.py is the method and its training loop, a library that imports nothing of this project;
 this file is what turns it into a program: the built-in tokenizers and demo set, the jsonl data
 file, the run on disk (RunOnDisk: sfr.train's run hook with an atomic checksummed checkpoint,
 a bit-exact resume, history.jsonl, --report_to and the progress bar), the exported model (the
 backbone alone: the head and the encoder are thrown away after training, so the deployed model
-costs nothing extra), the loss plot, and --field=value flags for every sfr.Config field. A
+costs nothing extra), the loss plot, and --field=value flags for every RunConfig field. A
 Hugging Face folder as the backbone trains through sfr_hf.py, several processes through
 sfr_dist.py; both run this command line.
 """
@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,50 @@ import sfr
 import sfr_authors  # noqa: F401  (registers recipe='authors' and its switches)
 import sfr_encoder
 import sfr_gpt
+
+# ----------------------------------------------------------------------------- the run's config
+
+
+@dataclass
+class RunConfig(sfr.Config):
+    """sfr.Config and the fields that only the modules around sfr.py read: this file's data and
+    run files, sfr_hf.py's backbone, sfr_dist.py's sharding, sfr_ladder.py's rungs. (nanoGPT
+    keeps its run settings in train.py, apart from the model's config, the same way.)"""
+    # --- data (train.py) ---
+    data: str = sfr.arg("", 'jsonl of {"prompt": ..., "response": ...}; "" = the built-in demo set')
+    tokenizer: str = sfr.arg("word", "the built-in GPT's tokenizer: 'word', 'char' or 'byte'")
+    eval_frac: float = sfr.arg(0.1, "share of examples held out for eval, in [0, 1) (at least one)")
+    # --- the run on disk (RunOnDisk) ---
+    out_dir: str = sfr.arg("out", "train.py's ckpt.pt, history.jsonl, export/, loss.png")
+    progress: bool = sfr.arg(True, "the progress bar; false: a redirected log gets no bar redraws")
+    report_to: str = sfr.arg("", "'tensorboard' (out_dir/tensorboard) or 'wandb': all of history")
+    # --- a Hugging Face backbone (sfr_hf.py) ---
+    hf_from_config: bool = sfr.arg(False, "a randomly initialised model from the folder's config")
+    lora_r: int = sfr.arg(0, "LoRA adapters of rank r (peft), the base frozen; 0 = off")
+    lora_alpha: int = sfr.arg(32, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = sfr.arg(0.05, "LoRA dropout")
+    lora_targets: str = sfr.arg("all-linear", "modules LoRA adapts: 'all-linear' or a comma list")
+    # --- several processes (sfr_dist.py) ---
+    shard: bool = sfr.arg(False, "FSDP: 1/N of the weights, grads and optimiser state each")
+    # --- the rungs from MTP to SFR (sfr_ladder.py) ---
+    ladder_source: str = sfr.arg("point", "source: 'point' (mass at pi; MTP) or 'gaussian' (SFR)")
+    ladder_field: str = sfr.arg("constant", "field: 'constant' (E_q[x1] - E[x0]; MTP) or 'flow'")
+    ladder_target: str = sfr.arg("onehot", "target: 'onehot' (tokens 2..K; MTP) or 'embedding'")
+    ladder_path: str = sfr.arg("straight", "path: 'straight' or 'kl' (KL geodesic, one-hot)")
+    ladder_divergence: str = sfr.arg("kl", "D: 'kl' (KL; MTP) or 'sq' (mean (v - u)^2)")
+    kl_beta: float = sfr.arg(4.0, "ladder_path='kl': logit scale of the target")
+    CHOICES = {**sfr.Config.CHOICES, "tokenizer": ("word", "char", "byte"),
+               "report_to": ("", "tensorboard", "wandb")}
+    MINIMUM = {**sfr.Config.MINIMUM, "lora_r": 0, "lora_dropout": 0}
+    FRACTIONS = sfr.Config.FRACTIONS + ("eval_frac",)
+
+    def validate(self):
+        super().validate()
+        if self.lora_r and self.backbone == "gpt":
+            raise sfr.UsageError(f"Config.lora_r={self.lora_r}: LoRA adapts a Hugging Face "
+                                 "backbone (Config.backbone=FOLDER)")
+        return self
+
 
 # ------------------------------------------------------------ the built-in tokenizers and demo set
 
@@ -86,7 +131,7 @@ class Tokenizer:
         return cls(d["level"], d["itos"])
 
 
-def build_tokenizer(cfg: sfr.Config, texts):
+def build_tokenizer(cfg: RunConfig, texts):
     """The backbone folder's own tokenizer (sfr_hf.py) if it has one, else the built-in one."""
     tok = sfr.HF["tokenizer"](cfg) if cfg.backbone != "gpt" else None
     return tok or Tokenizer.from_texts(texts, cfg.tokenizer)
@@ -438,28 +483,31 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def parse_config(argv=None, base: sfr.Config | None = None, prog=None, epilog=None) -> sfr.Config:
-    """--field=value (or --field value) for every sfr.Config field; --help lists them with each
+def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=None) -> RunConfig:
+    """--field=value (or --field value) for every RunConfig field; --help lists them with each
     field's help line. --recipe first presets the defaults the other flags override."""
-    base = base or sfr.Config()
+    base = base or RunConfig()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default=base.recipe)
     recipe = pre.parse_known_args(argv)[0].recipe
     if recipe != base.recipe:  # the preset under the caller's own changes to the defaults
-        own = {f.name: getattr(base, f.name) for f in dataclasses.fields(sfr.Config)
-               if getattr(base, f.name) != getattr(sfr.Config(), f.name)}
-        base = sfr.Config(**{**own, "recipe": recipe})
+        own = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)
+               if getattr(base, f.name) != getattr(RunConfig(), f.name)}
+        base = RunConfig(**{**own, "recipe": recipe})
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(sfr.Config):
+    method = p.add_argument_group("sfr.Config: the method and its training loop")
+    around = p.add_argument_group("train.RunConfig: data, run files and the modules around sfr.py")
+    for f in dataclasses.fields(RunConfig):
         default = getattr(base, f.name)
         kind = _parse_bool if isinstance(default, bool) else type(default)
-        p.add_argument(f"--{f.name}", type=kind, default=default,
-                       help=f.metadata["help"].replace("%", "%%"))
-    return sfr.Config(**vars(p.parse_args(argv))).validate()
+        group = method if f.name in sfr.Config.__dataclass_fields__ else around
+        group.add_argument(f"--{f.name}", type=kind, default=default,
+                           help=f.metadata["help"].replace("%", "%%"))
+    return RunConfig(**vars(p.parse_args(argv))).validate()
 
 
-def run(cfg: sfr.Config, dist=None, rank0=True):
+def run(cfg: RunConfig, dist=None, rank0=True):
     """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample."""
     check_writable(cfg.out_dir)
     pairs = load_pairs(cfg.data, sfr.HF["chat"](cfg) if cfg.backbone != "gpt" else None)

@@ -45,7 +45,7 @@ def demo_data(cfg, no_target_rank=None):
 
 
 def main():
-    cfg = sfr.Config(**json.loads(sys.argv[1]))
+    cfg = train.RunConfig(**json.loads(sys.argv[1]))
     dist = sfr_dist.setup(cfg)  # under torchrun / accelerate: DDP or FSDP
     opts = dict(a.lstrip("-").split("=") if "=" in a else (a.lstrip("-"), "1") for a in sys.argv[2:])
     examples, tok = demo_data(cfg, int(opts["no-target-rank"]) if "no-target-rank" in opts else None)

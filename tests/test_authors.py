@@ -39,7 +39,7 @@ class HashEncoder:
 
 
 def test_preset_and_explicit_fields():
-    a = sfr.Config(recipe="authors", k=8)
+    a = train.RunConfig(recipe="authors", k=8)
     assert a.k == 8 and a.stride == 32 and a.min_suffix == 16  # explicit k wins, the rest is the template
     assert (a.positions, a.suffix_count, a.fill, a.pooling, a.head_arch, a.lam_phases) == \
         ("labels", "authors", "authors", "mean", "authors", "authors")
@@ -47,10 +47,10 @@ def test_preset_and_explicit_fields():
             a.fm_positions, a.lam, a.lam_schedule, a.lam_ramp) == \
         (1024, 3, 1.5, "previous", 0.99, 0.999, True, True, 0, 1.0, "constant", 0)
     assert train.parse_config(["--recipe=authors", "--k=8"]) == a
-    assert train.parse_config(["--k=8", "--recipe", "authors", "--gate=0"]) == sfr.Config(recipe="authors", k=8, gate=0)
-    assert sfr.Config(recipe="ours") == sfr.Config()
+    assert train.parse_config(["--k=8", "--recipe", "authors", "--gate=0"]) == train.RunConfig(recipe="authors", k=8, gate=0)
+    assert train.RunConfig(recipe="ours") == train.RunConfig()
     with pytest.raises(ValueError, match="Config.recipe"):
-        sfr.Config(recipe="theirs")
+        train.RunConfig(recipe="theirs")
 
 
 # ----------------------------------------------------------------------------- 1-3: positions, targets, weights
@@ -138,12 +138,12 @@ def test_min_suffix_counts_eos_and_caps_at_k():
 def test_blank_segments_are_skipped():
     """Byte tokens 'abc   ': position j holds token j and its segment starts at j + 1: 'bc ',
     'c  ', then blank ones, skipped by theirs (z1 = 0, counted); ours encodes all six."""
-    cfg = sfr.Config(recipe="authors", k=3, stride=1, min_suffix=1, tokenizer="byte")
+    cfg = train.RunConfig(recipe="authors", k=3, stride=1, min_suffix=1, tokenizer="byte")
     tok = train.Tokenizer("byte")
     ex = sfr.prepare([("p", "abc   ")], tok, cfg, HashEncoder())[0]
     assert ex.valid.all() and ex.z1.size(0) == 7
     assert (ex.z1.norm(dim=1) > 0).tolist() == [True, True] + [False] * 5
-    ours = sfr.prepare([("p", "abc   ")], tok, sfr.Config(k=3, tokenizer="byte"), HashEncoder())[0]
+    ours = sfr.prepare([("p", "abc   ")], tok, train.RunConfig(k=3, tokenizer="byte"), HashEncoder())[0]
     assert ours.valid.tolist() == [True] * 6
 
 

@@ -47,7 +47,7 @@ def smoke(mbpp_path, tmp_path_factory):
 
 def tiny_gpt(seed=0, block_size=64):
     torch.manual_seed(seed)
-    cfg = sfr.Config(n_layer=2, n_head=2, n_embd=16, block_size=block_size, tokenizer="byte")
+    cfg = train.RunConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, tokenizer="byte")
     return sfr_gpt.GPT(cfg, 258).eval()
 
 
@@ -61,20 +61,20 @@ def test_sample_gpt_refuses_to_run_past_block_size():
 
 def test_every_method_is_a_valid_config():
     for name, overrides in R.METHODS.items():
-        sfr.Config(**{**R.BUILTIN, **overrides}).validate()
+        train.RunConfig(**{**R.BUILTIN, **overrides}).validate()
     assert {"none", "mtp", "sfr"} <= set(R.METHODS)
 
 
 def test_sfr_method_is_the_authors_recipe_on_top_of_the_base_config():
     # the base config names every field, so recipe='authors' alone would change nothing:
     # method_overrides writes the preset out, all but the run's own k / stride / min_suffix
-    base = sfr.Config(**R.BUILTIN)
-    cfg = sfr.Config(**{**dataclasses.asdict(base), **R.method_overrides("sfr")})
+    base = train.RunConfig(**R.BUILTIN)
+    cfg = train.RunConfig(**{**dataclasses.asdict(base), **R.method_overrides("sfr")})
     for field, value in sfr.RECIPES["authors"].items():
         expected = getattr(base, field) if field in R.DATA_FIELDS else value
         assert getattr(cfg, field) == expected, field
     assert cfg.ema_teacher and cfg.head_arch == "authors" and cfg.head_width == 1024 and cfg.k == R.BUILTIN["k"]
-    ours = sfr.Config(**{**dataclasses.asdict(base), **R.method_overrides("sfr_ours")})
+    ours = train.RunConfig(**{**dataclasses.asdict(base), **R.method_overrides("sfr_ours")})
     assert not ours.ema_teacher and ours.head_width == R.BUILTIN["head_width"]
 
 
@@ -86,10 +86,10 @@ def test_stdlib_corpus_leaves_out_tests_and_packages():
 
 
 def test_pretrain_is_cached_by_config(tmp_path):
-    cfg = sfr.Config(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1})
+    cfg = train.RunConfig(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1})
     path, rec = R.pretrain(cfg, tmp_path, log=lambda *a: None, progress=False)
     again, rec2 = R.pretrain(cfg, tmp_path, log=lambda *a: None, progress=False)
-    other, rec3 = R.pretrain(sfr.Config(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1, "seed": 1}),
+    other, rec3 = R.pretrain(train.RunConfig(**{**R.BUILTIN, **R.PRETRAIN, **R.SMOKE, "steps": 1, "seed": 1}),
                              tmp_path, log=lambda *a: None, progress=False)
     assert (rec["cached"], rec2["cached"], rec3["cached"]) == (False, True, False)
     assert again == path != other

@@ -78,7 +78,7 @@ def test_brier_variant_by_hand():
 
 
 def _tiny(aux, **kw):
-    return sfr.Config(aux=aux, n_layer=1, n_embd=16, n_head=2, head_width=16, seed=3, **kw).validate()
+    return train.RunConfig(aux=aux, n_layer=1, n_embd=16, n_head=2, head_width=16, seed=3, **kw).validate()
 
 
 def _batch(V, d_z=None, B=3, seed=0):
@@ -174,7 +174,18 @@ def test_future_tokens_shift():
 ])
 def test_refused_rungs_name_the_fix(kw, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
-        sfr.Config(aux="ladder", **kw).validate()
+        train.RunConfig(aux="ladder", **kw).validate()
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(hidden_layer=2), "Config.hidden_layer=2: MTP heads share the unembedding"),
+    (dict(head_warmup=3), "Config.head_warmup / Config.gate"),
+    (dict(gate=1.5), "Config.head_warmup / Config.gate"),
+])
+def test_mtp_refuses_another_hidden_layer_and_the_flow_head_switches(kw, words):
+    sfr.Config(aux="mtp").validate()  # the defaults pass
+    with pytest.raises(sfr.UsageError, match=words):
+        sfr.Config(aux="mtp", **kw).validate()
 
 
 def test_kl_geodesic_prop32():

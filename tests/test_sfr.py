@@ -42,7 +42,7 @@ def tiny(tmp_path, **kw):
     base = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32, k=4, steps=6,
                 batch_size=8, lr_warmup=2, eval_every=0, ckpt_every=0, out_dir=str(tmp_path / "out"))
     base.update(kw)
-    return sfr.Config(**base)
+    return train.RunConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -557,16 +557,16 @@ def test_hf_hidden_layer_selection_and_from_config(tiny_hf):
         assert torch.equal(h, ref.hidden_states[-1])
         torch.testing.assert_close(logits, last.hf.lm_head(h))  # -1 is what the LM head reads
     torch.manual_seed(5)
-    fresh_bb = sfr.build_backbone(sfr.Config(backbone=str(tiny_hf), hf_from_config=True), vocab_size=100)
+    fresh_bb = sfr.build_backbone(train.RunConfig(backbone=str(tiny_hf), hf_from_config=True), vocab_size=100)
     assert fresh_bb.hf.config.vocab_size == 100  # grown to fit the tokenizer
     assert not torch.equal(fresh_bb.hf.transformer.h[0].attn.c_attn.weight, last.hf.transformer.h[0].attn.c_attn.weight)
 
 
 def test_hf_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(tiny_hf):
     with pytest.raises(ValueError, match="the tokenizer has 1000 ids but the model embeds"):
-        sfr.build_backbone(sfr.Config(backbone=str(tiny_hf)), vocab_size=1000)
+        sfr.build_backbone(train.RunConfig(backbone=str(tiny_hf)), vocab_size=1000)
     with pytest.raises(sfr.UsageError, match="or a local folder"):
-        sfr.build_backbone(sfr.Config(backbone=str(tiny_hf) + "-missing"), vocab_size=10)
+        sfr.build_backbone(train.RunConfig(backbone=str(tiny_hf) + "-missing"), vocab_size=10)
 
 
 # ----------------------------------------------------------------------------- the MiniLM encoder and its cache
@@ -778,13 +778,13 @@ def test_targets_are_the_next_k_tokens_and_short_suffixes_are_masked():
 
 def test_bad_config_values_raise_clear_errors(demo, tmp_path):
     with pytest.raises(ValueError, match=r"Config\.k=0"):
-        sfr.Config(k=0).validate()
+        train.RunConfig(k=0).validate()
     with pytest.raises(ValueError, match=r"Config\.k=0"):
-        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=0, block_size=32), FakeEncoder())
+        sfr.prepare(demo.pairs, demo.tok, train.RunConfig(k=0, block_size=32), FakeEncoder())
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
-        sfr.SFRModel(sfr.Config(aux="foo"), sfr_gpt.GPT(sfr.Config(n_embd=16, n_head=2), 10), 2)
+        sfr.SFRModel(train.RunConfig(aux="foo"), sfr_gpt.GPT(train.RunConfig(n_embd=16, n_head=2), 10), 2)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         train.parse_config(["--aux=foo"])
 

@@ -52,8 +52,8 @@ def test_one_forward_and_a_greedy_completion_that_is_code(smollm2):
 def test_the_named_backbone_resolves_to_the_converted_folder(smollm2, tmp_path, monkeypatch):
     folder = smollm2[0]
     assert sfr_hf.backbone_path("smollm2-135m") == str(folder)
-    tok = train.build_tokenizer(sfr.Config(backbone="smollm2-135m"), [])
+    tok = train.build_tokenizer(train.RunConfig(backbone="smollm2-135m"), [])
     assert isinstance(tok, sfr_hf.HFTokenizer) and tok.vocab_size == 49152
     monkeypatch.setenv("SFR_SMOLLM2", str(tmp_path))  # a folder that was never converted: one clear line
     with pytest.raises(sfr.UsageError, match="not converted yet; run python sfr_hf.py smollm2"):
-        sfr.build_backbone(sfr.Config(backbone="smollm2-135m"), 49152)
+        sfr.build_backbone(train.RunConfig(backbone="smollm2-135m"), 49152)

@@ -87,7 +87,7 @@ def test_exact_mass_matches_sfr_generate(tmp_path, one_thread):
     task = collapse.CollapseTask(n_personas=2, n_modes=2, n_queries=2, span=1)
     tok = train.Tokenizer.from_texts(task.all_texts(), "word")
     data = collapse.make_data(task, {(0, 0): 6, (1, 0): 6, (1, 1): 6}, np.random.default_rng(0))
-    cfg = sfr.Config(aux="none", n_layer=1, n_embd=32, n_head=2, steps=100, lr=1e-2, eval_every=0, ckpt_every=0,
+    cfg = train.RunConfig(aux="none", n_layer=1, n_embd=32, n_head=2, steps=100, lr=1e-2, eval_every=0, ckpt_every=0,
                      out_dir=str(tmp_path))
     model, _ = sfr.train(cfg, sfr.prepare(collapse.to_pairs(task, data, False), tok, cfg), tok, None,
                          log=lambda s: None)

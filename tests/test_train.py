@@ -98,11 +98,11 @@ def test_authors_recipe_resumes_bit_for_bit(tmp_path):
     cfg = dict(TINY, recipe="authors", k=4, stride=2, min_suffix=2, head_width=32, lr_schedule="constant",
                head_warmup=2, lam_ramp=2, gate_decay=0.5, steps=6, ckpt_every=0, eval_every=0)
     quiet = dict(log=lambda s: None, run=train.RunOnDisk(progress=False))
-    whole = sfr.Config(**cfg, out_dir=str(tmp_path / "whole"))
+    whole = train.RunConfig(**cfg, out_dir=str(tmp_path / "whole"))
     examples, tok = demo_data(whole)
     _, h1 = sfr.train(whole, examples, tok, **quiet)
-    sfr.train(sfr.Config(**{**cfg, "steps": 3}, out_dir=str(tmp_path / "part")), examples, tok, **quiet)
-    _, h2 = sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, **quiet)
+    sfr.train(train.RunConfig(**{**cfg, "steps": 3}, out_dir=str(tmp_path / "part")), examples, tok, **quiet)
+    _, h2 = sfr.train(train.RunConfig(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, **quiet)
     assert h1 == h2
     a, b = load(tmp_path / "whole" / "ckpt.pt"), load(tmp_path / "part" / "ckpt.pt")
     assert a["gate_avg"] == b["gate_avg"] and isinstance(a["gate_avg"], tuple)
@@ -116,7 +116,7 @@ def one_process(cfg, out_dir, eval_set=False):
     terms, and the history of sfr.train in one process. Also (examples, tok, Config)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    one_cfg = sfr.Config(**cfg, out_dir=str(out_dir))
+    one_cfg = train.RunConfig(**cfg, out_dir=str(out_dir))
     examples, tok = demo_data(one_cfg, no_target_rank=1)
     rank1 = sfr.batch_ids(0, len(examples), cfg["batch_size"], cfg["seed"], 1, 2).tolist()
     assert not any(examples[i].valid.any() for i in rank1)
@@ -160,7 +160,7 @@ def test_two_processes_match_one_process_and_a_rank_without_targets_does_not_han
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    cfg = sfr.Config(**TINY, steps=8, ckpt_every=1, eval_every=0, out_dir=str(tmp_path))
+    cfg = train.RunConfig(**TINY, steps=8, ckpt_every=1, eval_every=0, out_dir=str(tmp_path))
     examples, tok = demo_data(cfg)
     calls, fm = [], sfr.fm_token_loss
 
@@ -254,19 +254,19 @@ def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
     cfg = dict(TINY, steps=6, ckpt_every=3, eval_every=5)
-    examples, tok = demo_data(sfr.Config(**cfg))
+    examples, tok = demo_data(train.RunConfig(**cfg))
 
     class Killed(Exception):
         pass
 
     def killer(line):  # the first log line comes at step 5, before its record is written
         raise Killed
-    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
+    sfr.train(train.RunConfig(**cfg, out_dir=str(tmp_path / "whole")), examples, tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
     with pytest.raises(Killed):
-        sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, run=train.RunOnDisk(progress=False))
+        sfr.train(train.RunConfig(**cfg, out_dir=str(tmp_path / "part")), examples, tok, log=killer, run=train.RunOnDisk(progress=False))
     part = (tmp_path / "part" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in part] == [1, 2, 3, 4]
-    sfr.train(sfr.Config(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, log=lambda s: None,
+    sfr.train(train.RunConfig(**cfg, out_dir=str(tmp_path / "part"), resume=True), examples, tok, log=lambda s: None,
               run=train.RunOnDisk(progress=False))
     whole = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in whole] == [1, 2, 3, 4, 5, 6]
@@ -298,7 +298,7 @@ def test_grad_accum_gives_the_large_batch_update(tmp_path):
     # are drawn per sequence from (seed, step, example id), the same in any micro-batch
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    cfg = sfr.Config(**TINY, grad_clip=0.0, out_dir=str(tmp_path))
+    cfg = train.RunConfig(**TINY, grad_clip=0.0, out_dir=str(tmp_path))
     examples, tok = demo_data(cfg)
     ids = sfr.batch_ids(0, len(examples), cfg.batch_size, cfg.seed)
     batch = sfr.collate([examples[i] for i in ids], ids, tok.pad_id, tok.eos_id, 384)
@@ -327,7 +327,7 @@ def test_cli_plots_every_term_of_the_history_to_loss_png(cli_run):
 def test_bf16_autocast_keeps_float32_weights_and_the_loss_close_to_float32s(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    cfg = sfr.Config(**TINY, steps=2, eval_every=0, out_dir=str(tmp_path))
+    cfg = train.RunConfig(**TINY, steps=2, eval_every=0, out_dir=str(tmp_path))
     examples, tok = demo_data(cfg)
     quiet = dict(log=lambda s: None, run=train.RunOnDisk(progress=False))
     m32, h32 = sfr.train(cfg, examples, tok, **quiet)

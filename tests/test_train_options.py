@@ -24,7 +24,7 @@ def tiny(tmp_path, **kw):
     base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, head_width=32, k=4, steps=4,
                 batch_size=8, lr_warmup=1, eval_every=0, ckpt_every=0, progress=False,
                 out_dir=str(tmp_path / "out"))
-    return sfr.Config(**{**base, **kw})
+    return train.RunConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_report_to_without_the_package_is_one_line_naming_the_field(examples, tm
 
 
 def test_no_tracker_is_imported_unless_asked(tmp_path):
-    code = ("import sys, sfr, train; cfg = sfr.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, aux='none', "
+    code = ("import sys, sfr, train; cfg = train.RunConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, aux='none', "
             f"steps=1, eval_every=0, out_dir={str(tmp_path)!r}); "
             "pairs = train.demo_pairs(); tok = train.Tokenizer.from_texts([t for p in pairs for t in p]); "
             "sfr.train(cfg, sfr.prepare(pairs, tok, cfg), tok, log=lambda *a: None); "
@@ -209,7 +209,7 @@ def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, enco
         assert prompt == hf_tok.apply_chat_template(conv[:n - 1], add_generation_prompt=True, tokenize=False)
         assert hf_tok.apply_chat_template(conv[:n], tokenize=False).startswith(prompt + reply + "[EOS]")
     tok = train.build_tokenizer(cfg, [])
-    ex = sfr.prepare(pairs[1:], tok, sfr.Config(k=2, block_size=64, backbone=str(llama)), encoder)[0]
+    ex = sfr.prepare(pairs[1:], tok, train.RunConfig(k=2, block_size=64, backbone=str(llama)), encoder)[0]
     batch = sfr.collate([ex], [0], tok.pad_id, tok.eos_id, ex.z1.size(1))
     assert hf_tok.decode(batch.y[batch.resp]) == "i like the moon [EOS]"  # L_AR: the assistant turn only
     assert ex.valid.any() and len(ex.z1) == len(tok.encode("i like the moon"))  # targets: its text

@@ -355,9 +355,9 @@ def cross_style_self_bleu(task, backbone, tok, n, seed, anchor=False):
 
 
 def make_config(a, method, seed, out_dir, steps, init=""):
-    return sfr.Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, steps=steps, lam=a.lam, k=a.k,
-                      batch_size=a.batch_size, lr=a.lr, eval_every=0, ckpt_every=0, seed=seed,
-                      out_dir=out_dir, init=init, **METHODS[method])
+    return train.RunConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, steps=steps, lam=a.lam, k=a.k,
+                           batch_size=a.batch_size, lr=a.lr, eval_every=0, ckpt_every=0, seed=seed,
+                           out_dir=out_dir, init=init, **METHODS[method])
 
 
 def pretrain(task, a, seed, data, tok, anchor, path):

@@ -278,10 +278,10 @@ def hf_step_cost(size, device, seq, batch_size, repeats, d_z=384):
             z1 = torch.nn.functional.normalize(torch.randn(seq - 64, d_z, generator=g), dim=-1)
             examples.append(sfr.Example(ids[:64], ids[64:-1], z1[:-1], torch.ones(seq - 65, dtype=torch.bool)))
         tok = SimpleNamespace(pad_id=0, eos_id=1, vocab_size=V)
-        base = sfr.Config(backbone=folder, hf_from_config=True, device=device, batch_size=batch_size,
-                          block_size=seq, steps=10**6)
+        base = train.RunConfig(backbone=folder, hf_from_config=True, device=device, batch_size=batch_size,
+                               block_size=seq, steps=10**6)
         plain = [sfr.Example(ex.prompt, ex.response) for ex in examples]  # SFT: no targets
-        sft, sft_model = stepper(sfr.Config(**{**vars(base), "aux": "none"}), tok, plain, 1)
+        sft, sft_model = stepper(train.RunConfig(**{**vars(base), "aux": "none"}), tok, plain, 1)
         n_params = sum(p.numel() for p in sft_model.backbone.parameters())
         flow, _ = stepper(base, tok, examples, d_z)
         t_sft, t_sfr = interleaved([sft, flow], repeats, warmup=3, device=device)

@@ -96,7 +96,7 @@ def demo_data(cfg):
 
 def run(steps, encoder=None, **kw):
     """Train the built-in model on the demo set; returns (model, history)."""
-    cfg = sfr.Config(steps=steps, eval_every=0, ckpt_every=0, out_dir="/tmp/mtp_equivalence", **kw).validate()
+    cfg = train.RunConfig(steps=steps, eval_every=0, ckpt_every=0, out_dir="/tmp/mtp_equivalence", **kw).validate()
     pairs, tok = demo_data(cfg)
     train_set = sfr.prepare(pairs, tok, cfg, encoder)
     return sfr.train(cfg, train_set, tok, None, log=lambda s: None)

@@ -316,7 +316,7 @@ def make_config(args, method, seed, out_dir):
                   lam=args.lam, k=args.k, head_width=args.head_width, fm_positions=args.fm_positions,
                   batch_size=args.batch_size, lr=args.lr, eval_every=max(1, args.steps // 4), ckpt_every=0,
                   seed=seed, out_dir=out_dir)
-    return sfr.Config(**{**shared, **over})
+    return train.RunConfig(**{**shared, **over})
 
 
 def available_methods(methods):

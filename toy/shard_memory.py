@@ -2,7 +2,7 @@
 
 N processes (gloo on the CPU, started with the environment torchrun gives its workers) train
 the same built-in GPT with its flow head for a few steps, once wrapped in DDP (each process
-holds everything) and once sharded with FSDP (sfr.Config.shard, what `accelerate launch
+holds everything) and once sharded with FSDP (train.RunConfig.shard, what `accelerate launch
 --use_fsdp` turns on). Each process reports:
 
   state  bytes of the parameters, gradients and AdamW state it holds after the last step,
@@ -43,10 +43,11 @@ def child(args):
     sys.path.insert(0, str(ROOT))
     import sfr
     import sfr_dist
+    import train
     torch.set_num_threads(1)
-    cfg = sfr.Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.T + 1,
-                     head_width=args.head_width, batch_size=args.batch, steps=args.steps, lr_warmup=1,
-                     shard=args.child == "fsdp", fm_positions=0).validate()
+    cfg = train.RunConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.T + 1,
+                          head_width=args.head_width, batch_size=args.batch, steps=args.steps, lr_warmup=1,
+                          shard=args.child == "fsdp", fm_positions=0).validate()
     dist = sfr_dist.setup(cfg)  # DDP, or FSDP with cfg.shard
     rank, world = dist.rank, dist.world
     d_z = 384
