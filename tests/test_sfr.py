@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -1003,3 +1004,12 @@ def test_cost_toy_refuses_bad_arguments_before_any_work(argv, says, capsys, monk
     with pytest.raises(SystemExit) as e:
         cost.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_cost_toy_times_a_hugging_face_step_in_a_fresh_process(tmp_path):
+    # a fresh interpreter, so that no other test's `import sfr_hf` registers the backbone for it
+    r = subprocess.run([sys.executable, str(ROOT / "toy" / "cost.py"), "--hf=tiny", "--hf_seq=80", "--hf_batch=2",
+                        "--repeats=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)  # --hf prints its timing and writes nothing
+    assert res["hf_size"] == "tiny" and res["hf_sft_step_ms"] > 0 and res["hf_sfr_step_ms"] > 0

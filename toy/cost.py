@@ -267,6 +267,7 @@ def hf_step_cost(size, device, seq, batch_size, repeats, d_z=384):
     a random unit target): the encoder is not in the loop, as with cached targets."""
     from types import SimpleNamespace
     from transformers import Qwen2Config
+    import sfr_hf  # noqa: F401  (registers the Hugging Face backbone with sfr)
     g = torch.Generator().manual_seed(0)
     shape = HF_SIZES[size]
     with tempfile.TemporaryDirectory() as folder:
