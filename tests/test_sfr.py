@@ -856,9 +856,11 @@ def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):
         train.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and not list(tmp_path.iterdir())  # printed, ran and wrote nothing
-    for f in dataclasses.fields(sfr.Config):
+    for f in dataclasses.fields(train.RunConfig):  # sfr.Config's fields and the run's
         assert f"--{f.name} " in out, f.name
         assert "".join(f.metadata["help"].split()) in "".join(out.split()), f.name  # its whole help line
+    method, around = out.index("sfr.Config: the method"), out.index("train.RunConfig: data")
+    assert method < out.index("\n  --lam ") < around < out.index("\n  --out_dir ")  # each under its owner
 
 
 def test_sfr_py_imports_nothing_of_the_project():

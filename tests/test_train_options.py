@@ -263,7 +263,7 @@ def test_sfr_hf_help_lists_every_field_and_the_smollm2_command(capsys, tmp_path,
         sfr_hf.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("usage: sfr_hf.py")
-    assert all(f"--{f.name}" in out for f in sfr.dataclasses.fields(sfr.Config))
+    assert all(f"--{f.name}" in out for f in sfr.dataclasses.fields(train.RunConfig))
     assert "python sfr_hf.py smollm2" in out and list(tmp_path.iterdir()) == []  # ran nothing
     with pytest.raises(SystemExit) as e:
         sfr_hf.main(["--grad_checkpointing=maybe"])
