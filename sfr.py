@@ -160,16 +160,14 @@ class Config:
         if theirs and not AUTHORS:
             raise UsageError(f"Config.{theirs[0]}={getattr(self, theirs[0])!r} runs the authors' "
                              "code path of sfr_authors.py: import sfr_authors (train.py does)")
-        if self.ema_teacher and not self.ema:
-            raise UsageError("Config.ema_teacher=True needs the teacher's decay in Config.ema")
+        if theirs:  # their switches' own checks
+            AUTHORS["validate"](self)
         if self.aux == "mtp" and self.hidden_layer != -1:
             raise UsageError(f"Config.hidden_layer={self.hidden_layer}: MTP heads share the "
                              "unembedding, which reads the last hidden state; use -1")
         if self.aux == "mtp" and (self.head_warmup or self.gate):
             raise UsageError("Config.head_warmup / Config.gate detach h from a flow head, and "
                              "aux='mtp' has none")
-        if self.gate and self.gate <= 1.0 and self.gate_mode == "dynamic":
-            raise UsageError(f"Config.gate={self.gate}: must be > 1 (authors: 1.5) or 0")
         if self.backbone in BACKBONES:  # the built-in GPT, once imported, checks its own fields
             BACKBONES[self.backbone].validate(self)
         if self.aux in AUX:
@@ -186,7 +184,8 @@ RECIPES = {"ours": {}}  # presets of Config fields; sfr_authors.py adds 'authors
 
 # recipe='authors' and its switches run code of sfr_authors.py, which fills this when imported:
 # "FlowHead", "anchors", "lam_at", "gate", "teacher_blend" (head_arch, suffix_count / fill,
-# lam_phases, gate, ema_teacher). The ours value of each switch is the one sfr.py runs itself.
+# lam_phases, gate, ema_teacher) and "validate", their checks. The ours value of each switch is
+# the one sfr.py runs itself.
 AUTHORS = {}
 OURS = {"head_arch": "ours", "suffix_count": "ours", "fill": "mask", "lam_phases": "ours",
         "gate": 0.0, "ema_teacher": False}

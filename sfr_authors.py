@@ -118,6 +118,14 @@ def gate(cfg, loss, state, scale):
     return scale, (loss if state is None else d * state[0] + (1 - d) * loss, loss)
 
 
+def validate(cfg):
+    """Config.validate's checks of the switches whose code is here."""
+    if cfg.ema_teacher and not cfg.ema:
+        raise sfr.UsageError("Config.ema_teacher=True needs the teacher's decay in Config.ema")
+    if cfg.gate and cfg.gate <= 1.0 and cfg.gate_mode == "dynamic":
+        raise sfr.UsageError(f"Config.gate={cfg.gate}: must be > 1 (authors: 1.5) or 0")
+
+
 @torch.no_grad()
 def teacher_blend(ema, head, decay):
     """ema_teacher: their _update_ema_teacher, which HF Trainer runs in training_step, after
@@ -133,7 +141,7 @@ def teacher_blend(ema, head, decay):
 
 sfr.RECIPES["authors"] = PRESET
 sfr.AUTHORS.update(FlowHead=FlowHead, anchors=anchors, lam_at=lam_at, gate=gate,
-                   teacher_blend=teacher_blend)
+                   teacher_blend=teacher_blend, validate=validate)
 
 if __name__ == "__main__":
     sys.exit("sfr_authors.py registers recipe='authors' when imported (train.py imports it): "

@@ -432,3 +432,12 @@ def test_the_authors_switches_ask_for_their_module():
             "sfr.Config().validate()\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(sfr.__file__).parent))
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("kw, says", [(dict(ema_teacher=True), "ema_teacher=True needs the teacher's decay"),
+                                      (dict(gate=0.8), r"Config.gate=0.8: must be > 1 \(authors: 1.5\) or 0")])
+def test_their_switches_refuse_what_their_code_cannot_run(kw, says):
+    with pytest.raises(sfr.UsageError, match=says):
+        sfr.Config(**kw).validate()
+    sfr.Config(ema_teacher=True, ema=0.9).validate()  # the teacher with its decay
+    sfr.Config(gate=0.8, gate_mode="static").validate()  # static: L_FM < gate, any positive gate
