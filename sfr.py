@@ -40,16 +40,12 @@ class UsageError(ValueError):
     """Bad input (a field, a file, a line): train.py prints it on one line and exits 2."""
 
 
-class Preset:
-    """A field's default before __post_init__: the recipe's value for it, else `ours`."""
-
-    def __init__(self, ours):
-        self.ours = ours
+UNSET = object()  # a field's default until __post_init__ puts the recipe's value, else ours, there
 
 
 def arg(default, help):
-    """A Config field with its --help line. A recipe may preset it; an explicit value wins."""
-    return field(default=Preset(default), metadata={"help": help})
+    """A Config field: its --help line and our default (a recipe may preset it; explicit wins)."""
+    return field(default=UNSET, metadata={"help": help, "ours": default})
 
 
 @dataclass
@@ -129,16 +125,13 @@ class Config:
     FRACTIONS = ("ema",)  # in [0, 1)
 
     def __post_init__(self):
-        if isinstance(self.recipe, Preset):
-            self.recipe = self.recipe.ours
-        if self.recipe not in RECIPES:
-            where = " (import sfr_authors, as train.py does)" if self.recipe == "authors" else ""
-            raise UsageError(f"Config.recipe={self.recipe!r}: must be one of {tuple(RECIPES)}"
-                             f"{where}")
+        recipe = "ours" if self.recipe is UNSET else self.recipe
+        if recipe not in RECIPES:
+            where = " (import sfr_authors, as train.py does)" if recipe == "authors" else ""
+            raise UsageError(f"Config.recipe={recipe!r}: must be one of {tuple(RECIPES)}{where}")
         for f in dataclasses.fields(self):  # fields not given explicitly: the recipe's, or ours
-            value = getattr(self, f.name)
-            if isinstance(value, Preset):
-                setattr(self, f.name, RECIPES[self.recipe].get(f.name, value.ours))
+            if getattr(self, f.name) is UNSET:
+                setattr(self, f.name, RECIPES[recipe].get(f.name, f.metadata["ours"]))
 
     def validate(self):
         """Raise a UsageError naming the field for values the code would otherwise misuse."""
