@@ -388,8 +388,9 @@ def run_cell(task, args, method, seed, data, encoder):
 
 def grad_share(model, batch, cfg, step):
     """|g_aux| / (|g_ar| + |g_aux|) for the backbone's gradient on one batch, g_aux the gradient of
-    lambda * L_aux, both losses from the model's own forward (sfr.SFRModel). The quantity of
-    sfr.diagnostics' aux_grad_share, which needs a flow / mse head and so skips aux='mtp'."""
+    lambda * L_aux, both losses from the model's own forward (sfr.SFRModel): the quantity of
+    sfr.diagnostics' aux_grad_share, computed a second way (torch.autograd.grad, cfg.lam) as a
+    check of it; the eval records' value is kept beside it as aux_grad_share_sfr."""
     model.eval()
     out = model(batch, step)
     if "aux_sum" not in out:
@@ -397,7 +398,9 @@ def grad_share(model, batch, cfg, step):
     ar = out["ar_sum"] / out["ar_n"].clamp_min(1)
     aux = cfg.lam * out["aux_sum"] / out["aux_n"].clamp_min(1)
     params = [p for p in model.backbone.parameters() if p.requires_grad]
-    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))  # noqa: E731
+
+    def norm(gs):
+        return math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))
     a = norm(torch.autograd.grad(ar, params, retain_graph=True, allow_unused=True))
     b = norm(torch.autograd.grad(aux, params, allow_unused=True))
     return b / max(1e-12, a + b)
