@@ -170,7 +170,6 @@ class Config:
 
 AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
 
-
 AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_ladder.py
 
 RECIPES = {"ours": {}}  # presets of Config fields; sfr_authors.py adds 'authors' when imported

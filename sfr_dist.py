@@ -26,7 +26,7 @@ def _on(flag):
     return os.environ.get(flag, "").lower() in ("1", "true")
 
 
-def setup(cfg):
+def setup(cfg: train.RunConfig):
     """Under torchrun or accelerate (WORLD_SIZE > 1): join the process group, move cfg.device
     to this process's GPU, and return DDP or (cfg.shard, or accelerate's --use_fsdp) FSDP.
     With one process: sfr.OneProcess()."""
