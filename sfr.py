@@ -50,6 +50,8 @@ def arg(default, help):
 
 @dataclass
 class Config:
+    """The method, its loop, the built-in GPT and the targets' encoder. train.RunConfig adds what
+    only the modules around sfr.py read: data, run files, HF backbone and LoRA, FSDP, the ladder."""
     # --- backbone ---
     backbone: str = arg("gpt", "'gpt' (sfr_gpt.py), or (sfr_hf.py) an HF folder or 'smollm2-135m'")
     hidden_layer: int = arg(-1, "hidden state the aux head reads; -1 = the last (the LM head's)")
@@ -110,7 +112,7 @@ class Config:
     # --- the MTP reduction (paper App. A) ---
     mtp_k: int = arg(4, "K tokens predicted per position (head 1 = the next-token head)")
     head_by_head: bool = arg(True, "aux='mtp': one head's (N, V) logits alive at a time")
-    # not fields (no annotation): what validate allows; train.RunConfig adds its fields' own
+    # not fields (no annotation): the values validate allows; train.RunConfig adds its own
     CHOICES = {"target_scale": ("unit", "std"),
                "lam_schedule": ("constant", "ramp", "linear_decay", "cosine_decay"),
                "lr_schedule": ("constant", "cosine"), "positions": ("ar", "labels"),
