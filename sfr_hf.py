@@ -142,8 +142,8 @@ class SFRMixin:
         if cfg.aux not in ("flow", "mse", "cosine"):
             raise ValueError(f"Config.aux={cfg.aux!r}: SFRTrainer trains 'flow' (SFR) or the 'mse' / 'cosine' "
                              "ablations; the others run in sfr.train")
-        default = sfr.Config()  # a field's dataclass default is sfr.UNSET; the resolved one is here
-        for f in dataclasses.fields(sfr.Config):  # any other field set (gate, ema, a future one...) would do nothing
+        default = type(cfg)()  # a field's dataclass default is sfr.UNSET; the resolved one is here
+        for f in dataclasses.fields(cfg):  # any other field set (gate, ema, a RunConfig's...) would do nothing
             if f.name not in self.READ and getattr(cfg, f.name) != getattr(default, f.name):
                 raise ValueError(f"Config.{f.name}={getattr(cfg, f.name)!r} has no effect in SFRTrainer, which reads "
                                  f"only {', '.join(self.READ)} (the loop's settings go in TrainingArguments; "

@@ -134,6 +134,8 @@ def test_options_it_does_not_implement_are_refused(tiny, encoder, tmp_path):
     for field, value in (("gate", 1.5), ("ema", 0.999), ("target_scale", "std"), ("lr", 1e-4)):
         with pytest.raises(ValueError, match=f"Config.{field}={value!r} has no effect in SFRTrainer"):
             make_trainer("trainer", tiny, encoder, tmp_path, cfg=dataclasses.replace(SFR_CFG, **{field: value}))
+    with pytest.raises(ValueError, match="Config.out_dir=.elsewhere. has no effect in SFRTrainer"):  # RunConfig
+        make_trainer("trainer", tiny, encoder, tmp_path, cfg=train.RunConfig(**{**vars(SFR_CFG), "out_dir": "elsewhere"}))
     with pytest.raises(ValueError, match="Config.aux='mtp'"):
         make_trainer("trainer", tiny, encoder, tmp_path, cfg=dataclasses.replace(SFR_CFG, aux="mtp"))
 
