@@ -491,17 +491,19 @@ def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=Non
     pre.add_argument("--recipe", default=base.recipe)
     recipe = pre.parse_known_args(argv)[0].recipe
     if recipe != base.recipe:  # the preset under the caller's own changes to the defaults
+        ours = RunConfig()
         own = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)
-               if getattr(base, f.name) != getattr(RunConfig(), f.name)}
+               if getattr(base, f.name) != getattr(ours, f.name)}
         base = RunConfig(**{**own, "recipe": recipe})
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     method = p.add_argument_group("sfr.Config: the method and its training loop")
     around = p.add_argument_group("train.RunConfig: data, run files and the modules around sfr.py")
+    in_sfr = {f.name for f in dataclasses.fields(sfr.Config)}
     for f in dataclasses.fields(RunConfig):
         default = getattr(base, f.name)
         kind = _parse_bool if isinstance(default, bool) else type(default)
-        group = method if f.name in sfr.Config.__dataclass_fields__ else around
+        group = method if f.name in in_sfr else around
         group.add_argument(f"--{f.name}", type=kind, default=default,
                            help=f.metadata["help"].replace("%", "%%"))
     return RunConfig(**vars(p.parse_args(argv))).validate()
