@@ -40,7 +40,7 @@ class UsageError(ValueError):
     """Bad input (a field, a file, a line): train.py prints it on one line and exits 2."""
 
 
-UNSET = object()  # a field's default until __post_init__ puts the recipe's value, else ours, there
+UNSET = object()  # every field's default: __post_init__ replaces it by the recipe's value, or ours
 
 
 def arg(default, help):
