@@ -310,20 +310,6 @@ def decayed(cfg, frac):
         return cfg.lam * 0.5 * (1 + math.cos(math.pi * frac))
     return cfg.lam
 
-
-class ScaleGrad(torch.autograd.Function):
-    """Identity; backward scales the gradient by box['scale'], read then: the gate can decide
-    after the loss is seen, with no requires_grad toggled."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.box["scale"], None
-
 # ------------------------------------------------------------------- future-segment targets
 
 
@@ -500,9 +486,11 @@ class SFRModel(nn.Module):
         return out
 
     def head_input(self, h, sel, step, shuffle_h=False):
-        """h at the positions sel (B, T) -> (N, C), through the gradient scale of warm-up and gate;
-        shuffle_h permutes them across the batch (the shuffle-gap diagnostic)."""
-        h_sel = ScaleGrad.apply(h[sel], self.grad_box)
+        """h at the positions sel (B, T) -> (N, C), its gradient scaled by grad_box['scale'] as read
+        in backward (warm-up, gate); shuffle_h permutes the rows (the shuffle-gap diagnostic)."""
+        h_sel = h[sel]
+        if h_sel.requires_grad:
+            h_sel.register_hook(lambda g: g * self.grad_box["scale"])
         if shuffle_h:
             g = torch.Generator().manual_seed(step)
             h_sel = h_sel[torch.randperm(h_sel.size(0), generator=g)]
