@@ -880,13 +880,8 @@ class MTPHeads(nn.Module):
 
 def future_tokens(batch, K):
     """Targets of heads k = 1..K: y_k[t] = y[t + k - 1], the token k steps after input t, valid
-    where it is still a response token. Returns y_k, valid_k: (B, T, K)."""
-    T = batch.y.size(1)
-    y_k = batch.y.new_zeros(*batch.y.shape, K)
-    valid_k = batch.resp.new_zeros(*batch.resp.shape, K)
-    for k in range(min(K, T)):
-        y_k[:, :T - k, k], valid_k[:, :T - k, k] = batch.y[:, k:], batch.resp[:, k:]
-    return y_k, valid_k
+    where it is still a response token (past the end: 0). Returns views y_k, valid_k: (B, T, K)."""
+    return tuple(F.pad(x, (0, K - 1)).unfold(1, K, 1) for x in (batch.y, batch.resp))
 
 
 def mtp_loss(h, heads, y, valid, head_by_head=True):
