@@ -449,8 +449,7 @@ class SFRModel(nn.Module):
 
     def __init__(self, cfg: Config, backbone: nn.Module, d_z: int):
         super().__init__()
-        if cfg.aux not in AUX_KINDS + tuple(AUX):  # else a plain LM would train without a word
-            raise UsageError(f"Config.aux={cfg.aux!r}: must be one of {AUX_KINDS + tuple(AUX)}")
+        cfg.validate()  # e.g. an unknown aux would train a plain LM without a word
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
         self.head = flow_head(cfg, d_z, backbone.d_h) if cfg.aux in ("flow", "mse", "cosine") \
             else None
