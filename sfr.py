@@ -5,10 +5,8 @@ SFR adds a training-only loss to a causal LM: a small flow-matching head must mo
 backbone's hidden state h_t: L = L_AR + lambda * L_FM. The head and the encoder are dropped after
 training; the exported model is a plain causal LM.
 
-Sections: config; flow head and the SFR loss with its ablations; future-segment targets; batches;
-the model; the training loop (train() first, then its parts); the MTP reduction; backbones;
-sampling. The modules beside this file import it, never the reverse (README, "What is in the
-repository"): train.py is its command line, sfr_authors.py the authors' recipe.
+The modules beside this file import it, never the reverse (README, "What is in the repository"):
+train.py is its command line, sfr_authors.py the authors' recipe.
 
 Flow convention (the linear path): tau = 0 is noise, tau = 1 is data; z0 ~ N(0, I), z1 = the
 target embedding, z_tau = tau z1 + (1 - tau) z0, velocity target u = z1 - z0; the sampler
@@ -257,8 +255,7 @@ def fm_token_loss(head, h, z1, tau, z0):
 def regression_token_loss(head, h, z1, kind):
     """The authors' deterministic ablations: the head at z = 0, tau = 0 regressed onto z1 ('mse',
     or 'cosine': 1 - cos). Either learns one point per context, E[z1 | h] or its direction."""
-    N = h.size(0)
-    pred = head(torch.zeros_like(z1), torch.zeros(N, device=h.device), h)
+    pred = head(torch.zeros_like(z1), torch.zeros(h.size(0), device=h.device), h)
     if kind == "mse":
         return ((pred - z1) ** 2).mean(-1)
     # the eps keeps the gradient finite at the zero-initialised output (Adam rescales it anyway)
@@ -399,8 +396,7 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
     seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
     # positions='labels' feeds the head at the eos position too: one input more than L_AR needs
     extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
-    T = max(len(s) - 1 + e for s, e in zip(seqs, extra))
-    B = len(seqs)
+    B, T = len(seqs), max(len(s) - 1 + e for s, e in zip(seqs, extra))
     idx, y = torch.full((B, T), pad_id), torch.full((B, T), pad_id)
     resp, valid = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
     z1, w = torch.zeros(B, T, d_z), torch.zeros(B, T)
@@ -428,17 +424,13 @@ def prepare(pairs, tok, cfg: Config, encoder=None):
     examples = []
     eos_input = int(cfg.positions == "labels" and needs_encoder(cfg))  # the head reads eos too
     for prompt, response in pairs:
-        p = tok.encode(prompt)
-        if len(p) == 0:
-            p = [tok.eos_id]  # the first response token needs a position to be predicted from
+        p = list(tok.encode(prompt)) or [tok.eos_id]  # the first response token needs a position
         if len(p) + 1 >= cfg.block_size:
             raise UsageError(f"prompt of {len(p)} tokens leaves no room in "
                              f"Config.block_size={cfg.block_size}")
         r = tok.encode(response)[:cfg.block_size - len(p) - eos_input]  # + eos: block_size + 1
         examples.append(Example(p, r))
-    if needs_encoder(cfg):
-        attach_targets(examples, tok, encoder, cfg)
-    return examples
+    return attach_targets(examples, tok, encoder, cfg) if needs_encoder(cfg) else examples
 
 # ----------------------------------------------------------------------------- the model
 
@@ -648,8 +640,7 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     clip = cfg.grad_clip or float("inf")
     gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
     if not math.isfinite(gnorm) and not scaler.is_enabled():  # fp16: the scaler skips the step
-        raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm} "
-                               f"(loss terms {terms})")
+        raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm}; loss terms {terms}")
     scaler.step(opt)  # opt.step(), unless fp16's gradient overflowed
     scaler.update()
     sched.step()
