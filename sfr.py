@@ -228,18 +228,6 @@ def flow_head(cfg, d_z, d_h):
     make = FlowHead if cfg.head_arch == "ours" else AUTHORS["FlowHead"]
     return make(d_z, d_h, cfg.head_width, cfg.head_layers)
 
-
-@torch.no_grad()
-def sample_head(head, h, steps=32, generator=None, z0=None):
-    """One z1 per row of h, (N, d_h) -> (N, d_z): Euler steps of dz/dtau = v(z, tau, h) from
-    tau = 0 (z0 ~ N(0, I), or the z0 given, e.g. zeros for a point source) to tau = 1."""
-    d_z = head.out.out_features
-    z = torch.randn(h.size(0), d_z, generator=generator).to(h) if z0 is None else z0.to(h)
-    for i in range(steps):
-        tau = torch.full((h.size(0),), i / steps, device=h.device)
-        z = z + head(z, tau, h) / steps
-    return z
-
 # ----------------------------------------------------------------------------- the SFR loss
 
 
@@ -289,23 +277,6 @@ def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=
         z0[b, cols] = torch.randn(len(cols), d_z, generator=g)
     return tau, z0, sel
 
-
-def lam_at(cfg: Config, step: int) -> float:
-    """lambda at `step`: a ramp over lam_ramp steps, else decayed over the run (or constant)."""
-    if cfg.lam_phases == "authors":
-        return AUTHORS["lam_at"](cfg, step)
-    if cfg.lam_schedule == "ramp":
-        return cfg.lam * min(1.0, step / max(1, cfg.lam_ramp))
-    return decayed(cfg, step / max(1, cfg.steps))
-
-
-def decayed(cfg, frac):
-    """lambda after a fraction frac of the schedule: linear or cosine decay, else constant."""
-    if cfg.lam_schedule == "linear_decay":
-        return cfg.lam * (1 - frac)
-    if cfg.lam_schedule == "cosine_decay":
-        return cfg.lam * 0.5 * (1 + math.cos(math.pi * frac))
-    return cfg.lam
 
 # ------------------------------------------------------------------- future-segment targets
 
@@ -690,6 +661,24 @@ def make_optimizer(cfg, model):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
+def lam_at(cfg: Config, step: int) -> float:
+    """lambda at `step`: a ramp over lam_ramp steps, else decayed over the run (or constant)."""
+    if cfg.lam_phases == "authors":
+        return AUTHORS["lam_at"](cfg, step)
+    if cfg.lam_schedule == "ramp":
+        return cfg.lam * min(1.0, step / max(1, cfg.lam_ramp))
+    return decayed(cfg, step / max(1, cfg.steps))
+
+
+def decayed(cfg, frac):
+    """lambda after a fraction frac of the schedule: linear or cosine decay, else constant."""
+    if cfg.lam_schedule == "linear_decay":
+        return cfg.lam * (1 - frac)
+    if cfg.lam_schedule == "cosine_decay":
+        return cfg.lam * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lam
+
+
 def batch_ids(step, n, batch_size, seed, rank=0, world=1):
     """This process's share of the step's global batch of example ids: a fixed permutation per
     epoch, so the data position is a function of the step."""
@@ -944,6 +933,20 @@ def build_backbone(cfg: Config, vocab_size: int) -> nn.Module:
     return BACKBONES["gpt"](cfg, vocab_size)
 
 # ----------------------------------------------------------------------------- sampling
+# sample_head draws embeddings from the flow head (the toys show its modes); the rest samples
+# tokens from the LM.
+
+
+@torch.no_grad()
+def sample_head(head, h, steps=32, generator=None, z0=None):
+    """One z1 per row of h, (N, d_h) -> (N, d_z): Euler steps of dz/dtau = v(z, tau, h) from
+    tau = 0 (z0 ~ N(0, I), or the z0 given, e.g. zeros for a point source) to tau = 1."""
+    d_z = head.out.out_features
+    z = torch.randn(h.size(0), d_z, generator=generator).to(h) if z0 is None else z0.to(h)
+    for i in range(steps):
+        tau = torch.full((h.size(0),), i / steps, device=h.device)
+        z = z + head(z, tau, h) / steps
+    return z
 
 
 def logits_of(model, idx):
