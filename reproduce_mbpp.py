@@ -641,7 +641,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="reproduce_mbpp.py", description=__doc__.split("\n\n")[0],
+        allow_abbrev=False, prog="reproduce_mbpp.py", description=__doc__.split("\n\n")[0],
         epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -723,10 +723,10 @@ METHODS = {  # name -> train.RunConfig overrides; every other field is shared by
     "none": dict(aux="none"),  # next-token SFT
     "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
     # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
-    "sfr": dict(recipe="authors", aux="flow"),
-    "sfr_ours": dict(aux="flow"),  # this project's defaults (positions, masking, head, no stabilisers)
-    "sfr_std": dict(aux="flow", target_scale="std"),  # SFR, targets standardised per dimension
-    "sfr_null": dict(aux="flow", null_targets=True),  # control: SFR with targets shuffled across examples
+    "sfr": dict(recipe="authors", aux="sfr"),
+    "sfr_ours": dict(aux="sfr"),  # this project's defaults (positions, masking, head, no stabilisers)
+    "sfr_std": dict(aux="sfr", target_scale="std"),  # SFR, targets standardised per dimension
+    "sfr_null": dict(aux="sfr", null_targets=True),  # control: SFR with targets shuffled across examples
     "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
     "cosine": dict(aux="cosine"),
     # the ladder from MTP to SFR, restrictions lifted one at a time
@@ -741,7 +741,7 @@ METHODS = {  # name -> train.RunConfig overrides; every other field is shared by
 }
 
 BASE = "base"  # not a fine-tuning: the --model weights as they are, evaluated like every method
-DATA_FIELDS = ("k", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
+DATA_FIELDS = ("segment_len", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
 
 
 def method_overrides(name: str) -> dict:
@@ -760,12 +760,12 @@ def method_overrides(name: str) -> dict:
 # Byte tokens: an SFR target is the MiniLM embedding of the next 64 bytes (about a line of
 # code), anchored every 16 bytes; every response position feeds the head, as the authors'.
 BUILTIN = dict(backbone="gpt", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=512,
-               k=64, stride=16, min_suffix=16, fm_positions=0, lam=1.0, head_width=256, head_layers=3,
+               segment_len=64, stride=16, min_suffix=16, fm_positions=0, lam=1.0, head_width=256, head_layers=3,
                steps=150, batch_size=8, lr=1e-3, lr_warmup=10, eval_every=0, ckpt_every=50)
 PRETRAIN = dict(aux="none", steps=150, batch_size=16, lr=3e-3, lr_warmup=20)
 # A Hugging Face model: sub-word tokens, so a shorter window in tokens (the authors use
 # k = 256, s = 32 on responses far longer than MBPP's ~50 tokens).
-HF_MODEL = dict(tokenizer="byte", block_size=1024, k=32, stride=8, min_suffix=8, fm_positions=0, lam=1.0,
+HF_MODEL = dict(tokenizer="byte", block_size=1024, segment_len=32, stride=8, min_suffix=8, fm_positions=0, lam=1.0,
                 head_width=1024, head_layers=3, steps=300, batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0,
                 ckpt_every=100)
 SMOKE = dict(n_layer=1, n_head=2, n_embd=32, head_width=32, steps=2, batch_size=2, ckpt_every=0)
@@ -1598,7 +1598,7 @@ def _add_run_parser(sub, common) -> None:
                                                            "300 --model)")
     p.add_argument("--pretrain_steps", type=POSITIVE_INT, default=None, help="built-in model (default: 150 of 16 windows)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any train.RunConfig field for every method's fine-tuning, e.g. --set lr=5e-4 --set k=32 "
+                   help="any train.RunConfig field for every method's fine-tuning, e.g. --set lr=5e-4 --set segment_len=32 "
                         "(architecture fields apply to pretraining too); repeatable")
     p.add_argument("--problems", type=COUNT, default=None,
                    help="evaluate the first N test problems (task_ids 11..); 0 = all 500 (default: 100)")

@@ -63,7 +63,7 @@ class Config:
     recipe: str = arg("ours", "preset of the fields in RECIPES[recipe]; explicit fields win")
     # --- future-segment targets (paper Sec. 3) ---
     encoder: str = arg("minilm", "'minilm' (all-MiniLM-L6-v2, offline), or a local / cached model")
-    k: int = arg(8, "future segment length in tokens (authors' template: 256)")
+    segment_len: int = arg(8, "k of the paper: tokens per future segment (authors' template: 256)")
     stride: int = arg(1, "encode every s-th position, the others copy the nearest (authors: 32)")
     min_suffix: int = arg(1, "anchors whose segment is shorter are skipped (authors' code: 16)")
     positions: str = arg("ar", "head inputs: 'ar' (P-1 .. P+N-2) or 'labels' (P .. P+N; authors)")
@@ -74,7 +74,7 @@ class Config:
     target_scale: str = arg("unit", "'unit' (L2-normalised; authors) or 'std' (standardised)")
     null_targets: bool = arg(False, "control: targets shuffled across the training set")
     # --- auxiliary loss ---
-    aux: str = arg("flow", "'none', 'flow' (SFR), 'mse', 'cosine', 'mtp'; 'ladder' (sfr_ladder.py)")
+    aux: str = arg("sfr", "'none', 'sfr', 'mse', 'cosine', 'mtp'; 'ladder' (sfr_ladder.py)")
     lam: float = arg(1.0, "weight lambda of the auxiliary loss (authors: 1.0); 0 disables it")
     lam_schedule: str = arg("constant", "'constant', 'ramp', 'linear_decay' or 'cosine_decay'")
     lam_ramp: int = arg(100, "steps of the lambda ramp")
@@ -118,10 +118,10 @@ class Config:
                "pooling": ("model", "mean"), "head_arch": ("ours", "authors"),
                "lam_phases": ("ours", "authors"), "gate_on": ("current", "previous"),
                "gate_mode": ("dynamic", "static"), "dtype": ("float32", "bf16", "fp16")}
-    MINIMUM = {"k": 1, "stride": 1, "min_suffix": 1, "steps": 1, "batch_size": 1, "head_layers": 1,
-               "head_width": 1, "n_layer": 0, "n_head": 1, "n_embd": 1, "block_size": 2,
-               "fm_positions": 0, "ckpt_every": 0, "eval_every": 0, "lam_ramp": 0, "head_warmup": 0,
-               "lr_warmup": 0, "grad_clip": 0, "mtp_k": 1, "dropout": 0, "grad_accum": 1}
+    MINIMUM = {"segment_len": 1, "stride": 1, "min_suffix": 1, "fm_positions": 0, "mtp_k": 1,
+               "head_layers": 1, "head_width": 1, "head_warmup": 0, "lam_ramp": 0, "dropout": 0,
+               "n_layer": 0, "n_head": 1, "n_embd": 1, "block_size": 2, "batch_size": 1, "steps": 1,
+               "grad_accum": 1, "lr_warmup": 0, "grad_clip": 0, "eval_every": 0, "ckpt_every": 0}
     FRACTIONS = ("ema",)  # in [0, 1)
 
     def __post_init__(self):
@@ -168,7 +168,8 @@ class Config:
         return self
 
 
-AUX_KINDS = ("none", "flow", "mse", "cosine", "mtp")
+SEGMENT_AUX = ("sfr", "mse", "cosine")  # the aux kinds of a head on future-segment targets
+AUX_KINDS = ("none", *SEGMENT_AUX, "mtp")
 
 AUX = {}  # more aux kinds, each a module that registers itself on import: sfr_ladder.py
 
@@ -301,13 +302,13 @@ def attach_targets(examples, tok, encoder, cfg: Config):
             anchors = future_segments(len(r), cfg.stride, cfg.min_suffix, cfg.positions)
         else:  # the authors' counting or fill
             anchors = AUTHORS["anchors"](r, tok, cfg)
-        segs = {a: tok.decode(r[a:a + cfg.k]) for a in set(anchors) if a is not None}
+        segs = {a: tok.decode(r[a:a + cfg.segment_len]) for a in set(anchors) if a is not None}
         plans.append((anchors, segs))
         texts.extend(segs.values())
     if not texts:
-        raise UsageError(f"no response is long enough to give a single target (k={cfg.k}, "
-                         f"min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses "
-                         "(recipe='authors' presets their template's k=256, min_suffix=16)")
+        raise UsageError(f"no response is long enough for a target (segment_len={cfg.segment_len}"
+                         f", min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses"
+                         " (recipe='authors' presets their segment_len=256, min_suffix=16)")
     table = dict(zip(texts, encoder.encode(texts)))
     for ex, (anchors, segs) in zip(examples, plans):
         ex.start = -1 if cfg.positions == "ar" else 0
@@ -323,7 +324,7 @@ def attach_targets(examples, tok, encoder, cfg: Config):
 
 def needs_encoder(cfg):
     aux = AUX.get(cfg.aux)
-    return cfg.aux in ("flow", "mse", "cosine") or (aux is not None and aux.needs_encoder(cfg))
+    return cfg.aux in SEGMENT_AUX or (aux is not None and aux.needs_encoder(cfg))
 
 
 def shuffle_targets(examples, seed):
@@ -414,8 +415,7 @@ class SFRModel(nn.Module):
         super().__init__()
         cfg.validate()  # e.g. an unknown aux would train a plain LM without a word
         self.cfg, self.backbone, self.d_z = cfg, backbone, d_z
-        self.head = flow_head(cfg, d_z, backbone.d_h) if cfg.aux in ("flow", "mse", "cosine") \
-            else None
+        self.head = flow_head(cfg, d_z, backbone.d_h) if cfg.aux in SEGMENT_AUX else None
         self.mtp = MTPHeads(backbone.d_h, cfg.mtp_k) if cfg.aux == "mtp" else None  # heads 2..K
         if cfg.aux in AUX:
             self.mtp, self.head = AUX[cfg.aux].modules(cfg, backbone, d_z)
@@ -477,7 +477,7 @@ class SFRModel(nn.Module):
         b_idx = sel.nonzero()[:, 0]
         h_sel = self.head_input(h, sel, step, shuffle_h)  # (N, C)
         z1 = (batch.z1[sel] - self.z_mean) / self.z_std  # (N, d_z)
-        if self.cfg.aux == "flow":
+        if self.cfg.aux == "sfr":
             loss = fm_token_loss(head, h_sel, z1, tau[b_idx], z0[sel])
         elif aux is not None:
             loss = aux.token_loss(self.cfg, head, h_sel, z1, tau[b_idx], z0[sel])

@@ -20,13 +20,13 @@ import sfr
 
 # their template's values (k, stride, head, lambda, gate, EMA teacher; min_suffix is their code's
 # default). k / stride / min_suffix suit responses of hundreds of tokens: short-response data
-# passes its own, e.g. the toys' k=8, stride=1, min_suffix=1.
+# passes its own, e.g. the toys' segment_len=8, stride=1, min_suffix=1.
 PRESET = dict(positions="labels", suffix_count="authors", fill="authors", pooling="mean",
               head_arch="authors", head_width=1024, head_layers=3, lam_phases="authors", lam=1.0,
               lam_schedule="constant", lam_ramp=0, warmup_freeze=True, gate=1.5,
               gate_on="previous", gate_mode="dynamic", gate_decay=0.99, ema=0.999,
               ema_teacher=True, fm_positions=0, target_scale="unit", hidden_layer=-1,
-              k=256, stride=32, min_suffix=16)
+              segment_len=256, stride=32, min_suffix=16)
 
 
 def timestep_embedding(tau, dim):
@@ -80,9 +80,9 @@ def future_segments(N, k, stride, min_suffix, positions="ar", suffix_count="auth
 
 def anchors(response, tok, cfg):
     """future_segments for one response under cfg; blank: the segment decodes to whitespace."""
-    return future_segments(len(response), cfg.k, cfg.stride, cfg.min_suffix, cfg.positions,
-                           cfg.suffix_count, cfg.fill,
-                           blank=lambda a: not tok.decode(response[a:a + cfg.k]).strip())
+    return future_segments(len(response), cfg.segment_len, cfg.stride, cfg.min_suffix,
+                           cfg.positions, cfg.suffix_count, cfg.fill,
+                           blank=lambda a: not tok.decode(response[a:a + cfg.segment_len]).strip())
 
 
 def lam_at(cfg, step):

@@ -11,7 +11,7 @@ Two things on top of sfr.py (which never imports this file):
 
        trainer = SFRTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
                             data_collator=collator, processing_class=tok,
-                            sfr_config=sfr.Config(k=8, lam=1.0),
+                            sfr_config=sfr.Config(segment_len=8, lam=1.0),
                             encoder=sfr_encoder.SegmentEncoder())
        trainer.train(); trainer.save_model("export")   # export: the plain LM, no head
 
@@ -78,7 +78,7 @@ class LabelTargets:
         if key not in self.table:
             anchors = sfr.future_segments(len(resp), stride=self.cfg.stride,
                                           min_suffix=self.cfg.min_suffix)
-            segs = {a: self.tok.decode(resp[a:a + self.cfg.k], skip_special_tokens=True)
+            segs = {a: self.tok.decode(resp[a:a + self.cfg.segment_len], skip_special_tokens=True)
                     for a in set(anchors) if a is not None}
             emb = dict(zip(segs, self.encoder.encode(list(segs.values())))) if segs else {}
             z1 = torch.zeros(len(resp), self.encoder.dim)
@@ -128,19 +128,19 @@ class SFRMixin:
 
     sfr_config: an sfr.Config; read are k, stride, min_suffix (targets), head_width, head_layers
     (head), lam, lam_schedule, lam_ramp (lambda; Config.steps is replaced by the Trainer's
-    max_steps), fm_positions, seed (noise), aux ('flow', or the 'mse' / 'cosine' ablations) and
+    max_steps), fm_positions, seed (noise), aux ('sfr', or the 'mse' / 'cosine' ablations) and
     hidden_layer (-1: the backbone's last_hidden_state, the LM head's input; else its
     hidden_states[hidden_layer]), both read by a hook on the backbone's forward.
     Any other Config field set away from its default is refused, not ignored.
     encoder: an sfr_encoder.SegmentEncoder (built from sfr_config.encoder if None)."""
 
-    READ = ("k", "stride", "min_suffix", "head_width", "head_layers", "lam", "lam_schedule", "lam_ramp",
+    READ = ("segment_len", "stride", "min_suffix", "head_width", "head_layers", "lam", "lam_schedule", "lam_ramp",
             "fm_positions", "seed", "aux", "hidden_layer", "encoder")
 
     def __init__(self, *args, sfr_config: sfr.Config | None = None, encoder=None, **kwargs):
         cfg = (sfr_config or sfr.Config()).validate()
-        if cfg.aux not in ("flow", "mse", "cosine"):
-            raise ValueError(f"Config.aux={cfg.aux!r}: SFRTrainer trains 'flow' (SFR) or the 'mse' / 'cosine' "
+        if cfg.aux not in sfr.SEGMENT_AUX:
+            raise ValueError(f"Config.aux={cfg.aux!r}: SFRTrainer trains 'sfr' or the 'mse' / 'cosine' "
                              "ablations; the others run in sfr.train")
         default = type(cfg)()  # a field's dataclass default is sfr.UNSET; the resolved one is here
         for f in dataclasses.fields(cfg):  # any other field set (gate, ema, a RunConfig's...) would do nothing
@@ -217,7 +217,7 @@ class SFRMixin:
         if not sel.any():  # no target in this batch: a zero loss that still touches every head parameter (DDP)
             return 0.0 * head(z0[0, :1].to(dtype), tau[:1].to(dtype), h[0, :1].to(dtype)).sum() + 0.0 * h.sum()
         h_sel, z1_sel = h[sel].to(dtype), z1[sel].to(dtype)  # (N, d_h), (N, d_z)
-        if cfg.aux == "flow":
+        if cfg.aux == "sfr":
             loss = sfr.fm_token_loss(head, h_sel, z1_sel, tau[sel.nonzero()[:, 0]].to(dtype), z0[sel].to(dtype))
         else:
             loss = sfr.regression_token_loss(head, h_sel, z1_sel, cfg.aux)

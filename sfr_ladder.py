@@ -10,7 +10,7 @@ can be lifted on its own (the first value is the MTP end):
   ladder_divergence  'kl' D(pi + u, pi + v), D = KL     -> 'sq' mean over dims of (v - u)^2
 Every rung is one straight line in its own coordinates (the simplex, the logits for the KL
 geodesic, or the embedding): z_tau = tau x1 + (1 - tau) x0, u = x1 - x0. With every value at
-the MTP end aux='ladder' is aux='mtp'; with every value at the SFR end it is aux='flow'.
+the MTP end aux='ladder' is aux='mtp'; with every value at the SFR end it is aux='sfr'.
 
 Importing this module registers aux='ladder' with sfr.py (sfr.AUX). Run:
     python sfr_ladder.py --aux=ladder --ladder_divergence=sq --steps=300

@@ -487,7 +487,7 @@ def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=Non
     """--field=value (or --field value) for every RunConfig field; --help lists them with each
     field's help line. --recipe first presets the defaults the other flags override."""
     base = base or RunConfig()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--recipe", default=base.recipe)
     recipe = pre.parse_known_args(argv)[0].recipe
     if recipe != base.recipe:  # the preset under the caller's own changes to the defaults
@@ -495,8 +495,11 @@ def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=Non
         own = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)
                if getattr(base, f.name) != getattr(ours, f.name)}
         base = RunConfig(**{**own, "recipe": recipe})
+    # allow_abbrev=False: a prefix such as --k (the old name of --segment_len) is an error, not
+    # another flag that starts with it
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     method = p.add_argument_group("sfr.Config: the method and its training loop")
     around = p.add_argument_group("train.RunConfig: data, run files and the modules around sfr.py")
     in_sfr = {f.name for f in dataclasses.fields(sfr.Config)}

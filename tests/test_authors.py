@@ -39,15 +39,15 @@ class HashEncoder:
 
 
 def test_preset_and_explicit_fields():
-    a = train.RunConfig(recipe="authors", k=8)
-    assert a.k == 8 and a.stride == 32 and a.min_suffix == 16  # explicit k wins, the rest is the template
+    a = train.RunConfig(recipe="authors", segment_len=8)
+    assert a.segment_len == 8 and a.stride == 32 and a.min_suffix == 16  # explicit segment_len wins, the rest is the template
     assert (a.positions, a.suffix_count, a.fill, a.pooling, a.head_arch, a.lam_phases) == \
         ("labels", "authors", "authors", "mean", "authors", "authors")
     assert (a.head_width, a.head_layers, a.gate, a.gate_on, a.gate_decay, a.ema, a.ema_teacher, a.warmup_freeze,
             a.fm_positions, a.lam, a.lam_schedule, a.lam_ramp) == \
         (1024, 3, 1.5, "previous", 0.99, 0.999, True, True, 0, 1.0, "constant", 0)
-    assert train.parse_config(["--recipe=authors", "--k=8"]) == a
-    assert train.parse_config(["--k=8", "--recipe", "authors", "--gate=0"]) == train.RunConfig(recipe="authors", k=8, gate=0)
+    assert train.parse_config(["--recipe=authors", "--segment_len=8"]) == a
+    assert train.parse_config(["--segment_len=8", "--recipe", "authors", "--gate=0"]) == train.RunConfig(recipe="authors", segment_len=8, gate=0)
     assert train.RunConfig(recipe="ours") == train.RunConfig()
     with pytest.raises(ValueError, match="Config.recipe"):
         train.RunConfig(recipe="theirs")
@@ -99,7 +99,7 @@ PAIRS = [("q one :", "a b c d e f g h i"), ("q two three :", "b c d e"), ("q :",
 
 @pytest.mark.parametrize("k,stride,min_suffix", [(4, 1, 1), (4, 1, 3), (4, 3, 3), (6, 4, 5), (5, 2, 5)])
 def test_positions_targets_weights_are_theirs(k, stride, min_suffix):
-    cfg = sfr.Config(recipe="authors", k=k, stride=stride, min_suffix=min_suffix)
+    cfg = sfr.Config(recipe="authors", segment_len=k, stride=stride, min_suffix=min_suffix)
     tok, exs, batch = batch_of(PAIRS, cfg)
     labels = their_labels(batch, exs)
     mask = labels != IGNORE
@@ -138,17 +138,17 @@ def test_min_suffix_counts_eos_and_caps_at_k():
 def test_blank_segments_are_skipped():
     """Byte tokens 'abc   ': position j holds token j and its segment starts at j + 1: 'bc ',
     'c  ', then blank ones, skipped by theirs (z1 = 0, counted); ours encodes all six."""
-    cfg = train.RunConfig(recipe="authors", k=3, stride=1, min_suffix=1, tokenizer="byte")
+    cfg = train.RunConfig(recipe="authors", segment_len=3, stride=1, min_suffix=1, tokenizer="byte")
     tok = train.Tokenizer("byte")
     ex = sfr.prepare([("p", "abc   ")], tok, cfg, HashEncoder())[0]
     assert ex.valid.all() and ex.z1.size(0) == 7
     assert (ex.z1.norm(dim=1) > 0).tolist() == [True, True] + [False] * 5
-    ours = sfr.prepare([("p", "abc   ")], tok, train.RunConfig(k=3, tokenizer="byte"), HashEncoder())[0]
+    ours = sfr.prepare([("p", "abc   ")], tok, train.RunConfig(segment_len=3, tokenizer="byte"), HashEncoder())[0]
     assert ours.valid.tolist() == [True] * 6
 
 
 def test_stride_one_zero_targets_count_in_the_loss():
-    cfg = sfr.Config(recipe="authors", k=4, stride=1, min_suffix=3)
+    cfg = sfr.Config(recipe="authors", segment_len=4, stride=1, min_suffix=3)
     _, exs, batch = batch_of(PAIRS[:1], cfg)
     zero = batch.z1.norm(dim=-1) == 0
     assert (zero & batch.valid).sum() == 3  # j = N-2, N-1 (2 and 1 label tokens) and the eos position
@@ -166,7 +166,7 @@ def tiny_model(cfg, exs, tok):
 
 
 def tiny_cfg(**kw):
-    return sfr.Config(**{**dict(recipe="authors", k=4, stride=1, min_suffix=1, n_layer=1, n_head=2, n_embd=16,
+    return sfr.Config(**{**dict(recipe="authors", segment_len=4, stride=1, min_suffix=1, n_layer=1, n_head=2, n_embd=16,
                                 block_size=32, head_width=32, steps=20, lr=1e-2, lr_warmup=0), **kw})
 
 
@@ -377,7 +377,7 @@ def their_fm_loss(head, h, labels, z1, z0, t):
 
 @pytest.mark.parametrize("k,stride,min_suffix", [(4, 1, 3), (4, 3, 3)])
 def test_oracle_loss_on_one_batch(k, stride, min_suffix):
-    cfg = tiny_cfg(k=k, stride=stride, min_suffix=min_suffix, head_width=16, seed=3)
+    cfg = tiny_cfg(segment_len=k, stride=stride, min_suffix=min_suffix, head_width=16, seed=3)
     tok, exs, batch = batch_of(PAIRS, cfg)
     model, _, _ = tiny_model(cfg, exs, tok)
     nn.init.normal_(model.head.out.weight, std=0.3)  # a zero output layer would hide the head

@@ -10,7 +10,7 @@ import train
 import sfr_hf
 
 STEPS, SAVE_AT = 5, 3
-SFR_CFG = sfr.Config(k=4, fm_positions=4)
+SFR_CFG = sfr.Config(segment_len=4, fm_positions=4)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_sfr_method_is_the_authors_recipe_on_top_of_the_base_config():
     for field, value in sfr.RECIPES["authors"].items():
         expected = getattr(base, field) if field in R.DATA_FIELDS else value
         assert getattr(cfg, field) == expected, field
-    assert cfg.ema_teacher and cfg.head_arch == "authors" and cfg.head_width == 1024 and cfg.k == R.BUILTIN["k"]
+    assert cfg.ema_teacher and cfg.head_arch == "authors" and cfg.head_width == 1024 and cfg.segment_len == R.BUILTIN["segment_len"]
     ours = train.RunConfig(**{**dataclasses.asdict(base), **R.method_overrides("sfr_ours")})
     assert not ours.ema_teacher and ours.head_width == R.BUILTIN["head_width"]
 
@@ -135,7 +135,7 @@ def test_smoke_end_to_end(smoke):
             prob = m["problems"][str(tid)]["T=0.8"]
             assert prob["n"] == len(prob["outcomes"]) == 5
         assert (tmp / "out" / name / "export" / "DONE").exists()
-    assert doc["methods"]["mtp"]["config"]["aux"] == "mtp" and doc["methods"]["sfr"]["config"]["aux"] == "flow"
+    assert doc["methods"]["mtp"]["config"]["aux"] == "mtp" and doc["methods"]["sfr"]["config"]["aux"] == "sfr"
     for key in ("command", "hardware", "versions", "wall_seconds", "seed", "pretrain"):
         assert doc[key] is not None
     assert (tmp / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -117,11 +117,11 @@ def test_ladder_mtp_end_is_mtp():
 
 
 def test_ladder_sfr_end_is_sfr():
-    """Every value at the SFR end: aux='flow' exactly (same noise, weights, normaliser)."""
+    """Every value at the SFR end: aux='sfr' exactly (same noise, weights, normaliser)."""
     V, d_z = 11, 6
     batch = _batch(V, d_z)
     sfr_end = dict(ladder_source="gaussian", ladder_field="flow", ladder_target="embedding", ladder_divergence="sq")
-    out_f, g_f = _model_loss_and_grads(_tiny("flow"), V, batch, d_z, torch.float32)
+    out_f, g_f = _model_loss_and_grads(_tiny("sfr"), V, batch, d_z, torch.float32)
     out_l, g_l = _model_loss_and_grads(_tiny("ladder", **sfr_end), V, batch, d_z, torch.float32)
     assert torch.equal(out_l["aux_sum"], out_f["aux_sum"]) and torch.equal(out_l["aux_n"], out_f["aux_n"])
     assert g_f.keys() == g_l.keys()

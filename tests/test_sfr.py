@@ -40,7 +40,7 @@ def one_thread():
 
 def tiny(tmp_path, **kw):
     """A config that trains in well under a second on one CPU core."""
-    base = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32, k=4, steps=6,
+    base = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, head_width=32, segment_len=4, steps=6,
                 batch_size=8, lr_warmup=2, eval_every=0, ckpt_every=0, out_dir=str(tmp_path / "out"))
     base.update(kw)
     return train.RunConfig(**base)
@@ -48,7 +48,7 @@ def tiny(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def demo(encoder):
-    """The built-in demo set, tokenised, with real MiniLM targets (k=4, stride 1).
+    """The built-in demo set, tokenised, with real MiniLM targets (segment_len=4, stride 1).
 
     The targets come from an empty table, not the session encoder's: a segment another test
     module encoded in another batch can differ in its last bits (the padding changes the
@@ -58,7 +58,7 @@ def demo(encoder):
     tok = train.Tokenizer.from_texts([t for pair in pairs for t in pair])
     enc = copy.copy(encoder)
     enc.table = {}
-    examples = sfr.prepare(pairs, tok, sfr.Config(k=4, block_size=32), enc)
+    examples = sfr.prepare(pairs, tok, sfr.Config(segment_len=4, block_size=32), enc)
     return types.SimpleNamespace(pairs=pairs, tok=tok, examples=examples)
 
 
@@ -270,7 +270,7 @@ def test_lambda_zero_gives_plain_next_token_loss_and_gradients(demo):
     torch.manual_seed(0)
     bb = sfr_gpt.GPT(sfr.Config(**cfg), demo.tok.vocab_size)
     plain = sfr.SFRModel(sfr.Config(aux="none", **cfg), copy.deepcopy(bb), d_z)
-    flow = sfr.SFRModel(sfr.Config(aux="flow", lam=0.0, **cfg), copy.deepcopy(bb), d_z)
+    flow = sfr.SFRModel(sfr.Config(aux="sfr", lam=0.0, **cfg), copy.deepcopy(bb), d_z)
     nn.init.normal_(flow.head.out.weight, std=0.1)  # so L_FM does send a gradient into h
     batch = demo_batch(demo)
     grads = {}
@@ -288,11 +288,11 @@ def test_lambda_zero_gives_plain_next_token_loss_and_gradients(demo):
 def test_lambda_zero_training_run_matches_plain_run(demo, tmp_path):
     """Through sfr.train: same AR losses and same backbone weights, step for step."""
     runs = {}
-    for aux in ("none", "flow"):
+    for aux in ("none", "sfr"):
         model, hist = sfr.train(tiny(tmp_path / aux, aux=aux, lam=0.0), fresh(demo.examples), demo.tok)
         runs[aux] = ([r["ar"] for r in hist], model.backbone.state_dict())
-    assert runs["none"][0] == runs["flow"][0]
-    assert all(torch.equal(v, runs["flow"][1][k]) for k, v in runs["none"][1].items())
+    assert runs["none"][0] == runs["sfr"][0]
+    assert all(torch.equal(v, runs["sfr"][1][k]) for k, v in runs["none"][1].items())
 
 
 def test_gated_or_warmup_step_sends_no_fm_gradient_to_backbone(demo):
@@ -327,7 +327,7 @@ def test_head_warmup_leaves_backbone_as_plain_training(demo, tmp_path):
     (grad_clip off: the head's gradient would otherwise change the clipping factor)."""
     kw = dict(grad_clip=0.0, lr_schedule="constant", steps=4)
     plain, _ = sfr.train(tiny(tmp_path / "p", aux="none", **kw), fresh(demo.examples), demo.tok)
-    warm, hist = sfr.train(tiny(tmp_path / "w", aux="flow", head_warmup=4, **kw), fresh(demo.examples), demo.tok)
+    warm, hist = sfr.train(tiny(tmp_path / "w", aux="sfr", head_warmup=4, **kw), fresh(demo.examples), demo.tok)
     assert all(torch.equal(v, warm.backbone.state_dict()[k]) for k, v in plain.backbone.state_dict().items())
     assert hist[-1]["aux"] > 0
 
@@ -437,7 +437,7 @@ def test_ema_starts_from_the_warmed_up_head(demo, tmp_path):
     """head_warmup = n, ema = 0.999: after n + 1 steps the EMA *is* the warmed-up head (the
     authors' order would leave it ~ the random init); one step later it is
     lerp(head_n+1, head_n+2, 0.001)."""
-    kw = dict(aux="flow", head_warmup=3, ema=0.999, lr_schedule="constant", lr=1e-2)
+    kw = dict(aux="sfr", head_warmup=3, ema=0.999, lr_schedule="constant", lr=1e-2)
     m4, _ = sfr.train(tiny(tmp_path / "a", steps=4, **kw), fresh(demo.examples), demo.tok)
     for pe, p in zip(m4.ema_head.parameters(), m4.head.parameters()):
         assert torch.equal(pe, p)
@@ -621,7 +621,7 @@ def test_encoder_encodes_each_segment_once(encoder, demo):
     enc.encode(["three", "one two"])
     assert (enc.misses, enc.hits) == (2, 3) and len(enc.model.seen) == 2
     enc = spied(encoder)
-    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32), enc)
+    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(segment_len=4, block_size=32), enc)
     segments = {demo.tok.decode(ex.response[a:a + 4]) for ex in exs for a in range(len(ex.response))}
     assert sorted(enc.model.seen) == sorted(segments)  # every distinct segment, each once
     assert all(torch.equal(a.z1, b.z1) for a, b in zip(exs, demo.examples))
@@ -764,7 +764,7 @@ class FakeEncoder:
 
 def test_targets_are_the_next_k_tokens_and_short_suffixes_are_masked():
     tok = train.Tokenizer.from_texts(["p a b c d e"])
-    cfg = sfr.Config(k=2, stride=1, min_suffix=2, block_size=16)
+    cfg = sfr.Config(segment_len=2, stride=1, min_suffix=2, block_size=16)
     enc = FakeEncoder()
     (ex,) = sfr.prepare([("p", "a b c d e")], tok, cfg, enc)
     assert sorted(enc.seen) == ["a b", "b c", "c d", "d e"]
@@ -778,10 +778,10 @@ def test_targets_are_the_next_k_tokens_and_short_suffixes_are_masked():
 
 
 def test_bad_config_values_raise_clear_errors(demo, tmp_path):
-    with pytest.raises(ValueError, match=r"Config\.k=0"):
-        train.RunConfig(k=0).validate()
-    with pytest.raises(ValueError, match=r"Config\.k=0"):
-        sfr.prepare(demo.pairs, demo.tok, train.RunConfig(k=0, block_size=32), FakeEncoder())
+    with pytest.raises(ValueError, match=r"Config\.segment_len=0"):
+        train.RunConfig(segment_len=0).validate()
+    with pytest.raises(ValueError, match=r"Config\.segment_len=0"):
+        sfr.prepare(demo.pairs, demo.tok, train.RunConfig(segment_len=0, block_size=32), FakeEncoder())
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
         sfr.train(tiny(tmp_path, aux="foo"), fresh(demo.examples), demo.tok)
     with pytest.raises(ValueError, match=r"Config\.aux='foo'"):
@@ -792,16 +792,16 @@ def test_bad_config_values_raise_clear_errors(demo, tmp_path):
 
 def test_no_response_long_enough_for_a_target(demo):
     with pytest.raises(ValueError, match="no response is long enough"):
-        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, min_suffix=30, block_size=64), FakeEncoder())
+        sfr.prepare(demo.pairs, demo.tok, sfr.Config(segment_len=4, min_suffix=30, block_size=64), FakeEncoder())
 
 
 def test_an_aux_that_needs_targets_without_an_encoder_is_refused(demo, tmp_path):
     """sfr.prepare builds no encoder (that is sfr_encoder.py's): an aux with targets and no encoder
     is a UsageError naming the field and the fix; aux='none' needs none."""
-    with pytest.raises(sfr.UsageError, match=r"Config\.aux='flow' needs future-segment targets: "
+    with pytest.raises(sfr.UsageError, match=r"Config\.aux='sfr' needs future-segment targets: "
                                              r"pass an encoder \(sfr_encoder\.SegmentEncoder\.from_config"):
-        sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32, aux="flow"))
-    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(k=4, block_size=32, aux="none"))
+        sfr.prepare(demo.pairs, demo.tok, sfr.Config(segment_len=4, block_size=32, aux="sfr"))
+    exs = sfr.prepare(demo.pairs, demo.tok, sfr.Config(segment_len=4, block_size=32, aux="none"))
     assert len(exs) == len(demo.pairs) and all(ex.z1 is None for ex in exs)
     cache = str(tmp_path / "targets.pt")
     enc = sfr_encoder.SegmentEncoder.from_config(sfr.Config(pooling="mean", cache=cache, device="cuda:1"))
@@ -840,13 +840,23 @@ def test_good_jsonl_loads(tmp_path):
 
 
 def test_parse_config():
-    cfg = train.parse_config(["--k=4", "--aux", "mse", "--null_targets=true", "--lam=0.5"])
-    assert (cfg.k, cfg.aux, cfg.null_targets, cfg.lam) == (4, "mse", True, 0.5)
+    cfg = train.parse_config(["--segment_len=4", "--aux", "mse", "--null_targets=true", "--lam=0.5"])
+    assert (cfg.segment_len, cfg.aux, cfg.null_targets, cfg.lam) == (4, "mse", True, 0.5)
     assert train.parse_config(["--null_targets=false"]).null_targets is False
     with pytest.raises(SystemExit):
         train.parse_config(["--null_targets=ture"])  # a typo is an error, not a silent False
     with pytest.raises(SystemExit):
-        train.parse_config(["--k=four"])
+        train.parse_config(["--segment_len=four"])
+
+
+def test_a_flag_prefix_is_an_error_not_another_flag(capsys):
+    """--k, segment_len's old name, is a prefix of --kl_beta only: argparse's default took it as
+    --kl_beta=8 without a word."""
+    with pytest.raises(SystemExit):
+        train.parse_config(["--k=8"])
+    assert "unrecognized arguments: --k=8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_config(["--lr_sched=constant"])  # a prefix of --lr_schedule
 
 
 def test_help_lists_every_config_field(capsys, tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def test_authors_recipe_resumes_bit_for_bit(tmp_path):
     teacher, the frozen warm-up): 3 steps, then a resume to 6, equal 6 in one go."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data
-    cfg = dict(TINY, recipe="authors", k=4, stride=2, min_suffix=2, head_width=32, lr_schedule="constant",
+    cfg = dict(TINY, recipe="authors", segment_len=4, stride=2, min_suffix=2, head_width=32, lr_schedule="constant",
                head_warmup=2, lam_ramp=2, gate_decay=0.5, steps=6, ckpt_every=0, eval_every=0)
     quiet = dict(log=lambda s: None, run=train.RunOnDisk(progress=False))
     whole = train.RunConfig(**cfg, out_dir=str(tmp_path / "whole"))
@@ -294,7 +294,7 @@ def test_cli_progress_false_writes_no_bar_redraws(cli_run):
 
 
 def test_grad_accum_gives_the_large_batch_update(tmp_path):
-    # SFR on (aux='flow', a random 4 positions per sequence): the flow noise and the positions
+    # SFR on (aux='sfr', a random 4 positions per sequence): the flow noise and the positions
     # are drawn per sequence from (seed, step, example id), the same in any micro-batch
     sys.path.insert(0, str(ROOT / "tests"))
     from _train_worker import demo_data

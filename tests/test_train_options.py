@@ -20,8 +20,8 @@ TOK = train.Tokenizer.from_texts([t for pair in PAIRS for t in pair])
 
 
 def tiny(tmp_path, **kw):
-    """A built-in GPT run of a few steps on the demo pairs (k=4: MiniLM targets)."""
-    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, head_width=32, k=4, steps=4,
+    """A built-in GPT run of a few steps on the demo pairs (segment_len=4: MiniLM targets)."""
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, head_width=32, segment_len=4, steps=4,
                 batch_size=8, lr_warmup=1, eval_every=0, ckpt_every=0, progress=False,
                 out_dir=str(tmp_path / "out"))
     return train.RunConfig(**{**base, **kw})
@@ -29,7 +29,7 @@ def tiny(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def examples(encoder):
-    return sfr.prepare(PAIRS, TOK, sfr.Config(k=4, block_size=32), encoder)
+    return sfr.prepare(PAIRS, TOK, sfr.Config(segment_len=4, block_size=32), encoder)
 
 
 def run(cfg, examples):
@@ -209,7 +209,7 @@ def test_messages_become_one_pair_per_assistant_turn_in_the_template(llama, enco
         assert prompt == hf_tok.apply_chat_template(conv[:n - 1], add_generation_prompt=True, tokenize=False)
         assert hf_tok.apply_chat_template(conv[:n], tokenize=False).startswith(prompt + reply + "[EOS]")
     tok = train.build_tokenizer(cfg, [])
-    ex = sfr.prepare(pairs[1:], tok, train.RunConfig(k=2, block_size=64, backbone=str(llama)), encoder)[0]
+    ex = sfr.prepare(pairs[1:], tok, train.RunConfig(segment_len=2, block_size=64, backbone=str(llama)), encoder)[0]
     batch = sfr.collate([ex], [0], tok.pad_id, tok.eos_id, ex.z1.size(1))
     assert hf_tok.decode(batch.y[batch.resp]) == "i like the moon [EOS]"  # L_AR: the assistant turn only
     assert ex.valid.any() and len(ex.z1) == len(tok.encode("i like the moon"))  # targets: its text

@@ -410,7 +410,7 @@ def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     floats = lambda s: [float(x) for x in s.split(",") if x]
     words = lambda s: [x for x in s.split(",") if x]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true",
                    help="add the d=384 sweep of the gaussian head over --sweep_widths x --sweep_steps x "

@@ -70,8 +70,8 @@ from persona import FILLER, MODES, PERSONAS, TOPICS, _ms, tempered_logprobs  # n
 # loss (unit-norm MiniLM targets, the head on every position); sfr_std the same with standardised
 # targets, so sfr_ours vs sfr_std isolates the target scale. Each has its own null (shuffled targets).
 HAS_RECIPE = "recipe" in {f.name for f in dataclasses.fields(sfr.Config)}  # False before the recipe landed
-SFR = dict(recipe="authors", stride=1, min_suffix=1)  # k comes from --k (8), as for every method
-SFR_OURS = dict(aux="flow", target_scale="unit", fm_positions=0)
+SFR = dict(recipe="authors", stride=1, min_suffix=1)  # segment_len comes from --segment_len (8), as for every method
+SFR_OURS = dict(aux="sfr", target_scale="unit", fm_positions=0)
 METHODS = {
     "sft": dict(aux="none"),
     "mtp": dict(aux="mtp", mtp_k=4),
@@ -105,7 +105,7 @@ REGIMES = {
                       pre_per_pair=0, pre_steps=0, steps=600, rare=2),
 }
 ANY_TOPIC_MAX = 256  # the any-topic read costs Q times the legal one: only where (headline prompts) x Q <= this
-MODEL_KEYS = ("n_layer", "n_embd", "n_head", "batch_size", "lr", "lam", "k", "n_samples")
+MODEL_KEYS = ("n_layer", "n_embd", "n_head", "batch_size", "lr", "lam", "segment_len", "n_samples")
 KNOB_HELP = {
     "personas": "personas P", "modes": "modes M", "queries": "queries Q",
     "span": "shared generic words G between the prompt and the mode / style words",
@@ -355,8 +355,9 @@ def cross_style_self_bleu(task, backbone, tok, n, seed, anchor=False):
 
 
 def make_config(a, method, seed, out_dir, steps, init=""):
-    return train.RunConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, steps=steps, lam=a.lam, k=a.k,
-                           batch_size=a.batch_size, lr=a.lr, eval_every=0, ckpt_every=0, seed=seed,
+    return train.RunConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, steps=steps, lam=a.lam,
+                           segment_len=a.segment_len, batch_size=a.batch_size, lr=a.lr, eval_every=0, ckpt_every=0,
+                           seed=seed,
                            out_dir=out_dir, init=init, **METHODS[method])
 
 
@@ -419,7 +420,7 @@ def run_job(regime, a, methods, seed, encoder=None):
         for method in methods:
             anchor = method == "anchor"
             cfg = make_config(a, method, seed, d, a.steps, init.get(anchor, ""))
-            key = (anchor, sfr.needs_encoder(cfg), cfg.k, cfg.stride, cfg.min_suffix)
+            key = (anchor, sfr.needs_encoder(cfg), cfg.segment_len, cfg.stride, cfg.min_suffix)
             if key not in cache:  # targets depend only on these; the null shuffle happens inside sfr.train
                 cache[key] = (sfr.prepare(to_pairs(task, ft, anchor), tok, cfg, encoder),
                               sfr.prepare(to_pairs(task, ev, anchor), tok, cfg, encoder))
@@ -692,7 +693,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true", help="run the declared GRID (every regime, 5 seeds)")
     p.add_argument("--regime", default="", help=f"comma list from {list(REGIMES)}; '' = quick: {QUICK['regime']}, "
                    "full: all")
@@ -709,7 +710,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lam", type=float, default=1.0, help="lambda of every auxiliary loss")
-    p.add_argument("--k", type=int, default=8, help="future segment length (words) of the MiniLM targets")
+    p.add_argument("--segment_len", type=int, default=8, help="future segment length (words) of the MiniLM targets")
     p.add_argument("--n_samples", type=int, default=8, help="samples per prompt for cross-style Self-BLEU")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
     p.add_argument("--workers", type=int, default=1, help="processes, one (regime, seed) each at a time")
@@ -747,7 +748,7 @@ def parse_args(argv=None):
     a.seeds = list(range(a.s0, a.s0 + (a.seeds or (5 if a.full else QUICK["seeds"]))))
     if a.s0 < 0 or len(a.seeds) < 1:
         p.error("--s0 must be >= 0 and --seeds >= 1")
-    for name in ("n_layer", "n_embd", "n_head", "batch_size", "k", "n_samples", "threads", "workers"):
+    for name in ("n_layer", "n_embd", "n_head", "batch_size", "segment_len", "n_samples", "threads", "workers"):
         if getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: must be >= 1")
     if a.n_embd % a.n_head:
@@ -769,7 +770,8 @@ def parse_args(argv=None):
             p.error(f"--add_to {a.add_to}: not a saved collapse json ({e})")
         mine = {"seeds": a.seeds, "temps": a.temps, "model": {k: getattr(a, k) for k in MODEL_KEYS},
                 "knobs": {r: kn for r, kn in a.knobs.items() if r in prev["regimes"]}}  # a new regime is fine
-        theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": prev["model"],
+        model = {("segment_len" if n == "k" else n): v for n, v in prev["model"].items()}  # k: its old name
+        theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": model,
                   "knobs": {r: prev["regimes"][r]["knobs"] for r in a.regimes if r in prev["regimes"]}}
         if mine != theirs:
             p.error(f"--add_to {a.add_to}: a different grid (seeds, temperatures, model or regime knobs)")

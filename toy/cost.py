@@ -294,7 +294,7 @@ def hf_step_cost(size, device, seq, batch_size, repeats, d_z=384):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=200, help="timed steps of each kind")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--segments", type=int, default=512, help="distinct segments for the encoder speed")
@@ -328,7 +328,7 @@ def main(argv=None):
     t0 = time.time()
     base = sfr.Config()
     res = {"config": {k: getattr(base, k) for k in ("n_layer", "n_embd", "batch_size", "head_width",
-                                                      "head_layers", "fm_positions", "k")},
+                                                      "head_layers", "fm_positions", "segment_len")},
            "threads": args.threads, "torch": torch.__version__}
     enc, encoder = encoder_cost(base, args.segments)
     res.update(enc)

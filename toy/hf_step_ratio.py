@@ -57,7 +57,7 @@ def make(variant, folder, tok, rows, encoder, a, out):
               data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
     if variant == "trainer":
         return Trainer(**kw)
-    cfg = sfr.Config(k=a.k, hidden_layer=-1 if variant == "sfr" else a.n_layer)
+    cfg = sfr.Config(segment_len=a.segment_len, hidden_layer=-1 if variant == "sfr" else a.n_layer)
     trainer = sfr_hf.SFRTrainer(**kw, sfr_config=cfg, encoder=encoder)
     trainer.precompute_targets()  # encoder time once, outside the timed steps
     return trainer
@@ -102,12 +102,12 @@ def profile_sfr(setup, top=12):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="timed optimiser steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="first steps of each variant not timed")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sizes", nargs="+", default=["64x2", "256x4"], help="tiny Llama sizes, width x layers")
-    p.add_argument("--k", type=int, default=8, help="future segment length")
+    p.add_argument("--segment_len", type=int, default=8, help="future segment length")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on a shared machine)")
     p.add_argument("--out", default=str(ROOT / "results" / "hf_step_ratio.json"))
     a = p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv=None):
            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
            "setup": f"batch {a.batch_size}, demo pairs, {a.steps} timed steps per variant after {a.warmup}, "
-                    f"interleaved step by step; SFR: k={a.k}, head 256 x 3, fm_positions 4",
+                    f"interleaved step by step; SFR: k={a.segment_len}, head 256 x 3, fm_positions 4",
            "cells": cells, "wall_s": round(time.time() - t_start, 1)}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print("| model | params | trainer (ms) | sfr (ms) | sfr_hidden (ms) | sfr / trainer | sfr_hidden / trainer |")
@@ -146,7 +146,7 @@ def measure(a, d, n_layer):
     rows = sfr_hf.tokenize_pairs(pairs, tok)
     encoder = sfr_encoder.SegmentEncoder("minilm")
     t0 = time.time()
-    sfr_hf.LabelTargets(tok, encoder, sfr.Config(k=a.k))(DataCollatorForSeq2Seq(tok)(rows)["labels"])
+    sfr_hf.LabelTargets(tok, encoder, sfr.Config(segment_len=a.segment_len))(DataCollatorForSeq2Seq(tok)(rows)["labels"])
     encode_s = time.time() - t0  # the one-off target encoding of the whole set (cold encoder cache)
     setup = (folder, tok, rows, encoder, a, tmp)
     variants = ["trainer", "sfr", "sfr_hidden"]

@@ -124,7 +124,7 @@ def training_equivalence(steps):
 
 
 def ladder_runs(steps):
-    """One run per rung (same seed, data order and backbone init), and the SFR end against aux='flow'."""
+    """One run per rung (same seed, data order and backbone init), and the SFR end against aux='sfr'."""
     encoder = sfr_encoder.SegmentEncoder("minilm")
     out = {}
     for name, kw in RUNGS:
@@ -135,9 +135,9 @@ def ladder_runs(steps):
                          final_ar=sum(r["ar"] for r in tail) / len(tail), final_aux=sum(r["aux"] for r in tail) / len(tail),
                          ar=[r["ar"] for r in hist], aux=[r["aux"] for r in hist], seconds=time.time() - t0)
         if name.endswith("SFR"):
-            flow_model, flow_hist = run(steps, encoder=encoder, aux="flow")
-            out[name]["max_param_diff_vs_aux_flow"] = max_param_diff(model, flow_model)
-            out[name]["max_loss_diff_vs_aux_flow"] = max(abs(a["aux"] - b["aux"]) for a, b in zip(hist, flow_hist))
+            flow_model, flow_hist = run(steps, encoder=encoder, aux="sfr")
+            out[name]["max_param_diff_vs_aux_sfr"] = max_param_diff(model, flow_model)
+            out[name]["max_loss_diff_vs_aux_sfr"] = max(abs(a["aux"] - b["aux"]) for a, b in zip(hist, flow_hist))
     t0 = time.time()
     model, hist = run(steps, aux="none")
     out["no aux (next-token only)"] = dict(config={"aux": "none"}, first_ar=hist[0]["ar"], final_ar=sum(
@@ -233,7 +233,7 @@ def prop32(V=5, beta=3.0, seed=0, denoiser_steps=1000, kernel=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=TRIALS, help="random shapes per dtype (lemma)")
     p.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
     p.add_argument("--out", default=str(ROOT / "results"), help="folder of the .json and .png")
@@ -284,8 +284,8 @@ def main(argv=None):
         aux = (f"{r['first_aux']:.4f} | {r['final_aux']:.4f}") if "final_aux" in r else "- | -"
         print(f"| {name} | {r['first_ar']:.4f} | {r['final_ar']:.4f} | {aux} | {r.get('seconds', 0):.1f} |")
     sfr_end = rungs["+ embedding = SFR"]
-    print(f"\nSFR end vs aux='flow': max param diff {sfr_end['max_param_diff_vs_aux_flow']:.2e}, "
-          f"max aux loss diff {sfr_end['max_loss_diff_vs_aux_flow']:.2e}")
+    print(f"\nSFR end vs aux='sfr': max param diff {sfr_end['max_param_diff_vs_aux_sfr']:.2e}, "
+          f"max aux loss diff {sfr_end['max_loss_diff_vs_aux_sfr']:.2e}")
     print(f"\n## Prop. 3.2 (Sevriugov & Oseledets), V={p32['V']}, beta={p32['beta']}, {p32['n_points']} points\n")
     print("| check | error |\n|---|---|")
     print(f"| posterior velocity vs enumeration, max abs | {p32['posterior_vs_enumeration_max_abs']:.2e} |")

@@ -65,7 +65,7 @@ def measure(variant):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "results" / "mtp_memory.json"), help="json of the result")
     p.add_argument("--child", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)

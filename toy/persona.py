@@ -26,7 +26,7 @@ same order, for the same steps (checked at start-up; see `check_same_init`):
     sfr      SFR as the authors run it: recipe='authors' (their code's positions, targets, head
              1024 x 3, gate 1.5 and EMA teacher 0.999 of their template), at the toy's k = 8
              words with stride 1 and min_suffix 1 (their s = k / 8 and min = k / 16 at k = 256)
-    sfr_ours SFR with recipe='ours' (aux='flow', unit-norm MiniLM targets, head 256, no stabilisers)
+    sfr_ours SFR with recipe='ours' (aux='sfr', unit-norm MiniLM targets, head 256, no stabilisers)
     sfr_std  sfr_ours with per-dim standardised targets (target_scale='std')
     mse      the deterministic ablation (aux='mse', recipe='ours')
     null     sfr on targets shuffled across the training set (sfr.shuffle_targets)
@@ -78,22 +78,22 @@ ALL_METHODS = ["sft", "mtp", "sfr", "sfr_ours", "sfr_std", "mse", "null", "null_
 GRID = dict(methods=ALL_METHODS, seeds=5, temps=TEMPS, steps=800)  # --full
 QUICK = dict(methods=["sft", "sfr", "sfr_std"], seeds=2, temps=[0.6, 1.0, 1.4], steps=200)
 
-# recipe='authors' with their template's stabilisers and head; k is the toy's (--k), and stride and
+# recipe='authors' with their template's stabilisers and head; segment_len is the toy's (--segment_len), and stride and
 # min_suffix scale their s = k / 8, min = k / 16 (k = 256) down to k = 8 words: 1 and 1.
 # lambda is --lam for every method (default 1, their template's).
-AUTHORS = {**{k: v for k, v in sfr.RECIPES["authors"].items() if k not in ("k", "lam")}, "recipe": "authors",
+AUTHORS = {**{k: v for k, v in sfr.RECIPES["authors"].items() if k not in ("segment_len", "lam")}, "recipe": "authors",
            "stride": 1, "min_suffix": 1}
 # Config overrides per method, on top of the shared Config (see make_config); they win over it.
 METHODS = {
     "sft": dict(aux="none"),
     "mtp": dict(aux="mtp", mtp_k=4),
-    "sfr": dict(AUTHORS, aux="flow"),
-    "sfr_ours": dict(aux="flow", target_scale="unit"),
-    "sfr_std": dict(aux="flow", target_scale="std"),
+    "sfr": dict(AUTHORS, aux="sfr"),
+    "sfr_ours": dict(aux="sfr", target_scale="unit"),
+    "sfr_std": dict(aux="sfr", target_scale="std"),
     "mse": dict(aux="mse"),
-    "null": dict(AUTHORS, aux="flow"),  # + shuffled targets
-    "null_ours": dict(aux="flow", target_scale="unit"),  # + shuffled targets: the control for sfr_ours
-    "null_std": dict(aux="flow", target_scale="std"),  # + shuffled targets: the control for sfr_std
+    "null": dict(AUTHORS, aux="sfr"),  # + shuffled targets
+    "null_ours": dict(aux="sfr", target_scale="unit"),  # + shuffled targets: the control for sfr_ours
+    "null_std": dict(aux="sfr", target_scale="std"),  # + shuffled targets: the control for sfr_std
     "anchor": dict(aux="none"),  # + annotation before each response
 }
 # which training set; default plain (recipe='ours' targets)
@@ -313,7 +313,7 @@ def make_config(args, method, seed, out_dir):
     if method == "mtp":
         over = {k: v for k, v in over.items() if k != "mtp_k" or hasattr(sfr.Config, "mtp_k")}
     shared = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, steps=args.steps,
-                  lam=args.lam, k=args.k, head_width=args.head_width, fm_positions=args.fm_positions,
+                  lam=args.lam, segment_len=args.segment_len, head_width=args.head_width, fm_positions=args.fm_positions,
                   batch_size=args.batch_size, lr=args.lr, eval_every=max(1, args.steps // 4), ckpt_every=0,
                   seed=seed, out_dir=out_dir)
     return train.RunConfig(**{**shared, **over})
@@ -334,13 +334,13 @@ def datasets(task, args, seed, encoder):
     train = task.sample(args.n_per_persona, rng)
     evals = task.sample(max(1, args.n_eval // task.n_personas), rng)
     random.Random(seed).shuffle(evals)  # diagnostics read the first batch: let it span personas
-    cfg = sfr.Config(k=args.k, aux="flow")
+    cfg = sfr.Config(segment_len=args.segment_len, aux="sfr")
     pair = lambda xs, anchor=False: [(p, f"{task.annotation(m)} {r}" if anchor else r) for p, r, (_, _, m) in xs]
     plain = sfr.prepare(pair(train), args.tok, cfg, encoder)
     ev = sfr.prepare(pair(evals), args.tok, cfg, encoder)
     null = copy.deepcopy(plain)
     sfr.shuffle_targets(null, seed)
-    cfg_a = sfr.Config(**{**AUTHORS, "k": args.k, "aux": "flow"})
+    cfg_a = sfr.Config(**{**AUTHORS, "segment_len": args.segment_len, "aux": "sfr"})
     authors, authors_ev = (sfr.prepare(pair(xs), args.tok, cfg_a, encoder) for xs in (train, evals))
     null_a = copy.deepcopy(authors)
     sfr.shuffle_targets(null_a, seed)
@@ -600,7 +600,7 @@ def plot(summary, methods, temps, true_ref, data_ref, path, title):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true", help="run the declared GRID instead of the quick look")
     p.add_argument("--methods", default="", help=f"comma list from {ALL_METHODS}; '' = the grid's")
@@ -619,7 +619,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     p.add_argument("--lam", type=float, default=1.0, help="lambda of every auxiliary loss")
-    p.add_argument("--k", type=int, default=8, help="future segment length (words) of the MiniLM targets")
+    p.add_argument("--segment_len", type=int, default=8, help="future segment length (words) of the MiniLM targets")
     p.add_argument("--head_width", type=int, default=256, help="flow head width of the recipe='ours' rows "
                    "(sfr: the authors' 1024)")
     p.add_argument("--fm_positions", type=int, default=0,
@@ -641,7 +641,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 0:
             p.error(f"--{name}={getattr(args, name)}: must be >= 0 (0 = the grid's)")
     for name in ("personas", "modes", "queries", "n_per_persona", "n_eval", "n_layer", "n_embd", "n_head",
-                 "batch_size", "k", "head_width", "n_samples", "threads", "workers"):
+                 "batch_size", "segment_len", "head_width", "n_samples", "threads", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: must be >= 1")
     args.seeds = list(range(args.seeds or grid["seeds"]))

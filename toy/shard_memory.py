@@ -147,7 +147,7 @@ def main(args):
 SHAPE_ARGS = ("n_layer", "n_embd", "n_head", "vocab", "head_width", "batch", "T", "steps")
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="processes (default: %(default)s)")
     p.add_argument("--n_layer", type=int, default=8, help="built-in GPT blocks (default: %(default)s)")
     p.add_argument("--n_embd", type=int, default=512, help="built-in GPT width (default: %(default)s)")

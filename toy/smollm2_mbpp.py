@@ -41,7 +41,7 @@ def greedy(model, tok, prompts, max_new_tokens, batch_size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mbpp.jsonl"), help="MBPP jsonl")
     p.add_argument("--n", type=int, default=20, help="the first n problems of the test split")
     p.add_argument("--max_new_tokens", type=int, default=256)
