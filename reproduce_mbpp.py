@@ -805,6 +805,9 @@ def _same_run(folder: Path, meta: dict) -> None:
     path = folder / "meta.json"
     if path.exists():
         old = json.loads(path.read_text())
+        if "config" in old:  # a folder written before 2026-12-02 used two older names
+            import train
+            old["config"] = train.with_current_names(old["config"])
         changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if changed:
             raise UsageError(f"{folder} holds a run with other settings ({', '.join(changed)}); "

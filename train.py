@@ -346,6 +346,13 @@ RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
 
+def with_current_names(config: dict) -> dict:
+    """A saved config (a checkpoint's, a reproduce_mbpp run folder's) under today's names: until
+    2026-12-02 segment_len was k, and aux='sfr' was 'flow'."""
+    config = {"segment_len" if name == "k" else name: v for name, v in config.items()}
+    return {**config, "aux": "sfr"} if config.get("aux") == "flow" else config
+
+
 class RunOnDisk(sfr.RunInMemory):
     """A run train() can resume bit for bit (rank 0 writes, every process reads):
     out_dir/ckpt.pt holds the model (heads included), optimiser, lr scheduler, EMA head, gate
@@ -395,7 +402,7 @@ class RunOnDisk(sfr.RunInMemory):
                 log(f"resume: no checkpoint at {path} yet, starting at step 0")
             return None
         ck = load_checkpoint(path)
-        changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+        changed = {k: (v, getattr(cfg, k)) for k, v in with_current_names(ck["config"]).items()
                    if k not in RESUME_APPLIED and getattr(cfg, k, v) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())

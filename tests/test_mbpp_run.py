@@ -311,3 +311,15 @@ def test_each_pooling_has_its_own_target_cache_file(encoder, tmp_path):
     assert sfr_encoder.SegmentEncoder("minilm", cache=cache).table.keys() == {"alpha beta"}
     mean = sfr_encoder.SegmentEncoder("minilm", cache=R.encoder_cache(cache, "mean"), pooling="mean")
     assert mean.table == {}
+
+
+def test_a_run_folder_from_before_the_renames_is_the_same_run(tmp_path):
+    """meta.json of 2026-12-01 says k and aux='flow': the same run as segment_len and aux='sfr' today;
+    another segment length is still another run."""
+    key = R._config_key(train.RunConfig(segment_len=4))
+    old = dict(key, aux="flow")
+    old["k"] = old.pop("segment_len")
+    (tmp_path / "meta.json").write_text(json.dumps({"config": old, "model": "m"}))
+    R._same_run(tmp_path, {"config": key, "model": "m"})  # no error
+    with pytest.raises(R.UsageError, match="other settings"):
+        R._same_run(tmp_path, {"config": R._config_key(train.RunConfig(segment_len=2)), "model": "m"})

@@ -960,6 +960,27 @@ def test_resume_refuses_what_it_cannot_apply_and_says_when_there_is_nothing(demo
     assert ck["config"]["steps"] == 3 and ck["sha256"] == train.checksum(ck)
 
 
+def test_a_checkpoint_from_before_the_renames_resumes_under_the_new_names(demo, tmp_path):
+    """A checkpoint of 2026-12-01 says k (now segment_len) and aux='flow' (now 'sfr'): it resumes,
+    and a changed segment length is still refused."""
+    cfg = tiny(tmp_path, steps=2)
+    sfr.train(cfg, fresh(demo.examples), demo.tok, log=lambda s: None, run=train.RunOnDisk(progress=False))
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    ck = torch.load(path, weights_only=False)
+    config = dict(ck["config"], aux="flow")
+    config["k"] = config.pop("segment_len")
+    ck["config"] = config
+    ck["sha256"] = train.checksum(ck)
+    train.save_checkpoint(path, ck)
+    resumed = dataclasses.replace(cfg, resume=True)
+    with pytest.raises(sfr.UsageError, match="segment_len: 4 -> 2"):
+        sfr.train(dataclasses.replace(resumed, segment_len=2), fresh(demo.examples), demo.tok,
+                  log=lambda s: None, run=train.RunOnDisk(progress=False))
+    _, history = sfr.train(dataclasses.replace(resumed, steps=3), fresh(demo.examples), demo.tok,
+                           log=lambda s: None, run=train.RunOnDisk(progress=False))
+    assert [h["step"] for h in history] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("damage, says", [("flip", "checksum mismatch"), ("cut", "not a readable checkpoint")])
 def test_a_damaged_checkpoint_is_refused_with_its_path(demo, tmp_path, damage, says):
     cfg = tiny(tmp_path, aux="none", steps=2)
