@@ -5,8 +5,8 @@ SFR adds a training-only loss to a causal LM: a small flow-matching head must mo
 backbone's hidden state h_t: L = L_AR + lambda * L_FM. The head and the encoder are dropped after
 training; the exported model is a plain causal LM.
 
-The modules beside this file import it, never the reverse (README, "What is in the repository"):
-train.py is its command line, sfr_authors.py the authors' recipe.
+It imports no module of the project; those beside it that use it import it (README, "What is in
+the repository"): train.py is its command line, sfr_authors.py the authors' recipe.
 
 Flow convention (the linear path): tau = 0 is noise, tau = 1 is data; z0 ~ N(0, I), z1 = the
 target embedding, z_tau = tau z1 + (1 - tau) z0, velocity target u = z1 - z0; the sampler
@@ -56,7 +56,7 @@ class Config:
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
     n_head: int = arg(6, "built-in GPT: attention heads")
     n_embd: int = arg(192, "built-in GPT: width, a multiple of n_head")
-    block_size: int = arg(64, "max tokens per sequence (prompt + response + eos); longer are cut")
+    block_size: int = arg(64, "max input tokens (prompt + response: eos is a target); cut to fit")
     dropout: float = arg(0.0, "built-in GPT: dropout")
     grad_checkpointing: bool = arg(False, "recompute blocks in backward: less memory, more time")
     # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code) ---
@@ -67,7 +67,7 @@ class Config:
     stride: int = arg(1, "encode every s-th position, the others copy the nearest (authors: 32)")
     min_suffix: int = arg(1, "anchors whose segment is shorter are skipped (authors' code: 16)")
     positions: str = arg("ar", "head inputs: 'ar' (P-1 .. P+N-2) or 'labels' (P .. P+N; authors)")
-    suffix_count: str = arg("ours", "min_suffix counts 'ours' (tokens left) or 'authors' (<= k)")
+    suffix_count: str = arg("ours", "min_suffix counts tokens left ('ours'), windowed ('authors')")
     fill: str = arg("mask", "skipped positions: 'mask' (no target) or 'authors' (filled)")
     pooling: str = arg("model", "encoder pooling: 'model' (its own) or 'mean' (authors)")
     cache: str = arg("", 'on-disk embedding cache file (.pt); "" = in memory only')
@@ -136,10 +136,10 @@ class Config:
     def validate(self):
         """Raise a UsageError naming the field for values the code would otherwise misuse."""
         for name, allowed in {**self.CHOICES, "aux": AUX_KINDS + tuple(AUX)}.items():
-            if getattr(self, name) not in allowed:
-                where = " (import sfr_ladder, or run sfr_ladder.py)" if self.aux == "ladder" else ""
-                raise UsageError(f"Config.{name}={getattr(self, name)!r}: must be one of "
-                                 f"{allowed}{where}")
+            value = getattr(self, name)
+            if value not in allowed:
+                where = " (import sfr_ladder, or run sfr_ladder.py)" if value == "ladder" else ""
+                raise UsageError(f"Config.{name}={value!r}: must be one of {allowed}{where}")
         for name, low in self.MINIMUM.items():
             if getattr(self, name) < low:
                 raise UsageError(f"Config.{name}={getattr(self, name)}: must be >= {low}")
@@ -283,8 +283,8 @@ def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=
 
 
 def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
-    """Per head position j, the index a at which its target segment response[a:a + k] starts,
-    or None. positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels' (the authors'):
+    """Per head position j, the start a of its target segment, response[a:a + segment_len], or
+    None. positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels' (the authors'):
     j = 0 .. N is input P+j, a = j + 1. j takes its nearest anchor of 0, s, 2s, ... (s = stride;
     ties to the earlier one), None if that one has fewer than min_suffix tokens left."""
     n, off = (N, 0) if positions == "ar" else (N + 1, 1)
@@ -294,7 +294,7 @@ def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
 
 
 def attach_targets(examples, tok, encoder, cfg: Config):
-    """Fill ex.z1 / ex.valid: the encoder's embedding of the next k response tokens, decoded."""
+    """Fill ex.z1 / ex.valid: the encoder's embedding of the next segment_len response tokens."""
     plans, texts = [], []
     for ex in examples:
         r = ex.response
@@ -388,7 +388,7 @@ def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
 def prepare(pairs, tok, cfg: Config, encoder=None):
     """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size), with
     targets from `encoder` (dim, encode(texts) -> (n, dim) unit-norm) if the aux loss needs them."""
-    cfg.validate()  # k, stride, min_suffix < 1 would otherwise give empty or misplaced segments
+    cfg.validate()  # segment_len, stride, min_suffix < 1: empty or misplaced segments
     if needs_encoder(cfg) and encoder is None:
         raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
                          "(sfr_encoder.SegmentEncoder.from_config(cfg), or anything with "
@@ -565,8 +565,8 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
                scaler=None):
     """One optimiser step on this process's share of the global batch (through `ddp`, if given).
     Returns (terms: global-batch means, grad_norm, gate_avg: the gate's state); raises
-    TrainingDiverged on a non-finite loss or gradient, before the weights change. teacher: the
-    head of ema_teacher; scaler: fp16's GradScaler (None: a disabled one)."""
+    TrainingDiverged on a non-finite loss or gradient before the weights change (fp16: the scaler
+    skips the step). teacher: the head of ema_teacher; scaler: fp16's GradScaler (None: off)."""
     # warmup_freeze (authors' phase A): lambda L_FM alone, h detached: no backbone gradient
     frozen = cfg.warmup_freeze and step < cfg.head_warmup
     model.grad_box["frozen"] = frozen
@@ -605,13 +605,13 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
             with amp:
                 out_m = {**(ddp or model)(m, step), **counts}
             scaler.scale(total_loss(out_m, lam, world, not frozen)[0]).backward()
-    if teacher is not None and step >= cfg.head_warmup:
-        AUTHORS["teacher_blend"](teacher, model.head, cfg.ema)
     scaler.unscale_(opt)  # the clip and the norm see the true gradient
     clip = cfg.grad_clip or float("inf")
     gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)).item()
     if not math.isfinite(gnorm) and not scaler.is_enabled():  # fp16: the scaler skips the step
         raise TrainingDiverged(f"step {step + 1}: the gradient norm is {gnorm}; loss terms {terms}")
+    if teacher is not None and step >= cfg.head_warmup:  # after the check: it writes weights
+        AUTHORS["teacher_blend"](teacher, model.head, cfg.ema)
     scaler.step(opt)  # opt.step(), unless fp16's gradient overflowed
     scaler.update()
     sched.step()
@@ -645,8 +645,7 @@ def new_model(cfg, tok, d_z):
 def make_optimizer(cfg, model):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    # fused: one kernel for all parameters; on CPU the default is a Python loop over tensors,
-    # which costs more than the tiny default model's forward pass (toy/cost.py)
+    # fused: one kernel for all parameters, where the default loops over them in Python
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=True)
@@ -977,8 +976,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eo
              generator=None, kv_cache=True):
     """Sample continuations of idx (B, T) (see sample_next), stopping once every row has made
     eos_id. A backbone with new_cache() (the built-in GPT) keeps a KV cache while the sequence
-    fits block_size (kv_cache=False: the uncached reference); past it, and for HF models, each
-    step reads the last block_size tokens. Returns (B, T + new)."""
+    fits block_size (kv_cache=False: the uncached reference), then reads the last block_size
+    tokens at each step; a model without block_size (HF) reads all of them. Returns (B, T + new)."""
     block = getattr(model, "block_size", None) or 10**9
     cache = model.new_cache() if kv_cache and hasattr(model, "new_cache") else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

@@ -1,6 +1,7 @@
 """The options researchers expect of a training run: fp16 with a loss scaler, activation
 checkpointing, --report_to (TensorBoard, W&B), a bf16 folder trained on fp32 master weights,
 chat data through a tokenizer's chat template, and the Hugging Face backbone living in sfr_hf.py."""
+import copy
 import json
 import subprocess
 import sys
@@ -72,6 +73,25 @@ def test_an_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path):
     assert scaler.get_scale() == 2.0 ** 15  # and the scale halved (from 2 ** 16)
     with pytest.raises(sfr.TrainingDiverged, match="gradient norm is"):  # fp32: no scaler to blame
         sfr.train_step(model, opt, sched, batch, 0, tiny(tmp_path, steps=1, aux="none"))
+
+
+def test_a_diverged_step_changes_no_weight_under_ema_teacher(tmp_path, examples):
+    """ema_teacher's blend writes the head (head = EMA): it runs after the divergence check, so a
+    non-finite gradient stops the run with every weight as it was."""
+    cfg = tiny(tmp_path, steps=1, ema=0.9, ema_teacher=True)
+    model = sfr.SFRModel(cfg, sfr.build_backbone(cfg, TOK.vocab_size), examples[0].z1.size(1))
+    opt, sched = sfr.make_optimizer(cfg, model)
+    teacher = copy.deepcopy(model.head).requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)  # else blending it in would change nothing
+    for p in model.parameters():
+        p.register_hook(lambda g: g * float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = sfr.collate(examples[:4], list(range(4)), TOK.pad_id, TOK.eos_id, model.d_z)
+    with pytest.raises(sfr.TrainingDiverged, match="gradient norm is"):
+        sfr.train_step(model, opt, sched, batch, 0, cfg, teacher=teacher)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
