@@ -7,19 +7,21 @@ This file holds that comparison and everything around it:
    optional download checked against a recorded sha256.
 2. Prompt format: one fixed prompt and response format, and ``extract_code`` to
    get the program back out of a model's completion.
-3. Sandbox: ``sandbox.py``, a module of its own: runs an untrusted program against
-   its asserts in a fresh, resource-limited interpreter (inside bubblewrap where
-   it works) and decides pass or fail in the parent, on plain values.
-4. pass@k: the unbiased estimator of Chen et al. (2021).
-5. Evaluation: ``evaluate_samples`` scores model samples per problem, and
-   ``ResultStore`` keeps finished problems on disk so a rerun resumes.
-6. ``check_references``: runs every reference solution through the sandbox, a
-   test of the sandbox against 974 known-good programs.
-7. Command line.
-8. Training and sampling: the ``run`` subcommand trains one model per method
-   (none / mtp / sfr / ablations / ladder rungs), samples, scores and reports.
+3. Training: the methods compared (none / mtp / sfr / ablations / ladder rungs), the
+   built-in model's pretraining, then one fine-tuning per method from the same weights.
+4. Sampling: n completions per test problem, and the loss of the reference solutions.
+5. Scoring: ``sandbox.py`` (a module of its own) runs an untrusted program against
+   its asserts in a fresh, resource-limited interpreter (inside bubblewrap where it
+   works) and decides pass or fail in the parent; pass@k (Chen et al. 2021);
+   ``evaluate_samples`` scores samples per problem, ``ResultStore`` keeps them on disk.
+6. The run: the ``run`` subcommand, sections 3-5 for every method, resumable.
+7. The report: JSON, a markdown table and a figure.
+8. ``check_references``: every reference solution through the sandbox, a test of
+   the sandbox against 974 known-good programs.
+9. Command line.
 
-Sections 1-7 import nothing heavy; section 8 imports torch and sfr inside its functions.
+torch and sfr are imported inside functions (sections 3, 4, 6 and the report's record), so that
+scoring, ``check_references`` and ``--help`` stay light.
 
 Commands (the data file is never part of the repository; pass its path)::
 
@@ -276,7 +278,338 @@ def extract_code(completion: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 3. The sandbox: sandbox.py (a module of its own, with its own tests)
+# 3. Training: pretraining (built-in model), then fine-tuning once per method
+# ---------------------------------------------------------------------------
+# The controlled comparison: one model, one data set, one seed,
+# one data order and one number of steps for every method; only the auxiliary loss of
+# sfr.Config changes.
+#
+#   built-in model  a byte-level GPT, first pretrained on this interpreter's standard
+#                   library sources (cached under --cache_dir), then fine-tuned on the
+#                   MBPP train split once per method, each time from those same weights
+#   --model PATH    a local Hugging Face causal LM fine-tuned per method, optionally
+#                   through LoRA adapters (merged into the weights before export)
+#
+# Then per method: the per-token loss of the test problems' reference solutions, n
+# samples per test problem at each temperature (section 4), run through the sandbox and
+# scored (section 5: pass@k, parse rate, diversity). Every stage writes what it finishes to
+# --out as it goes (exports, ResultStores), so a rerun with the same --out continues
+# where the last one stopped. torch and sfr are imported inside the functions, so that
+# scoring, check_references and the command line stay torch-free.
+
+METHODS = {  # name -> train.RunConfig overrides; every other field is shared by all methods
+    "none": dict(aux="none"),  # next-token SFT
+    "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
+    # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
+    "sfr": dict(recipe="authors", aux="sfr"),
+    "sfr_ours": dict(aux="sfr"),  # this project's defaults (positions, masking, head, no stabilisers)
+    "sfr_std": dict(aux="sfr", target_scale="std"),  # SFR, targets standardised per dimension
+    "sfr_null": dict(aux="sfr", null_targets=True),  # control: SFR with targets shuffled across examples
+    "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
+    "cosine": dict(aux="cosine"),
+    # the ladder from MTP to SFR, restrictions lifted one at a time
+    "ladder_mtp": dict(aux="ladder"),
+    "ladder_brier": dict(aux="ladder", ladder_divergence="sq"),
+    "ladder_gauss": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian"),
+    "ladder_flow": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow"),
+    "ladder_kl": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
+                      ladder_path="kl"),
+    "ladder_sfr": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
+                       ladder_target="embedding"),
+}
+
+BASE = "base"  # not a fine-tuning: the --model weights as they are, evaluated like every method
+DATA_FIELDS = ("segment_len", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
+
+
+def method_overrides(name: str) -> dict:
+    """METHODS[name] with its recipe's preset written out. The base config names every field, so
+    a bare recipe='authors' would change nothing (explicit fields win over a preset): every field
+    of sfr.RECIPES[recipe] but the data-dependent ones is set here, then the method's own."""
+    import sfr
+    import sfr_ladder  # noqa: F401  (registers aux='ladder', the ladder_* methods)
+    over = METHODS[name]
+    preset = {f: v for f, v in sfr.RECIPES.get(over.get("recipe", "ours"), {}).items() if f not in DATA_FIELDS}
+    return {**preset, **over}
+
+
+# The built-in model, sized so that the default run (pretraining, three methods, 100
+# problems x 10 samples, execution) takes about 20 minutes on a shared 2-core CPU.
+# Byte tokens: an SFR target is the MiniLM embedding of the next 64 bytes (about a line of
+# code), anchored every 16 bytes; every response position feeds the head, as the authors'.
+BUILTIN = dict(backbone="gpt", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=512,
+               segment_len=64, stride=16, min_suffix=16, fm_positions=0, lam=1.0, head_width=256, head_layers=3,
+               steps=150, batch_size=8, lr=1e-3, lr_warmup=10, eval_every=0, ckpt_every=50)
+PRETRAIN = dict(aux="none", steps=150, batch_size=16, lr=3e-3, lr_warmup=20)
+# A Hugging Face model: sub-word tokens, so a shorter window in tokens (the authors use
+# k = 256, s = 32 on responses far longer than MBPP's ~50 tokens).
+HF_MODEL = dict(tokenizer="byte", block_size=1024, segment_len=32, stride=8, min_suffix=8, fm_positions=0, lam=1.0,
+                head_width=1024, head_layers=3, steps=300, batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0,
+                ckpt_every=100)
+SMOKE = dict(n_layer=1, n_head=2, n_embd=32, head_width=32, steps=2, batch_size=2, ckpt_every=0)
+ARCH = ("n_layer", "n_head", "n_embd", "block_size", "dropout")  # pretraining and fine-tuning share these
+PROMPT_RESERVE = 128  # a prompt longer than block_size - this is cut on the left (its end names the function)
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    import torch
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic: a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")  # insertion order: methods as run
+    os.replace(tmp, path)
+
+
+def _config_key(cfg) -> dict:
+    """The fields that decide what a training run computes (not where or how often it writes)."""
+    import dataclasses
+    import train
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.RESUME_FREE}
+
+
+def _same_run(folder: Path, meta: dict) -> None:
+    """Refuse to resume into a folder that holds a different run."""
+    path = folder / "meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if "config" in old:  # a folder written before 2026-12-02 used two older names
+            import train
+            old["config"] = train.with_current_names(old["config"])
+        changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if changed:
+            raise UsageError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
+                             "pass another --out or delete that folder")
+    elif _rank() == 0:
+        _write_json(path, meta)
+
+
+# --- 3a. pretraining the built-in model on the standard library --------------
+
+def stdlib_sources() -> list[Path]:
+    """The pretraining corpus: this interpreter's standard library sources, real Python
+    that every machine has (nothing to download), test suites and installed packages left out."""
+    import sysconfig
+    files = []
+    for folder, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        files += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def corpus_windows(files: list[Path], n: int, length: int, seed: int) -> list[str]:
+    """n windows of `length` characters of the concatenated files, each starting at the
+    beginning of a line picked uniformly at random (seeded)."""
+    import random
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    rng = random.Random(seed)
+    starts = [text.find("\n", rng.randrange(max(1, len(text) - 2 * length))) + 1 for _ in range(n)]
+    return [text[s:s + length] for s in starts]
+
+
+def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]:
+    """Pretrain the built-in GPT (cfg: aux='none') on stdlib_sources() and cache the
+    backbone's state_dict in cache_dir, keyed by a hash of cfg, the corpus file list and
+    the Python version; a later run with the same key loads it instead. Every 20th file
+    is held out for the eval loss. Returns (path of the .pt file, its record)."""
+    import dataclasses
+    import shutil as _shutil
+    import sysconfig
+    import sfr
+    import sfr_dist
+    import train
+    files = stdlib_sources()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
+    key = hashlib.sha256(json.dumps({"config": _config_key(cfg), "corpus": corpus,
+                                     "python": platform.python_version()}, sort_keys=True).encode())
+    key = key.hexdigest()[:16]
+    path, meta_path = cache_dir / f"pretrain-{key}.pt", cache_dir / f"pretrain-{key}.json"
+    if path.exists() and meta_path.exists():
+        return str(path), {**json.loads(meta_path.read_text()), "cached": True}
+    held_out = set(files[::20])
+    n_train = cfg.steps * cfg.batch_size  # every window is seen once
+    # Empty prompts: sfr.prepare gives each window a lone <eos> to be predicted from, and
+    # collate ends each with <eos> too; at 1 target in block_size, a harmless artefact.
+    windows = corpus_windows([f for f in files if f not in held_out], n_train, cfg.block_size - 1, cfg.seed)
+    eval_windows = corpus_windows(sorted(held_out), 64, cfg.block_size - 1, cfg.seed)
+    tok = train.Tokenizer("byte")
+    train_set = sfr.prepare([("", w) for w in windows], tok, cfg)
+    eval_set = sfr.prepare([("", w) for w in eval_windows], tok, cfg)
+    work = cache_dir / f"pretrain-{key}"
+    cfg = dataclasses.replace(cfg, out_dir=str(work), resume=True)
+    t0 = time.time()
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
+                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
+    record = {"key": key, "files": len(files), "held_out_files": len(held_out),
+              "corpus_bytes": sum(size for _, size in corpus), "windows": n_train,
+              "seconds": time.time() - t0, "train_ar_last": history[-1]["ar"],
+              "eval_ar": history[-1].get("eval_ar"), "config": _config_key(cfg), "corpus_root": str(root)}
+    if _rank() == 0:
+        train.save_checkpoint(str(path), model.backbone.state_dict())
+        _write_json(meta_path, record)
+        _shutil.rmtree(work, ignore_errors=True)  # the resumable checkpoint is not needed any more
+    _barrier()
+    return str(path), {**record, "cached": False}
+
+
+# --- 3b. fine-tuning, once per method ----------------------------------------
+
+def encoder_cache(cache: str, pooling: str) -> str:
+    """The target cache of one pooling: sfr_encoder.SegmentEncoder keeps one encoder's table per
+    file (tagged with it), so the 'model' and 'mean' poolings each get their own file; sharing
+    one, each would overwrite the other's and never hit."""
+    return cache if pooling == "model" or not cache else str(Path(cache).with_suffix(f".{pooling}.pt"))
+
+
+def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progress=True) -> Path:
+    """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
+    model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
+    reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume). LoRA
+    (cfg.lora_r) is sfr's: train.export merges the adapters into the weights."""
+    import sfr
+    import train
+    import sfr_dist
+    out, export_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "export"
+    if (export_dir / "DONE").exists():
+        return export_dir
+    train_set = sfr.prepare(train_pairs, tok, cfg, encoder)
+    eval_set = sfr.prepare(eval_pairs, tok, cfg, encoder)  # cfg.null_targets: sfr.train shuffles
+    if encoder is not None and _rank() == 0:
+        encoder.save()
+    t0 = time.time()
+    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
+                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
+    if _rank() == 0:
+        train.export(model, str(export_dir), tok)
+        _write_json(out / "train.json", {"seconds": time.time() - t0, "history": history})
+        (export_dir / "DONE").write_text("")
+    _barrier()
+    return export_dir
+
+
+def load_for_sampling(export_dir: Path, device: str):
+    """The exported model, as a deployed user would load it (train.load_exported)."""
+    import train
+    model, _ = train.load_exported(str(export_dir))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------
+# 4. Sampling, and the loss of the reference solutions
+# ---------------------------------------------------------------------------
+
+
+def _crop_prompt(prompt: list[int], block: int) -> list[int]:
+    """Keep room for the response: a prompt longer than block - PROMPT_RESERVE loses its start."""
+    return prompt[-(block - PROMPT_RESERVE):] if len(prompt) > block - PROMPT_RESERVE else prompt
+
+
+def sample_gpt(gpt, prompt: list[int], n: int, max_new_tokens: int, temperature: float, eos_id: int,
+               generator=None) -> list[list[int]]:
+    """n completions of one prompt from the built-in GPT, through sfr.generate (its KV cache;
+    temperature 0 = greedy); each completion stops at eos_id, which it does not include."""
+    import torch
+    import sfr
+    if len(prompt) + max_new_tokens > gpt.block_size:
+        raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens > block_size={gpt.block_size}")
+    idx = torch.tensor([prompt], device=gpt.wte.weight.device).expand(n, -1)
+    out = sfr.generate(gpt, idx, max_new_tokens, temperature, eos_id=eos_id, generator=generator)
+    rows = out[:, len(prompt):].tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+              eos_id: int, pad_id: int, seed: int) -> list[list[list[int]]]:
+    """n completions of each prompt from a Hugging Face model, all prompts in one
+    left-padded batch through model.generate (its own key-value cache). Plain sampling:
+    the model's generation_config (top-k, top-p, repetition penalty) is overridden."""
+    import torch
+    from transformers import GenerationConfig
+    rows = [p for p in prompts for _ in range(n)]
+    L = max(len(p) for p in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+                           repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                           pad_token_id=pad_id)
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+    new = [row[L:] for row in out.tolist()]
+    new = [row[:row.index(eos_id)] if eos_id in row else row for row in new]
+    return [new[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def reference_loss(model, tok, rec: dict, block: int, chat: bool = False) -> dict:
+    """Cross-entropy of the reference solution (format_response) given prompt_of(rec, tok, chat),
+    summed over its tokens (eos not counted), with how many tokens and bytes that covers; a
+    response running past the block is scored up to the block's end."""
+    import torch
+    import torch.nn.functional as F
+    import sfr
+    p = _crop_prompt(tok.encode(prompt_of(rec, tok, chat)), block)
+    r = tok.encode(format_response(rec))
+    scored = r[:block + 1 - len(p)]
+    seq = torch.tensor([p + scored], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = sfr.logits_of(model, seq[:, :-1])[0, len(p) - 1:].float()  # (len(scored), V)
+    nats = F.cross_entropy(logits, seq[0, len(p):], reduction="sum").item()
+    return {"nats": nats, "tokens": len(scored), "bytes": len(tok.decode(scored).encode()),
+            "truncated": len(scored) < len(r)}
+
+
+def sample_stats(codes: list[str], entry_point: str, encoder=None) -> dict:
+    """What one problem's samples look like beyond pass/fail. Partial credit for a small
+    model: the share that is non-empty and parses (an empty program parses too, so the
+    sandbox's parse_rate counts it) and the share that defines the function the tests call.
+    Diversity: distinct-1/2 over whitespace tokens, the number of different programs, and
+    the Vendi score of their MiniLM embeddings (the effective number of distinct samples, 1..n)."""
+    from sfr_metrics import distinct_n, vendi_score
+    trees = [_parse(c) for c in codes]
+    out = {"parses_nonempty": sum(t is not None and bool(c.strip()) for t, c in zip(trees, codes)) / len(codes),
+           "defines_entry_point": sum(t is not None and any(
+               isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+               for node in ast.walk(t)) for t in trees) / len(codes),
+           "distinct_1": distinct_n(codes, 1), "distinct_2": distinct_n(codes, 2),
+           "distinct_samples": len(set(codes))}
+    if encoder is not None and len(codes) > 1:
+        out["vendi"] = vendi_score(encoder.encode(codes))
+    return out
+
+
+def _parse(code: str):
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+
+
+def entry_point(rec: dict) -> str:
+    """The function the first test calls: the first called name that is not a builtin (or
+    the first called name, for the one task whose solution shadows `sum`)."""
+    import builtins
+    tree = _parse(rec["test_list"][0])
+    names = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)] \
+        if tree else []
+    return next((n for n in names if not hasattr(builtins, n)), names[0] if names else "")
+
+
+# ---------------------------------------------------------------------------
+# 5. Scoring: the sandbox (sandbox.py, a module of its own, with its own tests)
 # ---------------------------------------------------------------------------
 
 # run_program / check_program run one untrusted program against assert-tests and
@@ -284,9 +617,7 @@ def extract_code(completion: str) -> str:
 # Its module docstring says how, and what it does not stop.
 
 
-# ---------------------------------------------------------------------------
-# 4. pass@k
-# ---------------------------------------------------------------------------
+# --- 5a. pass@k ---------------------------------------------------------------
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c pass (Chen et al. 2021, eq. 1).
@@ -304,9 +635,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-# ---------------------------------------------------------------------------
-# 5. Evaluation
-# ---------------------------------------------------------------------------
+# --- 5b. scoring samples, and the store that resumes it ------------------------
 
 class ResultStore:
     """Finished results on disk, one JSON object a line, so an interrupted run resumes.
@@ -461,573 +790,9 @@ def _summarise(problems: dict, ks: tuple[int, ...]) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# 6. check-references: the sandbox against 974 known-good programs
+# 6. The run: train every method, then sample and score every method
 # ---------------------------------------------------------------------------
 
-def check_references(records: list[dict], timeout: float, *, workers: int | None = None,
-                     limits: Limits | None = None, progress: bool = True) -> dict:
-    """Run every record's reference ``code`` with its ``test_setup_code`` and ``test_list``.
-
-    No task is special-cased: a reference that fails is reported as failing.
-    Returns per-split pass counts, the failures (task_id -> status and detail),
-    the wall time and the throughput in checks per second.
-    """
-    jobs = [(rec["code"], rec["test_list"], rec["test_setup_code"]) for rec in records]
-    start, cpu_start = time.monotonic(), _cpu_seconds()
-    results = run_checks(jobs, timeout, workers=workers, limits=limits,
-                         desc="references" if progress else None)
-    wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu_start
-    split_of = {rec["task_id"]: name for name, recs in split_mbpp(records).items() for rec in recs}
-    per_split = {name: {"passed": 0, "total": 0} for name in SPLITS}
-    failures = {}
-    for rec, result in zip(records, results):
-        counts = per_split[split_of[rec["task_id"]]]
-        counts["total"] += 1
-        counts["passed"] += result.passed
-        if not result.passed:
-            failures[rec["task_id"]] = {"status": result.status, "detail": result.detail}
-    return {"per_split": per_split, "passed": sum(r.passed for r in results), "total": len(results),
-            "failures": failures, "wall_time": wall, "checks_per_second": len(results) / wall,
-            "cpu_seconds": cpu, "workers": workers or os.cpu_count() or 1,
-            "boundaries": {b: sum(r.boundary == b for r in results) for b in {r.boundary for r in results}},
-            **_check_cpu(records, results)}
-
-
-def _check_cpu(records: list[dict], results: list[CheckResult]) -> dict:
-    """CPU seconds of the checks themselves (their cgroups), the measure the time limit uses."""
-    timed = [(r.cpu_time, rec["task_id"]) for rec, r in zip(records, results) if r.cpu_time is not None]
-    if not timed or len(timed) < len(results):
-        return {"check_cpu_seconds": None, "max_check_cpu_seconds": None, "slowest_task": None}
-    slowest = max(timed)
-    return {"check_cpu_seconds": sum(t for t, _ in timed), "max_check_cpu_seconds": slowest[0],
-            "slowest_task": slowest[1]}
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (bwrap's children are not
-    among them: see the checks' own cpu_time)."""
-    import resource
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-# ---------------------------------------------------------------------------
-# 7. Command line
-# ---------------------------------------------------------------------------
-
-def _load_or_explain(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise UsageError(f"--mbpp {path}: no such file; get it with "
-                         f"`python reproduce_mbpp.py download --dest {path}`")
-    digest = sha256_file(path)
-    if digest != MBPP_SHA256:
-        print(f"note: {path} has sha256 {digest}, not the recorded {MBPP_SHA256}; "
-              "numbers may differ from ours", file=sys.stderr)
-    return load_mbpp(path)
-
-
-def load_samples(path: str) -> dict[int, list[str]]:
-    """Read a samples file: one ``{"task_id": int, "completion": str}`` a line, several
-    lines per task for pass@k. Anything else raises ``UsageError`` naming file and line."""
-    samples: dict[int, list[str]] = {}
-    for where, _, rec in _jsonl_objects(path, UsageError, label="--samples "):
-        for field, kind in (("task_id", int), ("completion", str)):
-            if field not in rec:
-                raise UsageError(f"{where}: missing field '{field}'")
-            if type(rec[field]) is not kind:
-                raise UsageError(f"{where}: field '{field}' must be {kind.__name__}, got {type(rec[field]).__name__}")
-        samples.setdefault(rec["task_id"], []).append(rec["completion"])
-    return samples
-
-
-def _limits_from(args) -> Limits:
-    if args.boundary == "bwrap" and not sandbox.bwrap_status()[0]:
-        raise UsageError(f"--boundary bwrap: {sandbox.bwrap_status()[1]}")
-    return Limits(memory_bytes=args.memory_mb << 20, boundary=args.boundary)
-
-
-def _cmd_download(args) -> int:
-    try:
-        dest = download_mbpp(args.url, args.dest, args.sha256)
-    except (OSError, ValueError) as e:  # no network, a bad URL, an unwritable --dest
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"--url {args.url} to --dest {args.dest}: {e}") from None
-    print(f"{dest}: sha256 {args.sha256} verified")
-    return 0
-
-
-def _cmd_check_references(args) -> int:
-    records = _load_or_explain(args.mbpp)
-    wanted = set(args.splits)
-    records = [r for name, recs in split_mbpp(records).items() if name in wanted for r in recs]
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    report = check_references(records, args.timeout, workers=args.workers,
-                              limits=_limits_from(args), progress=not args.no_progress)
-    print("\n| split | passed | total |\n|---|---|---|")
-    for name, counts in report["per_split"].items():
-        if counts["total"]:
-            print(f"| {name} | {counts['passed']} | {counts['total']} |")
-    print(f"| all | {report['passed']} | {report['total']} |\n")
-    failing = sorted(report["failures"])
-    print(f"failing task_ids ({len(failing)}): {failing}")
-    for tid in failing:
-        f = report["failures"][tid]
-        print(f"  {tid}: {f['status']}: {f['detail'][:160]}")
-    layers = ", ".join(f"{n} {name or 'none'}" for name, n in sorted(report["boundaries"].items()))
-    print(f"\n{report['total']} checks in {report['wall_time']:.1f} s = "
-          f"{report['checks_per_second']:.1f} checks/s with {report['workers']} workers "
-          f"on {os.cpu_count()} CPUs ({platform.machine()}; boundary: {layers}; "
-          f"{'cgroup' if sandbox._Cgroup.bases() else '/proc sweep'} containment)")
-    # Wall-clock throughput depends on what else runs; CPU per check does not.
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if load_before is not None else "?"
-    if report["check_cpu_seconds"] is not None:
-        print(f"CPU per check {1000 * report['check_cpu_seconds'] / max(1, report['total']):.1f} ms "
-              f"(the checks' cgroups; slowest {report['max_check_cpu_seconds']:.2f} s, task "
-              f"{report['slowest_task']}); harness {1000 * report['cpu_seconds'] / max(1, report['total']):.1f} ms")
-    print(f"load average at the end of the run {load}")
-    return 0
-
-
-def _cmd_evaluate(args) -> int:
-    records = _load_or_explain(args.mbpp)
-    samples = load_samples(args.samples)
-    missing = sorted(set(samples) - {rec["task_id"] for rec in records})
-    if missing:
-        raise UsageError(f"--samples {args.samples}: task_ids not in {args.mbpp}: {missing[:10]}")
-    store = ResultStore(args.results) if args.results else None
-    report = evaluate_samples(records, samples, args.timeout, workers=args.workers,
-                              limits=_limits_from(args), store=store,
-                              desc=None if args.no_progress else "samples")
-    print(json.dumps(report["summary"], indent=2))
-    return 0
-
-
-# Argument types: each refuses a value that would weaken the sandbox or waste a run,
-# before any work, with the flag's name (argparse adds it).
-
-def _number(kind, lowest, inclusive, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
-
-
-POSITIVE_INT = _number(int, 1, True, "an int >= 1")
-COUNT = _number(int, 0, True, "an int >= 0")
-SECONDS = _number(float, 0.0, False, "a finite number of seconds > 0")
-TEMPERATURE = _number(float, 0.0, True, "a finite number >= 0 (0 = greedy)")
-
-
-def _probability(text):
-    value = _number(float, 0.0, True, "in [0, 1)")(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be in [0, 1)")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is in --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        allow_abbrev=False, prog="reproduce_mbpp.py", description=__doc__.split("\n\n")[0],
-        epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("download", help="download mbpp.jsonl and verify its sha256",
-                       description="Download mbpp.jsonl and verify its sha256.")
-    p.add_argument("--dest", default="mbpp.jsonl", help="where to put the file (default: %(default)s)")
-    p.add_argument("--url", default=MBPP_URL, help="where to get it (default: the google-research copy)")
-    p.add_argument("--sha256", default=MBPP_SHA256,
-                   help="refuse a copy with any other checksum (default: the copy this project uses)")
-    p.set_defaults(func=_cmd_download)
-
-    def common(p):
-        p.add_argument("--mbpp", required=True, help="path to mbpp.jsonl (see the download command)")
-        p.add_argument("--timeout", type=SECONDS, default=5.0,
-                       help="CPU seconds per program (RLIMIT_CPU, whole seconds; the wall clock only caps "
-                            "sleeping programs, at 10x this + 10 s) (default: %(default)s)")
-        p.add_argument("--workers", type=POSITIVE_INT, default=None,
-                       help="programs run at once (default: the number of CPUs)")
-        p.add_argument("--memory_mb", type=POSITIVE_INT, default=1024,
-                       help="address-space limit per program in MiB (default: %(default)s)")
-        p.add_argument("--boundary", choices=("auto", "bwrap", "hook"), default="auto",
-                       help="outer layer of the sandbox: bwrap (bubblewrap) if it works, else the audit-hook "
-                            "fallback; 'bwrap' refuses to run without it (default: %(default)s)")
-        p.add_argument("--no_progress", action="store_true", help="no progress bar")
-
-    p = sub.add_parser("check_references",
-                       help="run every reference solution through the sandbox; print pass counts and checks/s",
-                       description="Run every reference solution with its tests through the sandbox: a "
-                                   "test of the sandbox against 974 known-good programs.")
-    common(p)
-    p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
-                   help="which splits to run (default: all)")
-    p.set_defaults(func=_cmd_check_references)
-
-    p = sub.add_parser("evaluate", help="score model samples: pass@k, parse rate, distinct passing programs",
-                       description="Score model samples: pass@k, parse rate, distinct passing programs.")
-    common(p)
-    p.add_argument("--samples", required=True,
-                   help='jsonl, one {"task_id": int, "completion": str} a line, several per task for pass@k')
-    p.add_argument("--results", default=None,
-                   help="jsonl store of finished problems; a rerun skips them (default: none)")
-    p.set_defaults(func=_cmd_evaluate)
-
-    _add_run_parser(sub, common)  # section 8
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
-    try:
-        return args.func(args)
-    except UsageError as e:  # bad flags and input files: the message names them; no traceback
-        print(f"reproduce_mbpp.py {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-# ---------------------------------------------------------------------------
-# 8. Training and sampling: the `run` subcommand
-# ---------------------------------------------------------------------------
-# The controlled comparison: one model, one data set, one seed,
-# one data order and one number of steps for every method; only the auxiliary loss of
-# sfr.Config changes.
-#
-#   built-in model  a byte-level GPT, first pretrained on this interpreter's standard
-#                   library sources (cached under --cache_dir), then fine-tuned on the
-#                   MBPP train split once per method, each time from those same weights
-#   --model PATH    a local Hugging Face causal LM fine-tuned per method, optionally
-#                   through LoRA adapters (merged into the weights before export)
-#
-# Then per method: the per-token loss of the test problems' reference solutions, n
-# samples per test problem at each temperature, run through the sandbox (section 3),
-# pass@k (section 4), parse rate and diversity. Every stage writes what it finishes to
-# --out as it goes (exports, ResultStores), so a rerun with the same --out continues
-# where the last one stopped. torch and sfr are imported inside the functions, so that
-# sections 1-7 stay torch-free.
-
-METHODS = {  # name -> train.RunConfig overrides; every other field is shared by all methods
-    "none": dict(aux="none"),  # next-token SFT
-    "mtp": dict(aux="mtp", mtp_k=4),  # Gloeckle et al. 2024: heads for tokens 2..4 on the shared trunk
-    # SFR as the authors run it (WeAgentAI/SFR and their template): see method_overrides
-    "sfr": dict(recipe="authors", aux="sfr"),
-    "sfr_ours": dict(aux="sfr"),  # this project's defaults (positions, masking, head, no stabilisers)
-    "sfr_std": dict(aux="sfr", target_scale="std"),  # SFR, targets standardised per dimension
-    "sfr_null": dict(aux="sfr", null_targets=True),  # control: SFR with targets shuffled across examples
-    "mse": dict(aux="mse"),  # the authors' deterministic ablations: one point per context
-    "cosine": dict(aux="cosine"),
-    # the ladder from MTP to SFR, restrictions lifted one at a time
-    "ladder_mtp": dict(aux="ladder"),
-    "ladder_brier": dict(aux="ladder", ladder_divergence="sq"),
-    "ladder_gauss": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian"),
-    "ladder_flow": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow"),
-    "ladder_kl": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
-                      ladder_path="kl"),
-    "ladder_sfr": dict(aux="ladder", ladder_divergence="sq", ladder_source="gaussian", ladder_field="flow",
-                       ladder_target="embedding"),
-}
-
-BASE = "base"  # not a fine-tuning: the --model weights as they are, evaluated like every method
-DATA_FIELDS = ("segment_len", "stride", "min_suffix")  # set by the run for its tokens, whatever the recipe
-
-
-def method_overrides(name: str) -> dict:
-    """METHODS[name] with its recipe's preset written out. The base config names every field, so
-    a bare recipe='authors' would change nothing (explicit fields win over a preset): every field
-    of sfr.RECIPES[recipe] but the data-dependent ones is set here, then the method's own."""
-    import sfr
-    import sfr_ladder  # noqa: F401  (registers aux='ladder', the ladder_* methods)
-    over = METHODS[name]
-    preset = {f: v for f, v in sfr.RECIPES.get(over.get("recipe", "ours"), {}).items() if f not in DATA_FIELDS}
-    return {**preset, **over}
-
-
-# The built-in model, sized so that the default run (pretraining, three methods, 100
-# problems x 10 samples, execution) takes about 20 minutes on a shared 2-core CPU.
-# Byte tokens: an SFR target is the MiniLM embedding of the next 64 bytes (about a line of
-# code), anchored every 16 bytes; every response position feeds the head, as the authors'.
-BUILTIN = dict(backbone="gpt", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=512,
-               segment_len=64, stride=16, min_suffix=16, fm_positions=0, lam=1.0, head_width=256, head_layers=3,
-               steps=150, batch_size=8, lr=1e-3, lr_warmup=10, eval_every=0, ckpt_every=50)
-PRETRAIN = dict(aux="none", steps=150, batch_size=16, lr=3e-3, lr_warmup=20)
-# A Hugging Face model: sub-word tokens, so a shorter window in tokens (the authors use
-# k = 256, s = 32 on responses far longer than MBPP's ~50 tokens).
-HF_MODEL = dict(tokenizer="byte", block_size=1024, segment_len=32, stride=8, min_suffix=8, fm_positions=0, lam=1.0,
-                head_width=1024, head_layers=3, steps=300, batch_size=8, lr=2e-5, lr_warmup=20, eval_every=0,
-                ckpt_every=100)
-SMOKE = dict(n_layer=1, n_head=2, n_embd=32, head_width=32, steps=2, batch_size=2, ckpt_every=0)
-ARCH = ("n_layer", "n_head", "n_embd", "block_size", "dropout")  # pretraining and fine-tuning share these
-PROMPT_RESERVE = 128  # a prompt longer than block_size - this is cut on the left (its end names the function)
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _barrier() -> None:
-    import torch
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _write_json(path: str | os.PathLike, obj) -> None:
-    """Atomic: a reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")  # insertion order: methods as run
-    os.replace(tmp, path)
-
-
-def _config_key(cfg) -> dict:
-    """The fields that decide what a training run computes (not where or how often it writes)."""
-    import dataclasses
-    import train
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in train.RESUME_FREE}
-
-
-def _same_run(folder: Path, meta: dict) -> None:
-    """Refuse to resume into a folder that holds a different run."""
-    path = folder / "meta.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if "config" in old:  # a folder written before 2026-12-02 used two older names
-            import train
-            old["config"] = train.with_current_names(old["config"])
-        changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        if changed:
-            raise UsageError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
-                             "pass another --out or delete that folder")
-    elif _rank() == 0:
-        _write_json(path, meta)
-
-
-# --- 8a. pretraining the built-in model on the standard library --------------
-
-def stdlib_sources() -> list[Path]:
-    """The pretraining corpus: this interpreter's standard library sources, real Python
-    that every machine has (nothing to download), test suites and installed packages left out."""
-    import sysconfig
-    files = []
-    for folder, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        files += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
-    return files
-
-
-def corpus_windows(files: list[Path], n: int, length: int, seed: int) -> list[str]:
-    """n windows of `length` characters of the concatenated files, each starting at the
-    beginning of a line picked uniformly at random (seeded)."""
-    import random
-    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    rng = random.Random(seed)
-    starts = [text.find("\n", rng.randrange(max(1, len(text) - 2 * length))) + 1 for _ in range(n)]
-    return [text[s:s + length] for s in starts]
-
-
-def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]:
-    """Pretrain the built-in GPT (cfg: aux='none') on stdlib_sources() and cache the
-    backbone's state_dict in cache_dir, keyed by a hash of cfg, the corpus file list and
-    the Python version; a later run with the same key loads it instead. Every 20th file
-    is held out for the eval loss. Returns (path of the .pt file, its record)."""
-    import dataclasses
-    import shutil as _shutil
-    import sysconfig
-    import sfr
-    import sfr_dist
-    import train
-    files = stdlib_sources()
-    root = Path(sysconfig.get_paths()["stdlib"])
-    corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
-    key = hashlib.sha256(json.dumps({"config": _config_key(cfg), "corpus": corpus,
-                                     "python": platform.python_version()}, sort_keys=True).encode())
-    key = key.hexdigest()[:16]
-    path, meta_path = cache_dir / f"pretrain-{key}.pt", cache_dir / f"pretrain-{key}.json"
-    if path.exists() and meta_path.exists():
-        return str(path), {**json.loads(meta_path.read_text()), "cached": True}
-    held_out = set(files[::20])
-    n_train = cfg.steps * cfg.batch_size  # every window is seen once
-    # Empty prompts: sfr.prepare gives each window a lone <eos> to be predicted from, and
-    # collate ends each with <eos> too; at 1 target in block_size, a harmless artefact.
-    windows = corpus_windows([f for f in files if f not in held_out], n_train, cfg.block_size - 1, cfg.seed)
-    eval_windows = corpus_windows(sorted(held_out), 64, cfg.block_size - 1, cfg.seed)
-    tok = train.Tokenizer("byte")
-    train_set = sfr.prepare([("", w) for w in windows], tok, cfg)
-    eval_set = sfr.prepare([("", w) for w in eval_windows], tok, cfg)
-    work = cache_dir / f"pretrain-{key}"
-    cfg = dataclasses.replace(cfg, out_dir=str(work), resume=True)
-    t0 = time.time()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
-                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
-    record = {"key": key, "files": len(files), "held_out_files": len(held_out),
-              "corpus_bytes": sum(size for _, size in corpus), "windows": n_train,
-              "seconds": time.time() - t0, "train_ar_last": history[-1]["ar"],
-              "eval_ar": history[-1].get("eval_ar"), "config": _config_key(cfg), "corpus_root": str(root)}
-    if _rank() == 0:
-        train.save_checkpoint(str(path), model.backbone.state_dict())
-        _write_json(meta_path, record)
-        _shutil.rmtree(work, ignore_errors=True)  # the resumable checkpoint is not needed any more
-    _barrier()
-    return str(path), {**record, "cached": False}
-
-
-# --- 8b. fine-tuning, once per method ----------------------------------------
-
-def encoder_cache(cache: str, pooling: str) -> str:
-    """The target cache of one pooling: sfr_encoder.SegmentEncoder keeps one encoder's table per
-    file (tagged with it), so the 'model' and 'mean' poolings each get their own file; sharing
-    one, each would overwrite the other's and never hit."""
-    return cache if pooling == "model" or not cache else str(Path(cache).with_suffix(f".{pooling}.pt"))
-
-
-def finetune(cfg, tok, train_pairs, eval_pairs, encoder=None, log=print, progress=True) -> Path:
-    """Fine-tune one method (cfg) on (prompt, response) pairs and export the deployable
-    model (no heads, no encoder) to cfg.out_dir/export. An export that is there already is
-    reused; a run that stopped mid-training resumes from its checkpoint (cfg.resume). LoRA
-    (cfg.lora_r) is sfr's: train.export merges the adapters into the weights."""
-    import sfr
-    import train
-    import sfr_dist
-    out, export_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "export"
-    if (export_dir / "DONE").exists():
-        return export_dir
-    train_set = sfr.prepare(train_pairs, tok, cfg, encoder)
-    eval_set = sfr.prepare(eval_pairs, tok, cfg, encoder)  # cfg.null_targets: sfr.train shuffles
-    if encoder is not None and _rank() == 0:
-        encoder.save()
-    t0 = time.time()
-    model, history = sfr.train(cfg, train_set, tok, eval_set, log=log, run=train.RunOnDisk(progress),
-                               dist=sfr_dist.setup(cfg))  # DDP / FSDP under torchrun
-    if _rank() == 0:
-        train.export(model, str(export_dir), tok)
-        _write_json(out / "train.json", {"seconds": time.time() - t0, "history": history})
-        (export_dir / "DONE").write_text("")
-    _barrier()
-    return export_dir
-
-
-def load_for_sampling(export_dir: Path, device: str):
-    """The exported model, as a deployed user would load it (train.load_exported)."""
-    import train
-    model, _ = train.load_exported(str(export_dir))
-    return model.to(device).eval()
-
-
-# --- 8c. sampling and the loss of the reference solutions --------------------
-
-def _crop_prompt(prompt: list[int], block: int) -> list[int]:
-    """Keep room for the response: a prompt longer than block - PROMPT_RESERVE loses its start."""
-    return prompt[-(block - PROMPT_RESERVE):] if len(prompt) > block - PROMPT_RESERVE else prompt
-
-
-def sample_gpt(gpt, prompt: list[int], n: int, max_new_tokens: int, temperature: float, eos_id: int,
-               generator=None) -> list[list[int]]:
-    """n completions of one prompt from the built-in GPT, through sfr.generate (its KV cache;
-    temperature 0 = greedy); each completion stops at eos_id, which it does not include."""
-    import torch
-    import sfr
-    if len(prompt) + max_new_tokens > gpt.block_size:
-        raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens > block_size={gpt.block_size}")
-    idx = torch.tensor([prompt], device=gpt.wte.weight.device).expand(n, -1)
-    out = sfr.generate(gpt, idx, max_new_tokens, temperature, eos_id=eos_id, generator=generator)
-    rows = out[:, len(prompt):].tolist()
-    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
-
-
-def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-              eos_id: int, pad_id: int, seed: int) -> list[list[list[int]]]:
-    """n completions of each prompt from a Hugging Face model, all prompts in one
-    left-padded batch through model.generate (its own key-value cache). Plain sampling:
-    the model's generation_config (top-k, top-p, repetition penalty) is overridden."""
-    import torch
-    from transformers import GenerationConfig
-    rows = [p for p in prompts for _ in range(n)]
-    L = max(len(p) for p in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
-                           repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                           pad_token_id=pad_id)
-    torch.manual_seed(seed)
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
-    new = [row[L:] for row in out.tolist()]
-    new = [row[:row.index(eos_id)] if eos_id in row else row for row in new]
-    return [new[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-def reference_loss(model, tok, rec: dict, block: int, chat: bool = False) -> dict:
-    """Cross-entropy of the reference solution (format_response) given prompt_of(rec, tok, chat),
-    summed over its tokens (eos not counted), with how many tokens and bytes that covers; a
-    response running past the block is scored up to the block's end."""
-    import torch
-    import torch.nn.functional as F
-    import sfr
-    p = _crop_prompt(tok.encode(prompt_of(rec, tok, chat)), block)
-    r = tok.encode(format_response(rec))
-    scored = r[:block + 1 - len(p)]
-    seq = torch.tensor([p + scored], device=next(model.parameters()).device)
-    with torch.no_grad():
-        logits = sfr.logits_of(model, seq[:, :-1])[0, len(p) - 1:].float()  # (len(scored), V)
-    nats = F.cross_entropy(logits, seq[0, len(p):], reduction="sum").item()
-    return {"nats": nats, "tokens": len(scored), "bytes": len(tok.decode(scored).encode()),
-            "truncated": len(scored) < len(r)}
-
-
-def sample_stats(codes: list[str], entry_point: str, encoder=None) -> dict:
-    """What one problem's samples look like beyond pass/fail. Partial credit for a small
-    model: the share that is non-empty and parses (an empty program parses too, so the
-    sandbox's parse_rate counts it) and the share that defines the function the tests call.
-    Diversity: distinct-1/2 over whitespace tokens, the number of different programs, and
-    the Vendi score of their MiniLM embeddings (the effective number of distinct samples, 1..n)."""
-    from sfr_metrics import distinct_n, vendi_score
-    trees = [_parse(c) for c in codes]
-    out = {"parses_nonempty": sum(t is not None and bool(c.strip()) for t, c in zip(trees, codes)) / len(codes),
-           "defines_entry_point": sum(t is not None and any(
-               isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
-               for node in ast.walk(t)) for t in trees) / len(codes),
-           "distinct_1": distinct_n(codes, 1), "distinct_2": distinct_n(codes, 2),
-           "distinct_samples": len(set(codes))}
-    if encoder is not None and len(codes) > 1:
-        out["vendi"] = vendi_score(encoder.encode(codes))
-    return out
-
-
-def _parse(code: str):
-    try:
-        return ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-
-
-def entry_point(rec: dict) -> str:
-    """The function the first test calls: the first called name that is not a builtin (or
-    the first called name, for the one task whose solution shadows `sum`)."""
-    import builtins
-    tree = _parse(rec["test_list"][0])
-    names = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)] \
-        if tree else []
-    return next((n for n in names if not hasattr(builtins, n)), names[0] if names else "")
-
-
-# --- 8d. the run: train every method, then evaluate every method -------------
 
 def _sampling_seed(seed: int, task_id: int, temperature: float) -> int:
     """The same random draws for every method (common random numbers), fixed per problem."""
@@ -1298,7 +1063,10 @@ def evaluate_method(name, export_dir, cfg, tok, test, s, folder: Path, args, enc
             "train": train}
 
 
-# --- 8e. the report: JSON, markdown table, figure ----------------------------
+# ---------------------------------------------------------------------------
+# 7. The report: JSON, markdown table, figure
+# ---------------------------------------------------------------------------
+
 
 def _loss_summary(loss: dict) -> dict:
     import math
@@ -1559,7 +1327,246 @@ def _write_report(doc: dict, prefix: str) -> None:
     plot(doc, prefix + ".png")
 
 
-# --- 8f. command line --------------------------------------------------------
+# ---------------------------------------------------------------------------
+# 8. check_references: the sandbox against 974 known-good programs
+# ---------------------------------------------------------------------------
+
+def check_references(records: list[dict], timeout: float, *, workers: int | None = None,
+                     limits: Limits | None = None, progress: bool = True) -> dict:
+    """Run every record's reference ``code`` with its ``test_setup_code`` and ``test_list``.
+
+    No task is special-cased: a reference that fails is reported as failing.
+    Returns per-split pass counts, the failures (task_id -> status and detail),
+    the wall time and the throughput in checks per second.
+    """
+    jobs = [(rec["code"], rec["test_list"], rec["test_setup_code"]) for rec in records]
+    start, cpu_start = time.monotonic(), _cpu_seconds()
+    results = run_checks(jobs, timeout, workers=workers, limits=limits,
+                         desc="references" if progress else None)
+    wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu_start
+    split_of = {rec["task_id"]: name for name, recs in split_mbpp(records).items() for rec in recs}
+    per_split = {name: {"passed": 0, "total": 0} for name in SPLITS}
+    failures = {}
+    for rec, result in zip(records, results):
+        counts = per_split[split_of[rec["task_id"]]]
+        counts["total"] += 1
+        counts["passed"] += result.passed
+        if not result.passed:
+            failures[rec["task_id"]] = {"status": result.status, "detail": result.detail}
+    return {"per_split": per_split, "passed": sum(r.passed for r in results), "total": len(results),
+            "failures": failures, "wall_time": wall, "checks_per_second": len(results) / wall,
+            "cpu_seconds": cpu, "workers": workers or os.cpu_count() or 1,
+            "boundaries": {b: sum(r.boundary == b for r in results) for b in {r.boundary for r in results}},
+            **_check_cpu(records, results)}
+
+
+def _check_cpu(records: list[dict], results: list[CheckResult]) -> dict:
+    """CPU seconds of the checks themselves (their cgroups), the measure the time limit uses."""
+    timed = [(r.cpu_time, rec["task_id"]) for rec, r in zip(records, results) if r.cpu_time is not None]
+    if not timed or len(timed) < len(results):
+        return {"check_cpu_seconds": None, "max_check_cpu_seconds": None, "slowest_task": None}
+    slowest = max(timed)
+    return {"check_cpu_seconds": sum(t for t, _ in timed), "max_check_cpu_seconds": slowest[0],
+            "slowest_task": slowest[1]}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (bwrap's children are not
+    among them: see the checks' own cpu_time)."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# ---------------------------------------------------------------------------
+# 9. Command line
+# ---------------------------------------------------------------------------
+
+def _load_or_explain(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--mbpp {path}: no such file; get it with "
+                         f"`python reproduce_mbpp.py download --dest {path}`")
+    digest = sha256_file(path)
+    if digest != MBPP_SHA256:
+        print(f"note: {path} has sha256 {digest}, not the recorded {MBPP_SHA256}; "
+              "numbers may differ from ours", file=sys.stderr)
+    return load_mbpp(path)
+
+
+def load_samples(path: str) -> dict[int, list[str]]:
+    """Read a samples file: one ``{"task_id": int, "completion": str}`` a line, several
+    lines per task for pass@k. Anything else raises ``UsageError`` naming file and line."""
+    samples: dict[int, list[str]] = {}
+    for where, _, rec in _jsonl_objects(path, UsageError, label="--samples "):
+        for field, kind in (("task_id", int), ("completion", str)):
+            if field not in rec:
+                raise UsageError(f"{where}: missing field '{field}'")
+            if type(rec[field]) is not kind:
+                raise UsageError(f"{where}: field '{field}' must be {kind.__name__}, got {type(rec[field]).__name__}")
+        samples.setdefault(rec["task_id"], []).append(rec["completion"])
+    return samples
+
+
+def _limits_from(args) -> Limits:
+    if args.boundary == "bwrap" and not sandbox.bwrap_status()[0]:
+        raise UsageError(f"--boundary bwrap: {sandbox.bwrap_status()[1]}")
+    return Limits(memory_bytes=args.memory_mb << 20, boundary=args.boundary)
+
+
+def _cmd_download(args) -> int:
+    try:
+        dest = download_mbpp(args.url, args.dest, args.sha256)
+    except (OSError, ValueError) as e:  # no network, a bad URL, an unwritable --dest
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"--url {args.url} to --dest {args.dest}: {e}") from None
+    print(f"{dest}: sha256 {args.sha256} verified")
+    return 0
+
+
+def _cmd_check_references(args) -> int:
+    records = _load_or_explain(args.mbpp)
+    wanted = set(args.splits)
+    records = [r for name, recs in split_mbpp(records).items() if name in wanted for r in recs]
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report = check_references(records, args.timeout, workers=args.workers,
+                              limits=_limits_from(args), progress=not args.no_progress)
+    print("\n| split | passed | total |\n|---|---|---|")
+    for name, counts in report["per_split"].items():
+        if counts["total"]:
+            print(f"| {name} | {counts['passed']} | {counts['total']} |")
+    print(f"| all | {report['passed']} | {report['total']} |\n")
+    failing = sorted(report["failures"])
+    print(f"failing task_ids ({len(failing)}): {failing}")
+    for tid in failing:
+        f = report["failures"][tid]
+        print(f"  {tid}: {f['status']}: {f['detail'][:160]}")
+    layers = ", ".join(f"{n} {name or 'none'}" for name, n in sorted(report["boundaries"].items()))
+    print(f"\n{report['total']} checks in {report['wall_time']:.1f} s = "
+          f"{report['checks_per_second']:.1f} checks/s with {report['workers']} workers "
+          f"on {os.cpu_count()} CPUs ({platform.machine()}; boundary: {layers}; "
+          f"{'cgroup' if sandbox._Cgroup.bases() else '/proc sweep'} containment)")
+    # Wall-clock throughput depends on what else runs; CPU per check does not.
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if load_before is not None else "?"
+    if report["check_cpu_seconds"] is not None:
+        print(f"CPU per check {1000 * report['check_cpu_seconds'] / max(1, report['total']):.1f} ms "
+              f"(the checks' cgroups; slowest {report['max_check_cpu_seconds']:.2f} s, task "
+              f"{report['slowest_task']}); harness {1000 * report['cpu_seconds'] / max(1, report['total']):.1f} ms")
+    print(f"load average at the end of the run {load}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    records = _load_or_explain(args.mbpp)
+    samples = load_samples(args.samples)
+    missing = sorted(set(samples) - {rec["task_id"] for rec in records})
+    if missing:
+        raise UsageError(f"--samples {args.samples}: task_ids not in {args.mbpp}: {missing[:10]}")
+    store = ResultStore(args.results) if args.results else None
+    report = evaluate_samples(records, samples, args.timeout, workers=args.workers,
+                              limits=_limits_from(args), store=store,
+                              desc=None if args.no_progress else "samples")
+    print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
+# Argument types: each refuses a value that would weaken the sandbox or waste a run,
+# before any work, with the flag's name (argparse adds it).
+
+def _number(kind, lowest, inclusive, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, True, "an int >= 1")
+COUNT = _number(int, 0, True, "an int >= 0")
+SECONDS = _number(float, 0.0, False, "a finite number of seconds > 0")
+TEMPERATURE = _number(float, 0.0, True, "a finite number >= 0 (0 = greedy)")
+
+
+def _probability(text):
+    value = _number(float, 0.0, True, "in [0, 1)")(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in [0, 1)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        allow_abbrev=False, prog="reproduce_mbpp.py", description=__doc__.split("\n\n")[0],
+        epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="download mbpp.jsonl and verify its sha256",
+                       description="Download mbpp.jsonl and verify its sha256.")
+    p.add_argument("--dest", default="mbpp.jsonl", help="where to put the file (default: %(default)s)")
+    p.add_argument("--url", default=MBPP_URL, help="where to get it (default: the google-research copy)")
+    p.add_argument("--sha256", default=MBPP_SHA256,
+                   help="refuse a copy with any other checksum (default: the copy this project uses)")
+    p.set_defaults(func=_cmd_download)
+
+    def common(p):
+        p.add_argument("--mbpp", required=True, help="path to mbpp.jsonl (see the download command)")
+        p.add_argument("--timeout", type=SECONDS, default=5.0,
+                       help="CPU seconds per program (RLIMIT_CPU, whole seconds; the wall clock only caps "
+                            "sleeping programs, at 10x this + 10 s) (default: %(default)s)")
+        p.add_argument("--workers", type=POSITIVE_INT, default=None,
+                       help="programs run at once (default: the number of CPUs)")
+        p.add_argument("--memory_mb", type=POSITIVE_INT, default=1024,
+                       help="address-space limit per program in MiB (default: %(default)s)")
+        p.add_argument("--boundary", choices=("auto", "bwrap", "hook"), default="auto",
+                       help="outer layer of the sandbox: bwrap (bubblewrap) if it works, else the audit-hook "
+                            "fallback; 'bwrap' refuses to run without it (default: %(default)s)")
+        p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("check_references",
+                       help="run every reference solution through the sandbox; print pass counts and checks/s",
+                       description="Run every reference solution with its tests through the sandbox: a "
+                                   "test of the sandbox against 974 known-good programs.")
+    common(p)
+    p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                   help="which splits to run (default: all)")
+    p.set_defaults(func=_cmd_check_references)
+
+    p = sub.add_parser("evaluate", help="score model samples: pass@k, parse rate, distinct passing programs",
+                       description="Score model samples: pass@k, parse rate, distinct passing programs.")
+    common(p)
+    p.add_argument("--samples", required=True,
+                   help='jsonl, one {"task_id": int, "completion": str} a line, several per task for pass@k')
+    p.add_argument("--results", default=None,
+                   help="jsonl store of finished problems; a rerun skips them (default: none)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    _add_run_parser(sub, common)  # section 9a
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
+    try:
+        return args.func(args)
+    except UsageError as e:  # bad flags and input files: the message names them; no traceback
+        print(f"reproduce_mbpp.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# --- 9a. the run subcommand's flags -------------------------------------------
 
 RUN_HELP = """Train the same model once per method and compare them on MBPP.
 

@@ -1,4 +1,4 @@
-"""reproduce_mbpp.py run: the per-method training, sampling and report (section 8).
+"""reproduce_mbpp.py run: the per-method training, sampling and report (sections 3-7).
 
 The end-to-end tests run `run --smoke` in-process on the real MBPP file, the real MiniLM
 encoder and this interpreter's standard library; the HF tests on a tiny random GPT-2
