@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import sfr
 
-# their template's values (k, stride, head, lambda, gate, EMA teacher; min_suffix is their code's
-# default). k / stride / min_suffix suit responses of hundreds of tokens: short-response data
-# passes its own, e.g. the toys' segment_len=8, stride=1, min_suffix=1.
+# their template's values (segment_len, stride, head, lambda, gate, EMA teacher; min_suffix is
+# their code's default). segment_len / stride / min_suffix suit responses of hundreds of tokens:
+# short-response data passes its own, e.g. the toys' segment_len=8, stride=1, min_suffix=1.
 PRESET = dict(positions="labels", suffix_count="authors", fill="authors", pooling="mean",
               head_arch="authors", head_width=1024, head_layers=3, lam_phases="authors", lam=1.0,
               lam_schedule="constant", lam_ramp=0, warmup_freeze=True, gate=1.5,
@@ -48,11 +48,11 @@ class FlowHead(sfr.FlowHead):
         super().__init__(d_z, d_h, width, max(n_layers - 1, 1), d_t=d_z)
 
 
-def future_segments(N, k, stride, min_suffix, positions="ar", suffix_count="authors",
+def future_segments(N, segment_len, stride, min_suffix, positions="ar", suffix_count="authors",
                     fill="authors", blank=lambda a: False):
     """sfr.future_segments with their counting and their fill (either one may be ours).
     suffix_count: 'ours' counts the N - a response tokens left; 'authors' counts the label
-    tokens in the window of k, eos included, min(k, N - a + 1), and also skips a segment whose
+    tokens in the window, eos included, min(segment_len, N - a + 1), and also skips a segment whose
     text is blank (blank(a): whitespace only). fill: 'mask' (ours) gives j its nearest anchor
     (ties to the earlier), None if that one was skipped; 'authors': at s = 1 a skipped position
     is None; at s > 1 j takes the nearest anchor that was not skipped, None if none was.
@@ -62,7 +62,7 @@ def future_segments(N, k, stride, min_suffix, positions="ar", suffix_count="auth
 
     def kept(j):
         a = j + off
-        size = N - a if suffix_count == "ours" else min(k, N - a + 1)
+        size = N - a if suffix_count == "ours" else min(segment_len, N - a + 1)
         return size >= min_suffix and not (suffix_count == "authors" and blank(a))
     if fill == "mask" or stride == 1:
         last = stride * ((n - 1) // stride)  # the last anchor inside

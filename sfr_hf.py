@@ -62,7 +62,7 @@ def response_tokens(labels_row, special_ids):
 class LabelTargets:
     """z1 / valid / w for a batch, computed from its labels with sfr.py's target rule.
 
-    Response token p gets the encoder's embedding of tokens [a, a + k) of the response, a its
+    Response token p gets the encoder's embedding of tokens [a, a + segment_len) of the response, a its
     anchor (sfr.future_segments), or no target; the text is the decoded tokens, re-encoded by
     the sentence encoder, as in sfr.attach_targets. w_p = (N - p) / N (sfr.collate, authors'
     code). Results are cached per response, so after the first epoch a batch costs lookups."""

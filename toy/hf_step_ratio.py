@@ -105,11 +105,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="timed optimiser steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="first steps of each variant not timed")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per step")
     p.add_argument("--sizes", nargs="+", default=["64x2", "256x4"], help="tiny Llama sizes, width x layers")
     p.add_argument("--segment_len", type=int, default=8, help="future segment length")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on a shared machine)")
-    p.add_argument("--out", default=str(ROOT / "results" / "hf_step_ratio.json"))
+    p.add_argument("--out", default=str(ROOT / "results" / "hf_step_ratio.json"), help="json path of the timings")
     a = p.parse_args(argv)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(a.threads)
@@ -119,7 +119,7 @@ def main(argv=None):
            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
            "setup": f"batch {a.batch_size}, demo pairs, {a.steps} timed steps per variant after {a.warmup}, "
-                    f"interleaved step by step; SFR: k={a.segment_len}, head 256 x 3, fm_positions 4",
+                    f"interleaved step by step; SFR: segment_len={a.segment_len}, head 256 x 3, fm_positions 4",
            "cells": cells, "wall_s": round(time.time() - t_start, 1)}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print("| model | params | trainer (ms) | sfr (ms) | sfr_hidden (ms) | sfr / trainer | sfr_hidden / trainer |")

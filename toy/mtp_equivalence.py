@@ -135,9 +135,9 @@ def ladder_runs(steps):
                          final_ar=sum(r["ar"] for r in tail) / len(tail), final_aux=sum(r["aux"] for r in tail) / len(tail),
                          ar=[r["ar"] for r in hist], aux=[r["aux"] for r in hist], seconds=time.time() - t0)
         if name.endswith("SFR"):
-            flow_model, flow_hist = run(steps, encoder=encoder, aux="sfr")
-            out[name]["max_param_diff_vs_aux_sfr"] = max_param_diff(model, flow_model)
-            out[name]["max_loss_diff_vs_aux_sfr"] = max(abs(a["aux"] - b["aux"]) for a, b in zip(hist, flow_hist))
+            sfr_model, sfr_hist = run(steps, encoder=encoder, aux="sfr")
+            out[name]["max_param_diff_vs_aux_sfr"] = max_param_diff(model, sfr_model)
+            out[name]["max_loss_diff_vs_aux_sfr"] = max(abs(a["aux"] - b["aux"]) for a, b in zip(hist, sfr_hist))
     t0 = time.time()
     model, hist = run(steps, aux="none")
     out["no aux (next-token only)"] = dict(config={"aux": "none"}, first_ar=hist[0]["ar"], final_ar=sum(

@@ -44,10 +44,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mbpp.jsonl"), help="MBPP jsonl")
     p.add_argument("--n", type=int, default=20, help="the first n problems of the test split")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens generated per completion at most")
+    p.add_argument("--batch_size", type=int, default=10, help="prompts generated together")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per program")
-    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_mbpp.json"))
+    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_mbpp.json"), help="json path of the result")
     a = p.parse_args(argv)
     t0 = time.time()
     problems = reproduce_mbpp.split_mbpp(reproduce_mbpp.load_mbpp(a.data))["test"][:a.n]
