@@ -522,6 +522,9 @@ def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=Non
 def run(cfg: RunConfig, dist=None, rank0=True):
     """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample."""
     check_writable(cfg.out_dir)
+    if not cfg.progress:  # nor the bars of transformers, loading the encoder or an HF backbone
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     pairs = load_pairs(cfg.data, sfr.HF["chat"](cfg) if cfg.backbone != "gpt" else None)
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))

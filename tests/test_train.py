@@ -239,7 +239,7 @@ def test_fsdp_holds_1_over_n_of_the_state_per_process(tmp_path):
     # toy/shard_memory.py at a tiny size: the same run under DDP and FSDP, 2 processes each
     out = tmp_path / "shard_memory.json"
     run = subprocess.run([sys.executable, str(ROOT / "toy" / "shard_memory.py"), "--n_layer=2", "--n_embd=64",
-                          "--n_head=2", "--vocab=512", "--head_width=64", "--batch=4", "--T=16", "--steps=2",
+                          "--n_head=2", "--vocab=512", "--head_width=64", "--batch_size=4", "--seq_len=16", "--steps=2",
                           f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     res = json.loads(out.read_text())
@@ -276,11 +276,12 @@ def test_history_jsonl_of_a_resumed_run_equals_an_uninterrupted_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One 3-step `python train.py` run, in process, with --progress=false: (out_dir, its output)."""
+    """One 3-step `python train.py` run of SFR (the encoder loads), in process, with --progress=false:
+    (out_dir, its output)."""
     import contextlib
     import io
     out_dir, buf = tmp_path_factory.mktemp("cli"), io.StringIO()
-    argv = ["--aux=none", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--eval_every=0",
+    argv = ["--aux=sfr", "--segment_len=4", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--eval_every=0",
             f"--out_dir={out_dir}", "--progress=false"]
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         train.main(argv)

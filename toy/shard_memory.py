@@ -45,16 +45,16 @@ def child(args):
     import sfr_dist
     import train
     torch.set_num_threads(1)
-    cfg = train.RunConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.T + 1,
-                          head_width=args.head_width, batch_size=args.batch, steps=args.steps, lr_warmup=1,
+    cfg = train.RunConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.seq_len + 1,
+                          head_width=args.head_width, batch_size=args.batch_size, steps=args.steps, lr_warmup=1,
                           shard=args.child == "fsdp", fm_positions=0).validate()
     dist = sfr_dist.setup(cfg)  # DDP, or FSDP with cfg.shard
     rank, world = dist.rank, dist.world
     d_z = 384
     g = torch.Generator().manual_seed(0)  # the same data set in every process
-    examples = [sfr.Example([2], torch.randint(2, args.vocab, (args.T - 1,), generator=g).tolist(),
-                            torch.nn.functional.normalize(torch.randn(args.T - 1, d_z, generator=g), dim=1),
-                            torch.ones(args.T - 1, dtype=torch.bool)) for _ in range(args.batch)]
+    examples = [sfr.Example([2], torch.randint(2, args.vocab, (args.seq_len - 1,), generator=g).tolist(),
+                            torch.nn.functional.normalize(torch.randn(args.seq_len - 1, d_z, generator=g), dim=1),
+                            torch.ones(args.seq_len - 1, dtype=torch.bool)) for _ in range(args.batch_size)]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
     base = kib("VmRSS")
@@ -127,7 +127,7 @@ def main(args):
     mean = lambda mode, key: sum(r[key] for r in res[mode]) / len(res[mode])  # noqa: E731
     print(f"\n## Per-process memory, {args.nproc} processes: built-in GPT {args.n_layer} x {args.n_embd}, vocabulary "
           f"{args.vocab}, flow head {args.head_width} wide ({n_params / 1e6:.1f}M parameters in all), "
-          f"global batch {args.batch} x {args.T}\n")
+          f"global batch {args.batch_size} x {args.seq_len}\n")
     print("| | params MiB | grads MiB | AdamW MiB | state MiB | peak MiB | s / step |\n|---|---|---|---|---|---|---|")
     for mode in MODES:
         print(f"| {mode} | " + " | ".join(f"{mean(mode, k):.0f}" for k in
@@ -144,7 +144,7 @@ def main(args):
     print(f"wrote {args.json} in {result['seconds']:.0f} s")
 
 
-SHAPE_ARGS = ("n_layer", "n_embd", "n_head", "vocab", "head_width", "batch", "T", "steps")
+SHAPE_ARGS = ("n_layer", "n_embd", "n_head", "vocab", "head_width", "batch_size", "seq_len", "steps")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,8 +154,8 @@ if __name__ == "__main__":
     p.add_argument("--n_head", type=int, default=8, help="attention heads (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default: %(default)s)")
     p.add_argument("--head_width", type=int, default=1024, help="flow head width, the authors' (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="global batch, sequences (default: %(default)s)")
-    p.add_argument("--T", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=8, help="global batch, sequences (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="training steps (default: %(default)s)")
     p.add_argument("--json", default=str(ROOT / "results" / "shard_memory.json"), help="where the results go "
                    "(default: results/shard_memory.json)")
