@@ -278,132 +278,6 @@ def draw_noise(ids, step, T, d_z, seed, lengths=None, valid=None, max_positions=
         z0[b, cols] = torch.randn(len(cols), d_z, generator=g)
     return tau, z0, sel
 
-
-# ------------------------------------------------------------------- future-segment targets
-
-
-def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
-    """Per head position j, the start a of its target segment, response[a:a + segment_len], or
-    None. positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels' (the authors'):
-    j = 0 .. N is input P+j, a = j + 1. j takes its nearest anchor of 0, s, 2s, ... (s = stride;
-    ties to the earlier one), None if that one has fewer than min_suffix tokens left."""
-    n, off = (N, 0) if positions == "ar" else (N + 1, 1)
-    last = stride * ((n - 1) // stride)  # the last anchor inside
-    anchors = (min(stride * round(j / stride - 1e-9), last) for j in range(n))
-    return [a + off if N - a - off >= min_suffix else None for a in anchors]
-
-
-def attach_targets(examples, tok, encoder, cfg: Config):
-    """Fill ex.z1 / ex.valid: the encoder's embedding of the next segment_len response tokens."""
-    plans, texts = [], []
-    for ex in examples:
-        r = ex.response
-        if (cfg.suffix_count, cfg.fill) == ("ours", "mask"):
-            anchors = future_segments(len(r), cfg.stride, cfg.min_suffix, cfg.positions)
-        else:  # the authors' counting or fill
-            anchors = AUTHORS["anchors"](r, tok, cfg)
-        segs = {a: tok.decode(r[a:a + cfg.segment_len]) for a in set(anchors) if a is not None}
-        plans.append((anchors, segs))
-        texts.extend(segs.values())
-    if not texts:
-        raise UsageError(f"no response is long enough for a target (segment_len={cfg.segment_len}"
-                         f", min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses"
-                         " (recipe='authors' presets their segment_len=256, min_suffix=16)")
-    table = dict(zip(texts, encoder.encode(texts)))
-    for ex, (anchors, segs) in zip(examples, plans):
-        ex.start = -1 if cfg.positions == "ar" else 0
-        # fill='authors' counts a position without target, at z1 = 0, as their loss mask does
-        ex.valid = torch.tensor([a is not None or cfg.fill == "authors" for a in anchors],
-                                dtype=torch.bool)
-        ex.z1 = torch.zeros(len(anchors), encoder.dim)
-        for p, a in enumerate(anchors):
-            if a is not None:
-                ex.z1[p] = table[segs[a]]
-    return examples
-
-
-def needs_encoder(cfg):
-    aux = AUX.get(cfg.aux)
-    return cfg.aux in SEGMENT_AUX or (aux is not None and aux.needs_encoder(cfg))
-
-
-def shuffle_targets(examples, seed):
-    """Null-target control: the valid targets permuted across the set (marginal kept)."""
-    rows = [(ex, p) for ex in examples for p in ex.valid.nonzero().flatten().tolist()]
-    z = torch.stack([ex.z1[p] for ex, p in rows])
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
-    for (ex, p), zz in zip(rows, z[perm]):
-        ex.z1[p] = zz
-
-# ----------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Example:
-    """One (prompt, response) pair as token ids, with its future-segment targets: z1[j] is the
-    target of input position P + start + j (P = prompt length), valid[j] whether it counts."""
-    prompt: list[int]
-    response: list[int]  # response token ids, eos excluded
-    z1: torch.Tensor | None = None  # (n, d): n = N ('ar') or N + 1 ('labels', with eos)
-    valid: torch.Tensor | None = None  # (n,) bool
-    start: int = -1  # the first head position, relative to P: -1 ('ar'), 0 ('labels')
-
-
-@dataclass
-class Batch:
-    idx: torch.Tensor  # (B, T) input tokens
-    y: torch.Tensor  # (B, T) next tokens
-    resp: torch.Tensor  # (B, T) bool: y is a response token (or the final eos): L_AR's positions
-    z1: torch.Tensor  # (B, T, d) future-segment targets
-    valid: torch.Tensor  # (B, T) bool: this position has a target
-    w: torch.Tensor  # (B, T) position-decay weight of the target
-    ids: torch.Tensor  # (B,) example index in the dataset, seeds the per-sequence flow noise
-
-    def to(self, device):
-        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
-
-
-def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
-    """Right-pad Examples into a Batch (causal attention never looks right: no mask needed)."""
-    seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
-    # positions='labels' feeds the head at the eos position too: one input more than L_AR needs
-    extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
-    B, T = len(seqs), max(len(s) - 1 + e for s, e in zip(seqs, extra))
-    idx, y = torch.full((B, T), pad_id), torch.full((B, T), pad_id)
-    resp, valid = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
-    z1, w = torch.zeros(B, T, d_z), torch.zeros(B, T)
-    for b, (ex, s, e) in enumerate(zip(examples, seqs, extra)):
-        L, P, N = len(s) - 1, len(ex.prompt), len(ex.response)
-        idx[b, :L + e], y[b, :L] = torch.tensor(s[:L + e]), torch.tensor(s[1:])
-        resp[b, P - 1:L] = True  # input position P-1+p predicts response token p
-        if ex.z1 is not None and N > 0:
-            n, a = len(ex.z1), P + ex.start  # n head positions from a
-            z1[b, a:a + n] = ex.z1
-            valid[b, a:a + n] = ex.valid
-            j = torch.arange(n, dtype=torch.float)
-            w[b, a:a + n] = (n - j) / n  # w_j = (n - j + 1) / n, 1-based j (authors' code)
-    return Batch(idx, y, resp, z1, valid, w, torch.as_tensor(ids))
-
-
-def prepare(pairs, tok, cfg: Config, encoder=None):
-    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size), with
-    targets from `encoder` (dim, encode(texts) -> (n, dim) unit-norm) if the aux loss needs them."""
-    cfg.validate()  # segment_len, stride, min_suffix < 1: empty or misplaced segments
-    if needs_encoder(cfg) and encoder is None:
-        raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
-                         "(sfr_encoder.SegmentEncoder.from_config(cfg), or anything with "
-                         "encode(texts) -> (n, d) and dim)")
-    examples = []
-    eos_input = int(cfg.positions == "labels" and needs_encoder(cfg))  # the head reads eos too
-    for prompt, response in pairs:
-        p = list(tok.encode(prompt)) or [tok.eos_id]  # the first response token needs a position
-        if len(p) + 1 >= cfg.block_size:
-            raise UsageError(f"prompt of {len(p)} tokens leaves no room in "
-                             f"Config.block_size={cfg.block_size}")
-        r = tok.encode(response)[:cfg.block_size - len(p) - eos_input]  # + eos: block_size + 1
-        examples.append(Example(p, r))
-    return attach_targets(examples, tok, encoder, cfg) if needs_encoder(cfg) else examples
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -536,31 +410,6 @@ def train(cfg: Config, train_set, tok, eval_set=None, log=print, dist=None, run=
     return model, history
 
 
-class RunInMemory:
-    """What train() keeps of a run by default: nothing on disk, a dashboard line per eval (rank
-    0). start returns (step, history, gate state) to start from; train.RunOnDisk overrides all."""
-
-    def start(self, cfg, dist, log, **parts):  # parts: model, opt, sched, ema, scaler
-        if cfg.resume:
-            raise UsageError("Config.resume=True: this run keeps nothing on disk to resume from; "
-                             "train.RunOnDisk does (python train.py --resume=true)")
-        self.log, self.t0 = (log if dist.rank == 0 else None), time.time()
-        return 0, [], None
-
-    def add(self, rec, dashboard):
-        if dashboard and self.log:
-            self.log(format_log(rec, time.time() - self.t0))
-
-    def save(self, **loop_state):
-        pass
-
-    def kept(self):
-        return "nothing was saved (the run was kept in memory)"
-
-    def close(self):
-        pass
-
-
 def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=None, teacher=None,
                scaler=None):
     """One optimiser step on this process's share of the global batch (through `ddp`, if given).
@@ -616,6 +465,31 @@ def train_step(model, opt, sched, batch, step, cfg, gate_avg=None, world=1, ddp=
     scaler.update()
     sched.step()
     return terms, gnorm, gate_avg
+
+
+class RunInMemory:
+    """What train() keeps of a run by default: nothing on disk, a dashboard line per eval (rank
+    0). start returns (step, history, gate state) to start from; train.RunOnDisk overrides all."""
+
+    def start(self, cfg, dist, log, **parts):  # parts: model, opt, sched, ema, scaler
+        if cfg.resume:
+            raise UsageError("Config.resume=True: this run keeps nothing on disk to resume from; "
+                             "train.RunOnDisk does (python train.py --resume=true)")
+        self.log, self.t0 = (log if dist.rank == 0 else None), time.time()
+        return 0, [], None
+
+    def add(self, rec, dashboard):
+        if dashboard and self.log:
+            self.log(format_log(rec, time.time() - self.t0))
+
+    def save(self, **loop_state):
+        pass
+
+    def kept(self):
+        return "nothing was saved (the run was kept in memory)"
+
+    def close(self):
+        pass
 
 
 def build(cfg, train_set, tok):
@@ -830,6 +704,133 @@ def reshard(model):
     does not come: free them (sfr_dist.py). A no-op for one process."""
     if hasattr(model, "reshard"):
         model.reshard()
+
+# ------------------------------------------------------------------- future-segment targets
+# What the loop above trains on: prepare() (next section) gives each example z1, the encoder's
+# embedding of the next segment_len response tokens at each head position (paper Sec. 3).
+
+
+def future_segments(N: int, stride: int, min_suffix: int, positions="ar"):
+    """Per head position j, the start a of its target segment, response[a:a + segment_len], or
+    None. positions='ar': j = 0 .. N-1 is input P-1+j, a = j; 'labels' (the authors'):
+    j = 0 .. N is input P+j, a = j + 1. j takes its nearest anchor of 0, s, 2s, ... (s = stride;
+    ties to the earlier one), None if that one has fewer than min_suffix tokens left."""
+    n, off = (N, 0) if positions == "ar" else (N + 1, 1)
+    last = stride * ((n - 1) // stride)  # the last anchor inside
+    anchors = (min(stride * round(j / stride - 1e-9), last) for j in range(n))
+    return [a + off if N - a - off >= min_suffix else None for a in anchors]
+
+
+def attach_targets(examples, tok, encoder, cfg: Config):
+    """Fill ex.z1 / ex.valid: the encoder's embedding of the next segment_len response tokens."""
+    plans, texts = [], []
+    for ex in examples:
+        r = ex.response
+        if (cfg.suffix_count, cfg.fill) == ("ours", "mask"):
+            anchors = future_segments(len(r), cfg.stride, cfg.min_suffix, cfg.positions)
+        else:  # the authors' counting or fill
+            anchors = AUTHORS["anchors"](r, tok, cfg)
+        segs = {a: tok.decode(r[a:a + cfg.segment_len]) for a in set(anchors) if a is not None}
+        plans.append((anchors, segs))
+        texts.extend(segs.values())
+    if not texts:
+        raise UsageError(f"no response is long enough for a target (segment_len={cfg.segment_len}"
+                         f", min_suffix={cfg.min_suffix}): lower min_suffix or use longer responses"
+                         " (recipe='authors' presets their segment_len=256, min_suffix=16)")
+    table = dict(zip(texts, encoder.encode(texts)))
+    for ex, (anchors, segs) in zip(examples, plans):
+        ex.start = -1 if cfg.positions == "ar" else 0
+        # fill='authors' counts a position without target, at z1 = 0, as their loss mask does
+        ex.valid = torch.tensor([a is not None or cfg.fill == "authors" for a in anchors],
+                                dtype=torch.bool)
+        ex.z1 = torch.zeros(len(anchors), encoder.dim)
+        for p, a in enumerate(anchors):
+            if a is not None:
+                ex.z1[p] = table[segs[a]]
+    return examples
+
+
+def needs_encoder(cfg):
+    aux = AUX.get(cfg.aux)
+    return cfg.aux in SEGMENT_AUX or (aux is not None and aux.needs_encoder(cfg))
+
+
+def shuffle_targets(examples, seed):
+    """Null-target control: the valid targets permuted across the set (marginal kept)."""
+    rows = [(ex, p) for ex in examples for p in ex.valid.nonzero().flatten().tolist()]
+    z = torch.stack([ex.z1[p] for ex, p in rows])
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    for (ex, p), zz in zip(rows, z[perm]):
+        ex.z1[p] = zz
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Example:
+    """One (prompt, response) pair as token ids, with its future-segment targets: z1[j] is the
+    target of input position P + start + j (P = prompt length), valid[j] whether it counts."""
+    prompt: list[int]
+    response: list[int]  # response token ids, eos excluded
+    z1: torch.Tensor | None = None  # (n, d): n = N ('ar') or N + 1 ('labels', with eos)
+    valid: torch.Tensor | None = None  # (n,) bool
+    start: int = -1  # the first head position, relative to P: -1 ('ar'), 0 ('labels')
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor  # (B, T) input tokens
+    y: torch.Tensor  # (B, T) next tokens
+    resp: torch.Tensor  # (B, T) bool: y is a response token (or the final eos): L_AR's positions
+    z1: torch.Tensor  # (B, T, d) future-segment targets
+    valid: torch.Tensor  # (B, T) bool: this position has a target
+    w: torch.Tensor  # (B, T) position-decay weight of the target
+    ids: torch.Tensor  # (B,) example index in the dataset, seeds the per-sequence flow noise
+
+    def to(self, device):
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def collate(examples, ids, pad_id, eos_id, d_z) -> Batch:
+    """Right-pad Examples into a Batch (causal attention never looks right: no mask needed)."""
+    seqs = [ex.prompt + ex.response + [eos_id] for ex in examples]
+    # positions='labels' feeds the head at the eos position too: one input more than L_AR needs
+    extra = [int(ex.z1 is not None and ex.start >= 0) for ex in examples]
+    B, T = len(seqs), max(len(s) - 1 + e for s, e in zip(seqs, extra))
+    idx, y = torch.full((B, T), pad_id), torch.full((B, T), pad_id)
+    resp, valid = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+    z1, w = torch.zeros(B, T, d_z), torch.zeros(B, T)
+    for b, (ex, s, e) in enumerate(zip(examples, seqs, extra)):
+        L, P, N = len(s) - 1, len(ex.prompt), len(ex.response)
+        idx[b, :L + e], y[b, :L] = torch.tensor(s[:L + e]), torch.tensor(s[1:])
+        resp[b, P - 1:L] = True  # input position P-1+p predicts response token p
+        if ex.z1 is not None and N > 0:
+            n, a = len(ex.z1), P + ex.start  # n head positions from a
+            z1[b, a:a + n] = ex.z1
+            valid[b, a:a + n] = ex.valid
+            j = torch.arange(n, dtype=torch.float)
+            w[b, a:a + n] = (n - j) / n  # w_j = (n - j + 1) / n, 1-based j (authors' code)
+    return Batch(idx, y, resp, z1, valid, w, torch.as_tensor(ids))
+
+
+def prepare(pairs, tok, cfg: Config, encoder=None):
+    """Tokenise (prompt, response) pairs into Examples (responses cut to fit block_size), with
+    targets from `encoder` (dim, encode(texts) -> (n, dim) unit-norm) if the aux loss needs them."""
+    cfg.validate()  # segment_len, stride, min_suffix < 1: empty or misplaced segments
+    if needs_encoder(cfg) and encoder is None:
+        raise UsageError(f"Config.aux={cfg.aux!r} needs future-segment targets: pass an encoder "
+                         "(sfr_encoder.SegmentEncoder.from_config(cfg), or anything with "
+                         "encode(texts) -> (n, d) and dim)")
+    examples = []
+    eos_input = int(cfg.positions == "labels" and needs_encoder(cfg))  # the head reads eos too
+    for prompt, response in pairs:
+        p = list(tok.encode(prompt)) or [tok.eos_id]  # the first response token needs a position
+        if len(p) + 1 >= cfg.block_size:
+            raise UsageError(f"prompt of {len(p)} tokens leaves no room in "
+                             f"Config.block_size={cfg.block_size}")
+        r = tok.encode(response)[:cfg.block_size - len(p) - eos_input]  # + eos: block_size + 1
+        examples.append(Example(p, r))
+    return attach_targets(examples, tok, encoder, cfg) if needs_encoder(cfg) else examples
 
 # ----------------------------------------------------------------------------- the MTP reduction
 # Paper, App. A: multi-token prediction (MTP, Gloeckle et al. 2024) is a flow-matching loss, and
