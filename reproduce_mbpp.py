@@ -869,73 +869,48 @@ def _pairs(records: list[dict], tok, block: int, limit: int = 0, chat: bool = Fa
     return (kept[:limit] if limit else kept), len(pairs) - len(kept)
 
 
-def _cmd_run(args) -> int:
-    import dataclasses
-    import sysconfig
-    import torch
-    import sfr
-    import sfr_encoder
-    import sfr_hf  # noqa: F401  (registers --model's Hugging Face backbone with sfr)
-    import train
-    t_start, load_start = time.time(), _load_average()
-    _limits_from(args)  # a sandbox that cannot run is refused before any training
-    s = _settings(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tag = "builtin" if s["builtin"] else Path(args.model).name
-    out = Path(args.out or f"out/mbpp-{'smoke-' if args.smoke else ''}{tag}")
-    report = args.report or (str(out / "mbpp") if args.smoke else
-                             "results/mbpp" if s["builtin"] else f"results/mbpp-{tag}")
-    cache_dir = Path(args.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    methods = args.methods.split(",")
+def _methods(names: str, builtin: bool) -> list[str]:
+    """--methods as a list, refused with a reason if a name is unknown, repeated or impossible."""
+    methods = names.split(",")
     unknown = [m for m in methods if m not in METHODS and m != BASE]
     if unknown:
         raise UsageError(f"--methods: unknown {unknown}; known: {BASE}, {', '.join(METHODS)}")
     if len(set(methods)) < len(methods):
-        raise UsageError(f"--methods {args.methods}: a method is named twice")
-    if BASE in methods and s["builtin"]:
+        raise UsageError(f"--methods {names}: a method is named twice")
+    if BASE in methods and builtin:
         raise UsageError(f"--methods: '{BASE}' (no fine-tuning) needs --model; the built-in GPT has no "
                          "released weights to evaluate as they are")
-    records = _load_or_explain(args.mbpp)
-    splits = split_mbpp(records)
-    test = splits["test"][:s["problems"] or None]
-    try:
-        base = train.RunConfig(**s["base"], device=device, seed=args.seed,
-                               cache=str(cache_dir / "minilm-targets.pt")).validate()
-    except ValueError as e:  # a --set value RunConfig refuses; the message names the field
-        raise UsageError(f"--set: {e}") from None
-    tok = train.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
-    chat, chat_why = _resolve_chat(args.chat, tok, args.model)
-    s["chat"], s["chat_source"] = chat, chat_why
-    log = print if _rank() == 0 else (lambda *a: None)
-    progress = not args.no_progress
-    seconds: dict[str, float] = {}  # this invocation's, per stage
-    timings_path = out / "timings.json"  # stage times summed over every invocation on this --out
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"stages": {}, "invocations": []}
+    return methods
 
-    def spent(stage, t0):
-        seconds[stage] = time.time() - t0
-        timings["stages"][stage] = timings["stages"].get(stage, 0.0) + seconds[stage]
+
+class _Timings:
+    """Seconds per stage: this invocation's (seconds), and summed over every invocation on this
+    --out (all, kept in timings.json as each stage ends)."""
+
+    def __init__(self, path: Path):
+        self.path, self.seconds = path, {}
+        self.all = json.loads(path.read_text()) if path.exists() else {"stages": {}, "invocations": []}
+
+    def spent(self, stage, t0):
+        self.seconds[stage] = time.time() - t0
+        self.all["stages"][stage] = self.all["stages"].get(stage, 0.0) + self.seconds[stage]
         if _rank() == 0:
-            _write_json(timings_path, timings)
+            _write_json(self.path, self.all)
 
-    # 1. pretraining (built-in model only), cached across runs
-    init, pre_record = "", None
-    if s["builtin"]:
-        t0 = time.time()
-        pre = train.RunConfig(**s["pretrain"], device=device, seed=args.seed)
-        log(f"pretraining the built-in GPT on {sysconfig.get_paths()['stdlib']} ({pre.steps} steps of {pre.batch_size})")
-        init, pre_record = pretrain(pre, cache_dir, log, progress)
-        log(f"pretrained weights: {init} ({'cached' if pre_record['cached'] else 'trained now'})")
-        spent("pretrain", t0)
+    def done(self, doc, wall):
+        self.all["invocations"].append({"command": doc["command"], "wall_seconds": wall,
+                                        "finished": doc["finished"]})
+        _write_json(self.path, self.all)
 
-    # 2. fine-tuning, one export per method, all from the same weights, data and order
-    train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"], chat)
-    val = s["val_problems"] if s["val_problems"] is not None else s["train_limit"] // 2  # 0: all 90
-    eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, val, chat)
-    log(f"prompts: {'the user turn of the chat template' if chat else 'plain text'} ({chat_why})")
+
+def finetune_methods(methods, base, init, out, args, tok, chat, train_pairs, eval_pairs, device, log,
+                     progress, timings):
+    """One fine-tuning per method, all from the same weights (init), data and order; returns
+    (configs, exports) by method. 'base' trains nothing: its export is the --model folder."""
+    import dataclasses
+    import sfr
+    import sfr_encoder
+    import train
     encoders = {}  # one per pooling: 'sfr' (recipe='authors') pools by the mean, 'sfr_ours' as the model
     configs, exports = {}, {}
     chat_meta = {"chat": True} if chat else {}  # (absent when off: folders of earlier runs still resume)
@@ -962,7 +937,63 @@ def _cmd_run(args) -> int:
         log(f"fine-tuning '{name}' ({', '.join(f'{k}={v}' for k, v in METHODS[name].items())}): "
             f"{cfg.steps} steps of {cfg.batch_size} on {len(train_pairs)} train problems")
         exports[name] = finetune(cfg, tok, train_pairs, eval_pairs, encoder, log, progress)
-        spent(f"finetune/{name}", t0)
+        timings.spent(f"finetune/{name}", t0)
+    return configs, exports
+
+
+def _cmd_run(args) -> int:
+    """The experiment: pretraining (built-in model), one fine-tuning per method, then the reference
+    loss, samples, sandbox and diversity of every method, and the report."""
+    import sysconfig
+    import torch
+    import sfr_encoder
+    import sfr_hf  # noqa: F401  (registers --model's Hugging Face backbone with sfr)
+    import train
+    t_start, load_start = time.time(), _load_average()
+    _limits_from(args)  # a sandbox that cannot run is refused before any training
+    s = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tag = "builtin" if s["builtin"] else Path(args.model).name
+    out = Path(args.out or f"out/mbpp-{'smoke-' if args.smoke else ''}{tag}")
+    report = args.report or (str(out / "mbpp") if args.smoke else
+                             "results/mbpp" if s["builtin"] else f"results/mbpp-{tag}")
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    methods = _methods(args.methods, s["builtin"])
+    records = _load_or_explain(args.mbpp)
+    splits = split_mbpp(records)
+    test = splits["test"][:s["problems"] or None]
+    try:
+        base = train.RunConfig(**s["base"], device=device, seed=args.seed,
+                               cache=str(cache_dir / "minilm-targets.pt")).validate()
+    except ValueError as e:  # a --set value RunConfig refuses; the message names the field
+        raise UsageError(f"--set: {e}") from None
+    tok = train.build_tokenizer(base, [])  # the model's own tokenizer, or bytes for the built-in one
+    chat, chat_why = _resolve_chat(args.chat, tok, args.model)
+    s["chat"], s["chat_source"] = chat, chat_why
+    log = print if _rank() == 0 else (lambda *a: None)
+    progress = not args.no_progress
+    timings = _Timings(out / "timings.json")
+
+    # 1. pretraining (built-in model only), cached across runs
+    init, pre_record = "", None
+    if s["builtin"]:
+        t0 = time.time()
+        pre = train.RunConfig(**s["pretrain"], device=device, seed=args.seed)
+        log(f"pretraining the built-in GPT on {sysconfig.get_paths()['stdlib']} ({pre.steps} steps of {pre.batch_size})")
+        init, pre_record = pretrain(pre, cache_dir, log, progress)
+        log(f"pretrained weights: {init} ({'cached' if pre_record['cached'] else 'trained now'})")
+        timings.spent("pretrain", t0)
+
+    # 2. fine-tuning, one export per method, all from the same weights, data and order
+    train_pairs, dropped = _pairs(splits["train"], tok, base.block_size, s["train_limit"], chat)
+    val = s["val_problems"] if s["val_problems"] is not None else s["train_limit"] // 2  # 0: all 90
+    eval_pairs, _ = _pairs(splits["validation"], tok, base.block_size, val, chat)
+    log(f"prompts: {'the user turn of the chat template' if chat else 'plain text'} ({chat_why})")
+    configs, exports = finetune_methods(methods, base, init, out, args, tok, chat, train_pairs, eval_pairs,
+                                        device, log, progress, timings)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # training was the parallel part
     if _rank() != 0:
@@ -975,14 +1006,13 @@ def _cmd_run(args) -> int:
         t0 = time.time()
         results[name] = evaluate_method(name, exports[name], configs[name], tok, test, s, out / name, args,
                                         div_encoder, progress)
-        spent(f"evaluate/{name}", t0)
+        timings.spent(f"evaluate/{name}", t0)
     div_encoder.save()
     wall = time.time() - t_start
     doc = _report_record(args, s, device, methods, configs, results, pre_record, test, dropped,
-                         len(train_pairs), seconds, wall, load_start, tok, len(eval_pairs))
-    timings["invocations"].append({"command": doc["command"], "wall_seconds": wall, "finished": doc["finished"]})
-    _write_json(timings_path, timings)
-    doc["stage_seconds_all_invocations"], doc["invocations"] = timings["stages"], timings["invocations"]
+                         len(train_pairs), timings.seconds, wall, load_start, tok, len(eval_pairs))
+    timings.done(doc, wall)
+    doc["stage_seconds_all_invocations"], doc["invocations"] = timings.all["stages"], timings.all["invocations"]
     _write_report(doc, report)
     print(markdown_table(doc))
     print(f"\nwrote {report}.json, {report}.md, {report}.png in {wall:.0f} s")
