@@ -417,6 +417,15 @@ def corpus_windows(files: list[Path], n: int, length: int, seed: int) -> list[st
     return [text[s:s + length] for s in starts]
 
 
+def _pretrain_key(cfg, corpus) -> str:
+    """The cache name of the pretrained weights: a hash of what decides them. Hashed under the
+    field's name before 2026-12-02 (k, now segment_len), so that weights cached and run folders
+    started before the rename keep their pretrain-<key>."""
+    config = {("k" if name == "segment_len" else name): v for name, v in _config_key(cfg).items()}
+    return hashlib.sha256(json.dumps({"config": config, "corpus": corpus, "python": platform.python_version()},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]:
     """Pretrain the built-in GPT (cfg: aux='none') on stdlib_sources() and cache the
     backbone's state_dict in cache_dir, keyed by a hash of cfg, the corpus file list and
@@ -431,9 +440,7 @@ def pretrain(cfg, cache_dir: Path, log=print, progress=True) -> tuple[str, dict]
     files = stdlib_sources()
     root = Path(sysconfig.get_paths()["stdlib"])
     corpus = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
-    key = hashlib.sha256(json.dumps({"config": _config_key(cfg), "corpus": corpus,
-                                     "python": platform.python_version()}, sort_keys=True).encode())
-    key = key.hexdigest()[:16]
+    key = _pretrain_key(cfg, corpus)
     path, meta_path = cache_dir / f"pretrain-{key}.pt", cache_dir / f"pretrain-{key}.json"
     if path.exists() and meta_path.exists():
         return str(path), {**json.loads(meta_path.read_text()), "cached": True}

@@ -323,3 +323,17 @@ def test_a_run_folder_from_before_the_renames_is_the_same_run(tmp_path):
     R._same_run(tmp_path, {"config": key, "model": "m"})  # no error
     with pytest.raises(R.UsageError, match="other settings"):
         R._same_run(tmp_path, {"config": R._config_key(train.RunConfig(segment_len=2)), "model": "m"})
+
+
+def test_the_pretraining_cache_key_is_the_one_from_before_the_renames():
+    """Weights cached (and run folders started) before 2026-12-02 keep their pretrain-<key>: the
+    key hashes the config under the old name k, not segment_len."""
+    import hashlib
+    import platform
+    cfg = train.RunConfig(**R.PRETRAIN)
+    corpus = [("a.py", 10), ("b.py", 20)]
+    old = {("k" if n == "segment_len" else n): v for n, v in R._config_key(cfg).items()}
+    assert "k" in old and "segment_len" not in old
+    want = hashlib.sha256(json.dumps({"config": old, "corpus": corpus, "python": platform.python_version()},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+    assert R._pretrain_key(cfg, corpus) == want
