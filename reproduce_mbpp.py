@@ -1549,7 +1549,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="MBPP (Austin et al. 2021) is CC BY 4.0; keep the attribution with any result.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("download", help="download mbpp.jsonl and verify its sha256",
+    p = sub.add_parser("download", allow_abbrev=False, help="download mbpp.jsonl and verify its sha256",
                        description="Download mbpp.jsonl and verify its sha256.")
     p.add_argument("--dest", default="mbpp.jsonl", help="where to put the file (default: %(default)s)")
     p.add_argument("--url", default=MBPP_URL, help="where to get it (default: the google-research copy)")
@@ -1571,7 +1571,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "fallback; 'bwrap' refuses to run without it (default: %(default)s)")
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("check_references",
+    p = sub.add_parser("check_references", allow_abbrev=False,
                        help="run every reference solution through the sandbox; print pass counts and checks/s",
                        description="Run every reference solution with its tests through the sandbox: a "
                                    "test of the sandbox against 974 known-good programs.")
@@ -1580,7 +1580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which splits to run (default: all)")
     p.set_defaults(func=_cmd_check_references)
 
-    p = sub.add_parser("evaluate", help="score model samples: pass@k, parse rate, distinct passing programs",
+    p = sub.add_parser("evaluate", allow_abbrev=False,
+                       help="score model samples: pass@k, parse rate, distinct passing programs",
                        description="Score model samples: pass@k, parse rate, distinct passing programs.")
     common(p)
     p.add_argument("--samples", required=True,
@@ -1623,7 +1624,7 @@ Rerun with the same --out to resume: finished trainings, samples and checks are 
 
 
 def _add_run_parser(sub, common) -> None:
-    p = sub.add_parser("run", help="train per method (none / mtp / sfr / ...), sample, run, report",
+    p = sub.add_parser("run", allow_abbrev=False, help="train per method (none / mtp / sfr / ...), sample, run, report",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p)
     p.add_argument("--methods", default="none,mtp,sfr",

@@ -269,7 +269,7 @@ def test_evaluate_resumes_from_the_store(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# 6-7. Command line
+# 9. Command line
 # ---------------------------------------------------------------------------
 
 def test_every_option_is_explained_in_help():
@@ -283,6 +283,14 @@ def test_every_option_is_explained_in_help():
                 assert action.help, (name, action.dest)
                 assert action.option_strings[0] in text
 
+
+
+@pytest.mark.parametrize("argv", [["run", "--mbpp", "x", "--metho", "sfr"], ["evaluate", "--mbpp", "x", "--samples", "s", "--resul", "r"],
+                                  ["check_references", "--mbpp", "x", "--split", "test"]])
+def test_a_flag_prefix_is_refused_in_every_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        rm.build_parser().parse_args(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 @needs_mbpp
 def test_check_references_cli_on_the_prompt_split(capsys):
