@@ -520,11 +520,22 @@ def parse_config(argv=None, base: RunConfig | None = None, prog=None, epilog=Non
 
 
 def run(cfg: RunConfig, dist=None, rank0=True):
-    """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample."""
-    check_writable(cfg.out_dir)
-    if not cfg.progress:  # nor the bars of transformers, loading the encoder or an HF backbone
-        from transformers.utils import logging as hf_logging
+    """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample.
+    progress=false also turns off transformers' loading bars (the encoder's, an HF backbone's),
+    for this run only."""
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:
         hf_logging.disable_progress_bar()
+    try:
+        return _run(cfg, dist, rank0)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(cfg, dist, rank0):
+    check_writable(cfg.out_dir)
     pairs = load_pairs(cfg.data, sfr.HF["chat"](cfg) if cfg.backbone != "gpt" else None)
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.eval_frac))

@@ -292,6 +292,8 @@ def test_cli_progress_false_writes_no_bar_redraws(cli_run):
     out = cli_run[1]
     assert "step     3 | ar" in out and "exported" in out  # the log lines are all still there
     assert "\r" not in out
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()  # off for that run only
 
 
 def test_grad_accum_gives_the_large_batch_update(tmp_path):
