@@ -126,7 +126,7 @@ HEAD_FILE = "sfr_head.pt"  # the head's weights, beside the model files of every
 class SFRMixin:
     """The SFR additions, shared by SFRTrainer and SFRSFTTrainer (put first in the bases).
 
-    sfr_config: an sfr.Config; read are k, stride, min_suffix (targets), head_width, head_layers
+    sfr_config: an sfr.Config; read are segment_len, stride, min_suffix (targets), head_width, head_layers
     (head), lam, lam_schedule, lam_ramp (lambda; Config.steps is replaced by the Trainer's
     max_steps), fm_positions, seed (noise), aux ('sfr', or the 'mse' / 'cosine' ablations) and
     hidden_layer (-1: the backbone's last_hidden_state, the LM head's input; else its

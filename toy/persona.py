@@ -24,7 +24,7 @@ same order, for the same steps (checked at start-up; see `check_same_init`):
     sft      cross-entropy only (aux='none')
     mtp      multi-token prediction, K = 4 heads, lambda = 1 (when sfr.py has aux='mtp')
     sfr      SFR as the authors run it: recipe='authors' (their code's positions, targets, head
-             1024 x 3, gate 1.5 and EMA teacher 0.999 of their template), at the toy's k = 8
+             1024 x 3, gate 1.5 and EMA teacher 0.999 of their template), at the toy's segment_len = 8
              words with stride 1 and min_suffix 1 (their s = k / 8 and min = k / 16 at k = 256)
     sfr_ours SFR with recipe='ours' (aux='sfr', unit-norm MiniLM targets, head 256, no stabilisers)
     sfr_std  sfr_ours with per-dim standardised targets (target_scale='std')
