@@ -346,10 +346,13 @@ RESUME_FREE = ("resume", "out_dir", "device", "eval_every", "ckpt_every", "shard
 RESUME_APPLIED = RESUME_FREE + ("steps",)
 
 
+RENAMED = {"k": "segment_len"}  # field names of a config saved before 2026-12-02 -> today's
+
+
 def with_current_names(config: dict) -> dict:
     """A saved config (a checkpoint's, a reproduce_mbpp run folder's) under today's names: until
-    2026-12-02 segment_len was k, and aux='sfr' was 'flow'."""
-    config = {"segment_len" if name == "k" else name: v for name, v in config.items()}
+    2026-12-02 segment_len was k (RENAMED), and aux='sfr' was 'flow'."""
+    config = {RENAMED.get(name, name): v for name, v in config.items()}
     return {**config, "aux": "sfr"} if config.get("aux") == "flow" else config
 
 
@@ -523,10 +526,11 @@ def run(cfg: RunConfig, dist=None, rank0=True):
     """The command line's run: data, targets, sfr.train, then (rank 0) export and one sample.
     progress=false also turns off transformers' loading bars (the encoder's, an HF backbone's),
     for this run only."""
+    if cfg.progress:  # (transformers imported only here: a built-in GPT run may not need it)
+        return _run(cfg, dist, rank0)
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
-    if not cfg.progress:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         return _run(cfg, dist, rank0)
     finally:
