@@ -421,7 +421,9 @@ def _pretrain_key(cfg, corpus) -> str:
     """The cache name of the pretrained weights: a hash of what decides them. Hashed under the
     field's name before 2026-12-02 (k, now segment_len), so that weights cached and run folders
     started before the rename keep their pretrain-<key>."""
-    config = {("k" if name == "segment_len" else name): v for name, v in _config_key(cfg).items()}
+    import train
+    former = {new: old for old, new in train.RENAMED.items()}
+    config = {former.get(name, name): v for name, v in _config_key(cfg).items()}
     return hashlib.sha256(json.dumps({"config": config, "corpus": corpus, "python": platform.python_version()},
                                      sort_keys=True).encode()).hexdigest()[:16]
 

@@ -770,8 +770,7 @@ def parse_args(argv=None):
             p.error(f"--add_to {a.add_to}: not a saved collapse json ({e})")
         mine = {"seeds": a.seeds, "temps": a.temps, "model": {k: getattr(a, k) for k in MODEL_KEYS},
                 "knobs": {r: kn for r, kn in a.knobs.items() if r in prev["regimes"]}}  # a new regime is fine
-        model = {("segment_len" if n == "k" else n): v for n, v in prev["model"].items()}  # k: its old name
-        theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": model,
+        theirs = {"seeds": prev["seeds"], "temps": prev["temps"], "model": train.with_current_names(prev["model"]),
                   "knobs": {r: prev["regimes"][r]["knobs"] for r in a.regimes if r in prev["regimes"]}}
         if mine != theirs:
             p.error(f"--add_to {a.add_to}: a different grid (seeds, temperatures, model or regime knobs)")
