@@ -56,7 +56,7 @@ class Config:
     n_layer: int = arg(6, "built-in GPT: transformer blocks (6 x 192: 2.7M parameters)")
     n_head: int = arg(6, "built-in GPT: attention heads")
     n_embd: int = arg(192, "built-in GPT: width, a multiple of n_head")
-    block_size: int = arg(64, "max input tokens (prompt + response: eos is a target); cut to fit")
+    block_size: int = arg(64, "max input tokens: prompt + response (+ eos for 'labels'); cut")
     dropout: float = arg(0.0, "built-in GPT: dropout")
     grad_checkpointing: bool = arg(False, "recompute blocks in backward: less memory, more time")
     # --- the recipe: 'ours' (these defaults) or 'authors' (sfr_authors.py: their code) ---

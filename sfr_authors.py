@@ -133,7 +133,9 @@ def teacher_blend(ema, head, decay):
     then _clip_grad_norm, then optimizer.step()): ema = d ema + (1 - d) head, then head = ema,
     so the optimiser moves the head one step away from the EMA each step. Skipped in the head
     warm-up; their first blend after it still uses the EMA of the initial head (its
-    re-initialisation comes after the blend), which erases most of the warmed-up head."""
+    re-initialisation comes after the blend), which erases most of the warmed-up head.
+    sfr.train_step runs it later than their Trainer, after the clip and the divergence check:
+    the same step, since neither reads the weights, and a diverged step then changes none."""
     for pe, p in zip(ema.parameters(), head.parameters()):
         pe.mul_(decay).add_(p, alpha=1.0 - decay)
         p.copy_(pe)
