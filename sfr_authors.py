@@ -41,7 +41,7 @@ def timestep_embedding(tau, dim):
 class FlowHead(sfr.FlowHead):
     """head_arch='authors': the layout of their FlowMatchingHead. A time embedding d_z wide (their
     sinusoid, then Linear-SiLU-Linear) and max(n_layers - 2, 0) residual blocks (sfr.FlowHead:
-    n_layers - 1). Same module names as sfr.FlowHead, so the state_dicts load either way."""
+    n_layers - 1). The same module names as sfr.FlowHead (temb, inp, blocks, out), other shapes."""
     embed_time = staticmethod(timestep_embedding)
 
     def __init__(self, d_z, d_h, width=1024, n_layers=3):
@@ -129,8 +129,8 @@ def validate(cfg):
 @torch.no_grad()
 def teacher_blend(ema, head, decay):
     """ema_teacher: their _update_ema_teacher, which HF Trainer runs in training_step, after
-    backward and before optimizer.step() (transformers 5.x Trainer._run_epoch: training_step,
-    then _clip_grad_norm, then optimizer.step()): ema = d ema + (1 - d) head, then head = ema,
+    backward and before optimizer.step() (the Trainer's loop: training_step, then the gradient
+    clip, then optimizer.step()): ema = d ema + (1 - d) head, then head = ema,
     so the optimiser moves the head one step away from the EMA each step. Skipped in the head
     warm-up; their first blend after it still uses the EMA of the initial head (its
     re-initialisation comes after the blend), which erases most of the warmed-up head.
