@@ -180,8 +180,8 @@ RECIPES = {"ours": {}}  # presets of Config fields; sfr_authors.py adds 'authors
 # lam_phases, gate, ema_teacher) and "validate", their checks. The ours value of each switch is
 # the one sfr.py runs itself.
 AUTHORS = {}
-OURS = {"head_arch": "ours", "suffix_count": "ours", "fill": "mask", "lam_phases": "ours",
-        "gate": 0.0, "ema_teacher": False}
+OURS = {f.name: f.metadata["ours"] for f in dataclasses.fields(Config) if f.name in
+        ("head_arch", "suffix_count", "fill", "lam_phases", "gate", "ema_teacher")}
 
 # ----------------------------------------------------------------------------- flow head
 
